@@ -1,0 +1,103 @@
+"""One exception tree for dicomnode.
+
+Each class's docstring is its default message, and each carries the DICOM status (for C-STORE
+responses) or HTTP code it maps to, so every layer reports a failure the same way.
+"""
+
+from __future__ import annotations
+
+
+class DicomNodeError(Exception):
+    """dicomnode failed."""
+
+    #: DICOM status sent back when this error refuses an instance.
+    dicom_status: int = 0xC000
+    #: HTTP status for the API.
+    http_status: int = 500
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(DicomNodeError):
+    """The configuration is not valid."""
+
+
+class DatabaseError(DicomNodeError):
+    """The database could not be reached or is not at the expected schema."""
+
+
+class StoreRefused(DicomNodeError):
+    """The instance was refused."""
+
+
+class OutOfResources(StoreRefused):
+    """Free disk space is below the configured floor; the instance was not stored."""
+
+    dicom_status = 0xA700
+
+
+class DatasetRejected(StoreRefused):
+    """The dataset cannot be understood."""
+
+    dicom_status = 0xC000
+
+
+class MalformedDataset(DatasetRejected):
+    """The dataset is truncated or malformed and could not be parsed."""
+
+    dicom_status = 0xC001
+
+
+class MissingIdentifier(DatasetRejected):
+    """The dataset lacks a Study, Series or SOP Instance UID."""
+
+    dicom_status = 0xC002
+
+
+class InvalidIdentifier(DatasetRejected):
+    """A UID in the dataset is not a valid DICOM UID."""
+
+    dicom_status = 0xC003
+
+
+class EmptyPixelData(DatasetRejected):
+    """The dataset's Pixel Data is empty."""
+
+    dicom_status = 0xC004
+
+
+class PixelDataSizeMismatch(DatasetRejected):
+    """The dataset's Pixel Data is shorter than its image attributes require."""
+
+    dicom_status = 0xC005
+
+
+class SOPClassMismatch(DatasetRejected):
+    """The dataset's SOP Class UID differs from the one negotiated for it."""
+
+    dicom_status = 0xA900
+
+
+class SOPInstanceMismatch(DatasetRejected):
+    """The dataset's SOP Instance UID differs from the one in the C-STORE request."""
+
+    dicom_status = 0xA900
+
+
+class StoreFailed(StoreRefused):
+    """The instance could not be written to the spool or the index."""
+
+    dicom_status = 0xA701
+
+
+class SendError(DicomNodeError):
+    """Sending to a destination failed."""
+
+
+class AssociationFailed(SendError):
+    """The destination could not be reached or refused the association."""

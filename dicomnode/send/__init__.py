@@ -1,0 +1,1 @@
+"""Sending DICOM objects to destinations."""

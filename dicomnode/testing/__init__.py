@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and demos: generated series, raw senders, dcmtk peers."""
