@@ -81,38 +81,25 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dicomnode.app import open_database, restrict_new_files
+    from dicomnode.app import build_node, restrict_new_files
     from dicomnode.config import load_settings
-    from dicomnode.receive.server import Receiver
-    from dicomnode.receive.spool import Spool
-    from dicomnode.receive.store import InstanceStore
 
     settings = load_settings(args.config)
     restrict_new_files()
-    database = open_database(settings, migrate=settings.node.auto_migrate)
-    spool = Spool(settings.node.storage_dir)
-    spool.prepare()
-    store = InstanceStore(
-        spool,
-        database.sessions,
-        duplicate_policy=settings.node.duplicate_policy,
-        min_free_bytes=settings.node.min_free_disk_mb * 2**20,
-    )
-    receiver = Receiver(settings, store, database.sessions)
+    node = build_node(settings)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
-    receiver.start()
-    host, port = receiver.address
+    node.start()
+    host, port = node.receiver.address
     print(
         f"dicomnode {__version__}: {settings.node.ae_title} listening on {host}:{port}, "
-        f"storage {spool.root}",
+        f"storage {node.spool.root}",
         flush=True,
     )
     stopping.wait()
     logger.info("Stopping", extra={"action": "shutdown"})
-    receiver.stop()
-    database.engine.dispose()
+    node.stop()
     return 0
 
 

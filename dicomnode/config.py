@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ CONFIG_ENV = "DICOMNODE_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
-class DuplicatePolicy(str, Enum):
+class DuplicatePolicy(StrEnum):
     """What a second instance with a SOP Instance UID the node already holds does."""
 
     KEEP_FIRST = "keep_first"

@@ -87,16 +87,15 @@ def _patient(session: Session, header: InstanceHeader) -> Patient:
 
 
 def _study(session: Session, header: InstanceHeader, now: datetime) -> Study:
+    # The patient first: a query would autoflush a new study that has no patient yet.
+    patient = _patient(session, header)
     study = session.scalar(
         select(Study).where(Study.study_instance_uid == header.study_instance_uid)
     )
     if study is None:
-        study = Study(
-            study_instance_uid=header.study_instance_uid,
-            patient=_patient(session, header),
-            first_received_at=now,
-        )
+        study = Study(study_instance_uid=header.study_instance_uid, first_received_at=now)
         session.add(study)
+    study.patient = patient  # the latest instance may correct the patient
     study.study_date, study.study_time = header.study_date, header.study_time
     study.study_id = header.study_id
     study.accession_number = header.accession_number

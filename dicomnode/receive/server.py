@@ -131,6 +131,7 @@ class Receiver:
             evt_handlers=handlers,
             server_class=_Server,
         )
+        ae._servers.append(self._server)  # as ae.start_server does; shutdown() expects it
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicom-listener", daemon=True
         )
@@ -149,8 +150,7 @@ class Receiver:
         """Stop accepting, and wait briefly for open associations to finish."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.shutdown()  # also closes the listening socket
         for assoc in list(self._server.active_associations):
             assoc.join(timeout=10)
         self._server = None

@@ -17,6 +17,7 @@ from typing import BinaryIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 
 from dicomnode.domain import InstanceHeader
@@ -32,6 +33,7 @@ from dicomnode.errors import (
 
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
+FLOAT_PIXEL_DATA = (0x7FE00008, 0x7FE00009)
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _LONG_VRS = {
     b"OB",
@@ -58,6 +60,7 @@ class PixelDataInfo:
 
     present: bool = False
     encapsulated: bool = False
+    checked: bool = True  # False where the walk could not see the elements (deflated)
     length: int = 0  # bytes of native data, or of all fragments after the offset table
 
 
@@ -99,6 +102,8 @@ class _Walker:
                     return
                 raise MalformedDataset(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X})")
             vr, length = self._header(tag)
+            if tag in FLOAT_PIXEL_DATA and depth == 0:
+                self.pixel = PixelDataInfo(present=True, length=length)
             if length != UNDEFINED:
                 if tag == PIXEL_DATA and depth == 0:
                     self.pixel = PixelDataInfo(present=True, length=length)
@@ -162,8 +167,8 @@ class _Walker:
 def check_structure(path: Path) -> PixelDataInfo:
     """Walk the dataset in a DICOM file; raise MalformedDataset where it is cut short or broken."""
     try:
+        meta = read_file_meta_info(path)  # the meta alone: never inflates a deflated dataset
         with path.open("rb") as fp:
-            meta = dcmread(fp, stop_before_pixels=True, specific_tags=[0x00020010]).file_meta
             start = _meta_end(fp)
             ts = UID(str(meta.get("TransferSyntaxUID", "")))
             if not ts or not ts.is_transfer_syntax:
@@ -172,11 +177,11 @@ def check_structure(path: Path) -> PixelDataInfo:
             end = fp.tell()
             fp.seek(start)
             if ts.is_deflated:
-                return _check_deflated(fp, end - start)
+                return _check_deflated(fp)
             walker = _Walker(fp, end, ts.is_implicit_VR, ts.is_little_endian)
             walker.dataset(depth=0)
             return walker.pixel
-    except (InvalidDicomError, struct.error, ValueError, EOFError, OSError) as exc:
+    except (InvalidDicomError, struct.error, zlib.error, ValueError, EOFError, OSError) as exc:
         raise MalformedDataset(f"dataset could not be parsed: {exc}") from exc
 
 
@@ -196,8 +201,8 @@ def _meta_end(fp: BinaryIO) -> int:
         fp.seek(length, 1)
 
 
-def _check_deflated(fp: BinaryIO, size: int) -> PixelDataInfo:
-    """Inflate in chunks to prove the stream is whole; deflated objects are small (SR, waveforms)."""
+def _check_deflated(fp: BinaryIO) -> PixelDataInfo:
+    """Inflate in chunks to prove the stream is whole, without keeping what it inflates."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     while chunk := fp.read(1 << 20):
         inflater.decompress(chunk, 1 << 20)
@@ -205,7 +210,7 @@ def _check_deflated(fp: BinaryIO, size: int) -> PixelDataInfo:
             inflater.decompress(inflater.unconsumed_tail, 1 << 20)
     if not inflater.eof:
         raise MalformedDataset("deflated dataset is truncated")
-    return PixelDataInfo()
+    return PixelDataInfo(checked=False)
 
 
 def read_header(
@@ -221,7 +226,7 @@ def read_header(
     except Exception as exc:  # pydicom raises many types on broken input
         raise MalformedDataset(f"dataset could not be parsed: {exc}") from exc
     uids = {
-        key: _text(ds, key)
+        key: _uid(ds, key)
         for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     }
     missing = [key for key, value in uids.items() if not value]
@@ -274,7 +279,14 @@ def read_header(
 
 
 def _check_pixels(ds: Dataset, pixel: PixelDataInfo) -> None:
+    if not pixel.checked:
+        return
     if not pixel.present:
+        # An image IOD always has pixels (JPIP references them by URL instead): a dataset
+        # without them was cut short at an element boundary, or built wrong.
+        is_image = "Image Storage" in UID(_uid(ds, "SOPClassUID")).name or "Rows" in ds
+        if is_image and "PixelDataProviderURL" not in ds:
+            raise EmptyPixelData("image dataset has no Pixel Data")
         return
     if pixel.length == 0:
         raise EmptyPixelData()
@@ -297,6 +309,17 @@ def _native_pixel_bytes(ds: Dataset) -> int | None:
     if samples == 3 and _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
         return pixels * 2 * bits // 8  # chroma is subsampled: two samples a pixel on average
     return (pixels * samples * bits + 7) // 8
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """A UID from its raw bytes: judged by our own rule, whatever pydicom's validation mode."""
+    element = ds.get_item(keyword)
+    if element is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip("\x00 ")
+    return "" if value is None else str(value).strip("\x00 ")
 
 
 def _text(ds: Dataset, keyword: str) -> str:

@@ -97,7 +97,7 @@ def send_files(
     for batch in _batches(items):
         ae = AE(ae_title=calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        for sop_class, syntaxes in _contexts(batch).items():
+        for sop_class, syntaxes in _contexts(batch):
             ae.add_requested_context(sop_class, syntaxes)
         tls_args = (ssl_context, "") if ssl_context else None
         assoc = ae.associate(
@@ -114,36 +114,34 @@ def send_files(
     return [results[path] for path in order]
 
 
+def _contexts(items: list[_Item]) -> list[tuple[UID, list[UID]]]:
+    """One context per (SOP class, file syntax), so each file can travel as stored, plus one
+    uncompressed context per class for files whose own syntax the peer refuses."""
+    contexts: list[tuple[UID, list[UID]]] = []
+    for item in items:
+        exact = (item.sop_class, [item.transfer_syntax])
+        fallback = (item.sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for context in (exact, fallback):
+            if context not in contexts:
+                contexts.append(context)
+    return contexts
+
+
 def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
     """Split so each association needs at most MAX_CONTEXTS presentation contexts."""
     batch: list[_Item] = []
-    classes: set[UID] = set()
     for item in items:
-        if item.sop_class not in classes and len(classes) == MAX_CONTEXTS:
+        if len(_contexts([*batch, item])) > MAX_CONTEXTS:
             yield batch
-            batch, classes = [], set()
-        classes.add(item.sop_class)
+            batch = []
         batch.append(item)
     if batch:
         yield batch
 
 
-def _contexts(batch: list[_Item]) -> dict[UID, list[UID]]:
-    """One context per SOP class, offering each file's own syntax first."""
-    contexts: dict[UID, list[UID]] = {}
-    for item in batch:
-        syntaxes = contexts.setdefault(item.sop_class, [])
-        if item.transfer_syntax not in syntaxes:
-            syntaxes.append(item.transfer_syntax)
-    for syntaxes in contexts.values():
-        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if fallback not in syntaxes:
-                syntaxes.append(fallback)
-    return contexts
-
-
 def _send_one(assoc, item: _Item) -> SendResult:  # type: ignore[no-untyped-def]
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    # pynetdicom picks the context whose syntax matches the data it is given
     if (item.sop_class, item.transfer_syntax) in accepted:
         dataset = item.path  # sent as stored, chunk by chunk
     elif item.transfer_syntax.is_compressed:

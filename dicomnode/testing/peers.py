@@ -1,0 +1,134 @@
+"""Real DICOM peers for tests and benchmarks: dcmtk tools on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+#: storescu proposes only uncompressed syntaxes unless told which one to add.
+STORESCU_SYNTAX_OPTION = {
+    "1.2.840.10008.1.2": "-xi",  # implicit VR little endian
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",  # explicit VR big endian
+    "1.2.840.10008.1.2.1.99": "-xd",  # deflated
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
+}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    """dcmtk waits on delayed ACKs unless told to set TCP_NODELAY."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"{tool} is not installed (Debian package dcmtk); run scripts/setup.sh")
+    return path
+
+
+def storescu(
+    port: int,
+    files: Sequence[Path | str],
+    *,
+    called_aet: str = "DICOMNODE",
+    calling_aet: str = "STORESCU",
+    transfer_syntax: str | None = None,
+    extra: Sequence[str] = (),
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Send files in one association with dcmtk's storescu.
+
+    ``transfer_syntax`` (the files' own) makes storescu propose it, so they travel as stored.
+    """
+    syntax = [STORESCU_SYNTAX_OPTION[transfer_syntax]] if transfer_syntax else []
+    command = [
+        require("storescu"), "-aet", calling_aet, "-aec", called_aet, "--required",
+        *syntax, *extra, LOOPBACK, str(port), *map(str, files),
+    ]  # fmt: skip
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), check=False
+    )
+
+
+def echoscu(
+    port: int,
+    *,
+    called_aet: str = "DICOMNODE",
+    calling_aet: str = "ECHOSCU",
+    extra: Sequence[str] = (),
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        require("echoscu"),
+        "-aet",
+        calling_aet,
+        "-aec",
+        called_aet,
+        *extra,
+        LOOPBACK,
+        str(port),
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), check=False
+    )
+
+
+def wait_for_port(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+@contextmanager
+def storescp(folder: Path, *, ae_title: str = "STORESCP") -> Iterator[int]:
+    """dcmtk's storescp writing into ``folder``; yields its port."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            require("storescp"),
+            "--aetitle",
+            ae_title,
+            "--output-directory",
+            str(folder),
+            "+xa",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dcmtk_env(),
+    )
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

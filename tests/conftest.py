@@ -1,0 +1,59 @@
+"""Test session setup: strict pydicom reading, and the node and peer fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import config as pydicom_config
+
+from dicomnode.app import Node, build_node
+from dicomnode.config import Settings
+
+# Objects we read back in tests must be valid, not merely readable (as highdicom tests do).
+pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+
+
+def make_settings(storage: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings for a node on a free loopback port with its own storage."""
+    node = {"host": "127.0.0.1", "port": 0, "storage_dir": storage, "min_free_disk_mb": 1}
+    node.update(sections.pop("node", {}))
+    return Settings(node=node, **sections)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start in-process nodes (receiver + spool + index) with overrides; stopped after the test."""
+    started: list[Node] = []
+
+    def start(storage: Path | None = None, **sections: dict[str, Any]) -> Node:
+        node = build_node(make_settings(storage or tmp_path / f"node{len(started)}", **sections))
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A private PostgreSQL server for the session (CI installs it; elsewhere, skip without)."""
+    from dicomnode.testing.postgres import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; .ci/run must install it")
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def node(start_node: Callable[..., Node]) -> Node:
+    """A node on the defaults (any calling AE, keep-first duplicates)."""
+    return start_node()

@@ -1,0 +1,59 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from sqlalchemy import func, select
+from sqlalchemy.orm import joinedload
+
+from dicomnode.app import Node
+from dicomnode.db.models import Instance, Series, Study
+
+TRAILING_PADDING = 0xFFFCFFFC
+
+
+def port_of(node: Node) -> int:
+    return node.receiver.address[1]
+
+
+def instance_count(node: Node) -> int:
+    with node.database.sessions() as session:
+        return int(session.scalar(select(func.count(Instance.id))) or 0)
+
+
+def stored_instance(node: Node, sop_instance_uid: str) -> Instance | None:
+    with node.database.sessions() as session:
+        return session.scalar(
+            select(Instance)
+            .options(joinedload(Instance.series).joinedload(Series.study).joinedload(Study.patient))
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+
+
+def assert_same_dataset(sent: Path, stored: Path) -> None:
+    """The stored file holds the sent dataset element for element, pixel data included."""
+    original, received = dcmread(sent), dcmread(stored)
+    assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    # The sender may drop group lengths and the trailing padding (dcmtk does); nothing else.
+    sent_tags = {t for t in original if t.element != 0 and t != TRAILING_PADDING}
+    stored_tags = {t for t in received if t.element != 0 and t != TRAILING_PADDING}
+    assert stored_tags == sent_tags
+    for tag in sent_tags:
+        assert received[tag].value == original[tag].value, f"{tag} differs"
+
+
+@contextmanager
+def lenient_pydicom() -> Iterator[None]:
+    """Let a test build deliberately invalid values despite the session's RAISE mode."""
+    settings = pydicom_config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved

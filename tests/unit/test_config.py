@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import DuplicatePolicy, load_settings
+from dicomnode.errors import ConfigError
+
+
+def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    settings = load_settings()
+    assert (settings.node.ae_title, settings.node.port) == ("DICOMNODE", 11112)
+    assert settings.node.storage_dir == Path("var")
+    assert settings.node.resolved_database_url.startswith("sqlite:///")
+    assert settings.node.duplicate_policy is DuplicatePolicy.KEEP_FIRST
+    assert settings.api.port == 8080
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nae_title = "FROMFILE"\nport = 104\n[security]\nallowed_hosts = ["10.0.0.0/8"]\n'
+    )
+    monkeypatch.setenv("DICOMNODE_NODE__PORT", "11113")
+    monkeypatch.setenv("DICOMNODE_SECURITY__ALLOWED_CALLING_AETS", '["CT1", "PACS"]')
+    settings = load_settings(config)
+    assert settings.node.ae_title == "FROMFILE"  # from the file
+    assert settings.node.port == 11113  # the environment wins
+    assert settings.security.allowed_calling_aets == ("CT1", "PACS")
+    assert settings.security.allowed_hosts == ("10.0.0.0/8",)
+
+
+def test_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nae_title = "VIAENV"\n')
+    monkeypatch.setenv("DICOMNODE_CONFIG", str(config))
+    assert load_settings().node.ae_title == "VIAENV"
+
+
+@pytest.mark.parametrize(
+    "text,named",
+    [
+        ("[node]\nport = 70000\n", "node.port"),
+        ('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "MUCH_TOO_LONG_AE_TITLE"),
+        ('[node]\nduplicate_policy = "merge"\n', "'merge'"),
+        ('[security]\nallowed_hosts = ["pacs.example"]\n', "pacs.example"),
+        ("[security.tls]\nenabled = true\n", "tls.cert"),
+        ("[unknown]\nx = 1\n", "unknown"),
+        ("[node\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_value(tmp_path: Path, text: str, named: str) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert named in str(raised.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "absent.toml")

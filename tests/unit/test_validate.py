@@ -1,0 +1,96 @@
+"""The structure walk finds truncation anywhere, in every encoding; good files pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicomnode.errors import EmptyPixelData, MalformedDataset, SOPClassMismatch
+from dicomnode.receive.validate import check_structure, read_header
+from dicomnode.testing.series import SeriesSpec, ct_slices
+
+
+def _nested_slice(syntax: str) -> Dataset:
+    ds = next(ct_slices(SeriesSpec(slices=1, rows=16, columns=16)))
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "T-D3000", "SRT", "Chest"
+    item = Dataset()
+    item.AnatomicRegionSequence = Sequence([inner])
+    ds.ReferencedImageSequence = Sequence([item, Dataset()])
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _save(ds: Dataset, path: Path, undefined_lengths: bool) -> Path:
+    if undefined_lengths:
+        ds.ReferencedImageSequence.is_undefined_length = True  # type: ignore[attr-defined]
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        for item in ds.ReferencedImageSequence:
+            item.is_undefined_length_sequence_item = True
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    "syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined-lengths"])
+def test_every_cut_is_found(tmp_path: Path, syntax: str, undefined: bool) -> None:
+    path = _save(_nested_slice(syntax), tmp_path / "whole.dcm", undefined)
+    whole = path.read_bytes()
+    assert check_structure(path).length == 16 * 16 * 2
+    meta_end = len(whole) - len(dcmread(path).PixelData) - 200  # well inside the dataset
+    ds = dcmread(path, stop_before_pixels=True)
+    for cut in range(meta_end, len(whole), 7):
+        cut_path = tmp_path / "cut.dcm"
+        cut_path.write_bytes(whole[:cut])
+        # Mid-element cuts break the structure; a cut at an element boundary drops Pixel Data.
+        with pytest.raises((MalformedDataset, EmptyPixelData)):
+            read_header(
+                cut_path, expected_sop_class=ds.SOPClassUID, expected_sop_instance=ds.SOPInstanceUID
+            )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_jp2klossless.dcm",
+        "MR_small_RLE.dcm",
+        "image_dfl.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "MR_small_bigendian.dcm",
+    ],
+)
+def test_real_files_pass(name: str) -> None:
+    path = Path(get_testdata_file(name))
+    ds = dcmread(path, stop_before_pixels=True)
+    header = read_header(
+        path, expected_sop_class=ds.SOPClassUID, expected_sop_instance=ds.SOPInstanceUID
+    )
+    assert header.study_instance_uid == ds.StudyInstanceUID
+    assert header.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+
+
+def test_truncated_deflate_is_found(tmp_path: Path) -> None:
+    whole = Path(get_testdata_file("image_dfl.dcm")).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[:-50])
+    with pytest.raises(MalformedDataset, match="truncated"):
+        check_structure(cut)
+
+
+def test_sop_class_mismatch_names_both() -> None:
+    path = Path(get_testdata_file("CT_small.dcm"))
+    ds = dcmread(path, stop_before_pixels=True)
+    with pytest.raises(SOPClassMismatch, match=r"1\.2\.840\.10008\.5\.1\.4\.1\.1\.4"):
+        read_header(
+            path,
+            expected_sop_class="1.2.840.10008.5.1.4.1.1.4",
+            expected_sop_instance=ds.SOPInstanceUID,
+        )
