@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -104,8 +105,11 @@ class Receiver:
         """Bind and serve in a background thread."""
         node = self.settings.node
         # Stream each dataset to a file next to the spool (same filesystem: a rename moves it).
+        # pynetdicom has no setting for where; point only its C-STORE temporary files there.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.store.spool.incoming)
+        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
+            tempfile.NamedTemporaryFile, dir=self.store.spool.incoming
+        )
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_size
@@ -159,10 +163,12 @@ class Receiver:
 
     def _peer(self, event: evt.Event) -> Peer:
         requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
-        called = event.assoc.requestor.primitive.called_ae_title if requestor.primitive else ""
+        request = requestor.primitive  # at EVT_REQUESTED the titles are only in the request
+        calling = request.calling_ae_title if request else requestor.ae_title
+        called = request.called_ae_title if request else acceptor.ae_title
         return Peer(
-            calling_aet=str(requestor.ae_title).strip(),
-            called_aet=str(called or acceptor.ae_title).strip(),
+            calling_aet=str(calling).strip(),
+            called_aet=str(called).strip(),
             host=str(requestor.address),
             port=int(requestor.port),
         )
@@ -181,6 +187,9 @@ class Receiver:
                 extra={"action": "association_rejected"},
             )
             event.assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+            # send_reject only queues the A-ASSOCIATE-RJ; kill() waits until it is on the wire
+            # (as pynetdicom's own rejections do), else the socket closes first.
+            event.assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
         peer = self._peer(event)

@@ -99,7 +99,7 @@ def send_files(
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         for sop_class, syntaxes in _contexts(batch):
             ae.add_requested_context(sop_class, syntaxes)
-        tls_args = (ssl_context, "") if ssl_context else None
+        tls_args = (ssl_context, destination.host) if ssl_context else None
         assoc = ae.associate(
             destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
         )
