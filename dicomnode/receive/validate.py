@@ -1,21 +1,24 @@
 """Check a received dataset before it is stored, and read the attributes the index keeps.
 
-pydicom reads truncated files without complaint, so the structure is checked by a streaming walk
-over every element (O(1) memory, the pixel data is skipped, never read), then the header is read
-with pydicom, stopping before the pixel data.
+pydicom reads truncated files without complaint, so one streaming walk over every element
+checks the structure (O(1) memory; the pixel data is skipped, never read) and picks up the few
+attribute values the index needs on the way, so the file is read once and not parsed twice.
 """
 
 from __future__ import annotations
 
 import re
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
@@ -52,6 +55,8 @@ _LONG_VRS = {
 }
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # digits and dots, safe as a file name
 _MAX_DEPTH = 32
+_MAX_VALUE = 1 << 12  # a wanted value longer than this is not read (no sane header value is)
+_SPOOL_IN_MEMORY = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,6 @@ class PixelDataInfo:
 
     present: bool = False
     encapsulated: bool = False
-    checked: bool = True  # False where the walk could not see the elements (deflated)
     length: int = 0  # bytes of native data, or of all fragments after the offset table
 
 
@@ -71,6 +75,7 @@ class _Walker:
         self.fp, self.end, self.implicit = fp, end, implicit
         self.endian = "<" if little else ">"
         self.pixel = PixelDataInfo()
+        self.values: dict[int, tuple[str, bytes]] = {}  # wanted top-level tag -> (VR, raw value)
 
     def _read(self, size: int, what: str) -> bytes:
         data = self.fp.read(size)
@@ -107,7 +112,11 @@ class _Walker:
             if length != UNDEFINED:
                 if tag == PIXEL_DATA and depth == 0:
                     self.pixel = PixelDataInfo(present=True, length=length)
-                self._skip(length, tag)
+                if depth == 0 and tag in WANTED and length <= _MAX_VALUE:
+                    value = self._read(length, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+                    self.values[tag] = ((vr or b"").decode("ascii") or WANTED[tag][1], value)
+                else:
+                    self._skip(length, tag)
             elif tag == PIXEL_DATA and depth == 0:
                 self.pixel = PixelDataInfo(
                     present=True, encapsulated=True, length=self._fragments()
@@ -164,25 +173,63 @@ class _Walker:
             first = False
 
 
-def check_structure(path: Path) -> PixelDataInfo:
-    """Walk the dataset in a DICOM file; raise MalformedDataset where it is cut short or broken."""
+@dataclass(frozen=True)
+class Scan:
+    """What one walk over a received file found."""
+
+    transfer_syntax: str
+    pixel: PixelDataInfo
+    values: dict[str, str | int]  # the WANTED attributes present, decoded
+
+
+def scan(path: Path) -> Scan:
+    """Walk the dataset in a DICOM file once: check its structure, find its pixel data, and
+    read the attributes the index needs. Raise MalformedDataset where it is cut short or broken.
+    """
     try:
         meta = read_file_meta_info(path)  # the meta alone: never inflates a deflated dataset
+        ts = UID(str(meta.get("TransferSyntaxUID", "")))
+        if not ts or not ts.is_transfer_syntax:
+            raise MalformedDataset(f"unknown transfer syntax {str(ts)!r}")
         with path.open("rb") as fp:
-            start = _meta_end(fp)
-            ts = UID(str(meta.get("TransferSyntaxUID", "")))
-            if not ts or not ts.is_transfer_syntax:
-                raise MalformedDataset(f"unknown transfer syntax {str(ts)!r}")
-            fp.seek(0, 2)
-            end = fp.tell()
-            fp.seek(start)
+            fp.seek(_meta_end(fp))
             if ts.is_deflated:
-                return _check_deflated(fp)
-            walker = _Walker(fp, end, ts.is_implicit_VR, ts.is_little_endian)
-            walker.dataset(depth=0)
-            return walker.pixel
+                with _inflated(fp) as inflated:
+                    walker = _walk(inflated, implicit=False, little=True)
+            else:
+                walker = _walk(fp, implicit=ts.is_implicit_VR, little=ts.is_little_endian)
     except (InvalidDicomError, struct.error, zlib.error, ValueError, EOFError, OSError) as exc:
         raise MalformedDataset(f"dataset could not be parsed: {exc}") from exc
+    return Scan(str(ts), walker.pixel, _decode(walker.values, walker.endian))
+
+
+def check_structure(path: Path) -> PixelDataInfo:
+    """The structure check alone (see scan)."""
+    return scan(path).pixel
+
+
+def _walk(fp: BinaryIO, *, implicit: bool, little: bool) -> _Walker:
+    start = fp.tell()
+    end = fp.seek(0, 2)
+    fp.seek(start)
+    walker = _Walker(fp, end, implicit, little)
+    walker.dataset(depth=0)
+    return walker
+
+
+@contextmanager
+def _inflated(fp: BinaryIO) -> Iterator[BinaryIO]:
+    """Inflate a deflated dataset into a spooled file (memory only while it is small)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as out:
+        while chunk := fp.read(1 << 20):
+            out.write(inflater.decompress(chunk, 1 << 20))
+            while inflater.unconsumed_tail:
+                out.write(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+        if not inflater.eof:
+            raise MalformedDataset("deflated dataset is truncated")
+        out.seek(0)
+        yield out  # type: ignore[misc]
 
 
 def _meta_end(fp: BinaryIO) -> int:
@@ -201,18 +248,6 @@ def _meta_end(fp: BinaryIO) -> int:
         fp.seek(length, 1)
 
 
-def _check_deflated(fp: BinaryIO) -> PixelDataInfo:
-    """Inflate in chunks to prove the stream is whole, without keeping what it inflates."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while chunk := fp.read(1 << 20):
-        inflater.decompress(chunk, 1 << 20)
-        while inflater.unconsumed_tail:
-            inflater.decompress(inflater.unconsumed_tail, 1 << 20)
-    if not inflater.eof:
-        raise MalformedDataset("deflated dataset is truncated")
-    return PixelDataInfo(checked=False)
-
-
 def read_header(
     path: Path, *, expected_sop_class: str, expected_sop_instance: str
 ) -> InstanceHeader:
@@ -220,15 +255,9 @@ def read_header(
 
     Raises a :class:`~dicomnode.errors.DatasetRejected` subclass naming what is wrong.
     """
-    pixel = check_structure(path)
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types on broken input
-        raise MalformedDataset(f"dataset could not be parsed: {exc}") from exc
-    uids = {
-        key: _uid(ds, key)
-        for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-    }
+    found = scan(path)
+    values = found.values
+    uids = {key: str(values.get(key, "")) for key in _IDENTIFIERS}
     missing = [key for key, value in uids.items() if not value]
     if missing:
         raise MissingIdentifier(f"dataset has no {', '.join(missing)}")
@@ -247,52 +276,58 @@ def read_header(
             f"dataset SOP Instance UID {uids['SOPInstanceUID']} differs from "
             f"the request's {expected_sop_instance}"
         )
-    _check_pixels(ds, pixel)
-    frames = _int(ds, "NumberOfFrames")
+    _check_pixels(values, found.pixel)
+
+    def text(keyword: str) -> str:
+        value = values.get(keyword, "")
+        return value if isinstance(value, str) else str(value)
+
+    def number(keyword: str) -> int | None:
+        value = values.get(keyword)
+        return value if isinstance(value, int) else None
+
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        patient_id=_text(ds, "PatientID"),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        patient_sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        accession_number=_text(ds, "AccessionNumber"),
-        referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        modality=_text(ds, "Modality"),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part_examined=_text(ds, "BodyPartExamined"),
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
-        instance_number=_int(ds, "InstanceNumber"),
-        number_of_frames=frames,
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
+        transfer_syntax_uid=found.transfer_syntax,
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate"),
+        patient_sex=text("PatientSex"),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        study_id=text("StudyID"),
+        study_description=text("StudyDescription"),
+        accession_number=text("AccessionNumber"),
+        referring_physician_name=text("ReferringPhysicianName"),
+        modality=text("Modality"),
+        series_number=number("SeriesNumber"),
+        series_description=text("SeriesDescription"),
+        body_part_examined=text("BodyPartExamined"),
+        frame_of_reference_uid=text("FrameOfReferenceUID"),
+        instance_number=number("InstanceNumber"),
+        number_of_frames=number("NumberOfFrames"),
+        rows=number("Rows"),
+        columns=number("Columns"),
     )
 
 
-def _check_pixels(ds: Dataset, pixel: PixelDataInfo) -> None:
-    if not pixel.checked:
-        return
+def _check_pixels(values: dict[str, str | int], pixel: PixelDataInfo) -> None:
     if not pixel.present:
         # An image IOD always has pixels (JPIP references them by URL instead): a dataset
         # without them was cut short at an element boundary, or built wrong.
-        is_image = "Image Storage" in UID(_uid(ds, "SOPClassUID")).name or "Rows" in ds
-        if is_image and "PixelDataProviderURL" not in ds:
+        is_image = "Image Storage" in UID(str(values.get("SOPClassUID", ""))).name
+        if (is_image or "Rows" in values) and "PixelDataProviderURL" not in values:
             raise EmptyPixelData("image dataset has no Pixel Data")
         return
     if pixel.length == 0:
         raise EmptyPixelData()
     if pixel.encapsulated:
         return
-    needed = _native_pixel_bytes(ds)
+    needed = _native_pixel_bytes(values)
     if needed is not None and pixel.length < needed:
         raise PixelDataSizeMismatch(
             f"Pixel Data has {pixel.length} bytes; Rows, Columns, frames, "
@@ -300,44 +335,61 @@ def _check_pixels(ds: Dataset, pixel: PixelDataInfo) -> None:
         )
 
 
-def _native_pixel_bytes(ds: Dataset) -> int | None:
-    values = [_int(ds, key) for key in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
-    if any(value is None or value <= 0 for value in values):
+def _native_pixel_bytes(values: dict[str, str | int]) -> int | None:
+    numbers = [values.get(key) for key in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
+    if not all(isinstance(n, int) and n > 0 for n in numbers):
         return None
-    rows, columns, samples, bits = values  # type: ignore[misc]
-    pixels = rows * columns * (_int(ds, "NumberOfFrames") or 1)
-    if samples == 3 and _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+    rows, columns, samples, bits = numbers  # type: ignore[misc]
+    frames = values.get("NumberOfFrames")
+    pixels = rows * columns * (frames if isinstance(frames, int) and frames > 0 else 1)
+    if samples == 3 and values.get("PhotometricInterpretation") == "YBR_FULL_422":
         return pixels * 2 * bits // 8  # chroma is subsampled: two samples a pixel on average
     return (pixels * samples * bits + 7) // 8
 
 
-def _uid(ds: Dataset, keyword: str) -> str:
-    """A UID from its raw bytes: judged by our own rule, whatever pydicom's validation mode."""
-    element = ds.get_item(keyword)
-    if element is None:
-        return ""
-    value = element.value
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace").strip("\x00 ")
-    return "" if value is None else str(value).strip("\x00 ")
+def _decode(raw: dict[int, tuple[str, bytes]], endian: str) -> dict[str, str | int]:
+    """Decode the collected raw values; an unreadable one is left out (stored as received)."""
+    charset = raw.get(SPECIFIC_CHARACTER_SET)
+    encodings = ["iso8859"]
+    if charset is not None:
+        terms = [t.strip() for t in charset[1].decode("ascii", "replace").split("\\")]
+        try:
+            encodings = convert_encodings(terms)
+        except Exception:  # an unknown character set: fall back to the default repertoire
+            encodings = ["iso8859"]
+    values: dict[str, str | int] = {}
+    for tag, (vr, value) in raw.items():
+        keyword = WANTED[tag][0]
+        try:
+            if vr == "US":
+                if len(value) >= 2:
+                    values[keyword] = struct.unpack(endian + "H", value[:2])[0]
+            elif vr == "IS":
+                number = value.decode("ascii").split("\\")[0].strip(" \0")
+                if number:
+                    values[keyword] = int(number)
+            elif vr in _CHARSET_VRS:
+                values[keyword] = decode_bytes(value, encodings, _DELIMITERS).strip(" \0")
+            else:
+                values[keyword] = value.decode("ascii", "replace").strip(" \0")
+        except (ValueError, LookupError, UnicodeError):
+            continue
+    return values
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    """An attribute as stripped text; "" when absent or unreadable (stored as received anyway)."""
-    try:
-        value = ds.get(keyword)
-    except Exception:
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip().strip("\x00")
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except Exception:
-        return None
+_IDENTIFIERS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_CHARSET_VRS = {"PN", "LO", "SH", "ST", "LT", "UC", "UT"}
+_DELIMITERS = {0x5C, 0x5E, 0x3D}  # backslash, caret, equals: kept in the person-name text
+_KEYWORDS = (
+    "SpecificCharacterSet", *_IDENTIFIERS, "PatientID", "IssuerOfPatientID", "PatientName",
+    "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID", "StudyDescription",
+    "AccessionNumber", "ReferringPhysicianName", "Modality", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "FrameOfReferenceUID", "InstanceNumber",
+    "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated",
+    "PhotometricInterpretation", "PixelDataProviderURL",
+)  # fmt: skip
+#: top-level tags read during the walk -> (keyword, VR from the data dictionary)
+WANTED: dict[int, tuple[str, str]] = {
+    int(tag_for_keyword(k)): (k, dictionary_VR(tag_for_keyword(k))) for k in _KEYWORDS
+}
+SPECIFIC_CHARACTER_SET = 0x00080005

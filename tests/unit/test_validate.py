@@ -94,3 +94,58 @@ def test_sop_class_mismatch_names_both() -> None:
             expected_sop_class="1.2.840.10008.5.1.4.1.1.4",
             expected_sop_instance=ds.SOPInstanceUID,
         )
+
+
+HEADER_FIELDS = {
+    "patient_id": "PatientID", "patient_name": "PatientName", "patient_sex": "PatientSex",
+    "patient_birth_date": "PatientBirthDate", "study_date": "StudyDate",
+    "study_description": "StudyDescription", "accession_number": "AccessionNumber",
+    "modality": "Modality", "series_number": "SeriesNumber",
+    "series_description": "SeriesDescription", "instance_number": "InstanceNumber",
+    "rows": "Rows", "columns": "Columns", "frame_of_reference_uid": "FrameOfReferenceUID",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "rtdose.dcm",
+        "image_dfl.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "JPEG2000.dcm",
+    ],
+)
+def test_header_matches_pydicom(name: str) -> None:
+    path = Path(get_testdata_file(name))
+    ds = dcmread(path, stop_before_pixels=True)
+    header = read_header(
+        path, expected_sop_class=ds.SOPClassUID, expected_sop_instance=ds.SOPInstanceUID
+    )
+    for field, keyword in HEADER_FIELDS.items():
+        expected = ds.get(keyword)
+        if expected is None or expected == "":
+            continue
+        value = getattr(header, field)
+        assert value == (int(expected) if isinstance(value, int) else str(expected)), field
+
+
+@pytest.mark.parametrize(
+    "charset,name",
+    [
+        ("ISO_IR 100", "Müller^Jürgen"),
+        ("ISO_IR 192", "Иванов^Пётр"),
+        ("ISO_IR 144", "Иванов^Пётр"),
+    ],
+)
+def test_patient_name_in_character_sets(tmp_path: Path, charset: str, name: str) -> None:
+    ds = next(ct_slices(SeriesSpec(slices=1, rows=8, columns=8)))
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    path = tmp_path / "named.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header = read_header(
+        path, expected_sop_class=ds.SOPClassUID, expected_sop_instance=ds.SOPInstanceUID
+    )
+    assert header.patient_name == name

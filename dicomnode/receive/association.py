@@ -1,0 +1,378 @@
+"""One association, acceptor side: negotiate, then serve C-ECHO and C-STORE until release.
+
+Each C-STORE dataset streams from the socket into a temporary file in the spool's ``incoming/``
+folder, one bounded buffer at a time, so no dataset is ever held in memory whatever its size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from dicomnode.domain import Peer
+from dicomnode.errors import StoreRefused
+from dicomnode.receive import dimse, pdu
+from dicomnode.receive.policy import Rejection
+
+if TYPE_CHECKING:
+    from dicomnode.receive.server import Receiver
+
+logger = logging.getLogger(__name__)
+
+BUFFER_SIZE = 1 << 20
+MAX_COMMAND_SET = 1 << 16
+STATUS_SUCCESS = 0x0000
+STATUS_UNEXPECTED_FAILURE = 0xA701  # out of resources: unable to store (a fault on our side)
+STATUS_MISSING_DATASET = 0xC000
+REJECT_BUSY = Rejection("the maximum number of associations is reached", 0x02, 0x03, 0x02)
+REJECT_APPLICATION_CONTEXT = Rejection("unsupported application context", 0x01, 0x01, 0x02)
+
+
+@dataclass
+class _Transfer:
+    """A C-STORE whose dataset is arriving."""
+
+    command: dimse.Command
+    context_id: int
+    transfer_syntax: str
+    path: Path | None = None
+    file: BinaryIO | None = None
+    refusal: StoreRefused | None = None  # decided before the data came (disk floor)
+    status: int | None = None  # a non-storage request with a dataset: answer this
+
+
+class AssociationHandler:
+    """Serves one connection from accept to close."""
+
+    def __init__(self, receiver: Receiver, sock: socket.socket, address: tuple[str, int]) -> None:
+        self.receiver = receiver
+        self.sock = sock
+        self.host, self.port = str(address[0]), int(address[1])
+        self.peer: Peer | None = None
+        self.pk: int | None = None
+        self.contexts: dict[int, tuple[str, str]] = {}
+        self.max_pdu = receiver.settings.node.max_pdu_size
+        self.command = bytearray()
+        self.transfer: _Transfer | None = None
+        self.buffer = memoryview(bytearray(BUFFER_SIZE))
+        self.stored = self.refused = 0
+
+    def run(self) -> None:
+        outcome = "aborted"
+        try:
+            if not self._secure():
+                return
+            if not self._associate():
+                return
+            outcome = self._data_phase()
+        except pdu.ProtocolError as exc:
+            logger.warning(
+                "Aborting association %s from %s: %s",
+                self.pk,
+                self.host,
+                exc,
+                extra={"action": "association_abort"},
+            )
+            self._send(pdu.encode_abort(exc.reason))
+            self._linger()
+        except (pdu.PeerClosed, TimeoutError, ConnectionError, ssl.SSLError) as exc:
+            if self.peer is not None:
+                logger.warning(
+                    "Association %s from %s ended without release: %s",
+                    self.pk,
+                    self.host,
+                    type(exc).__name__,
+                    extra={"action": "association_abort"},
+                )
+        finally:
+            self._discard_transfer()
+            self._close()
+            if self.peer is not None:
+                self.receiver.association_closed(self, outcome)
+
+    # -- association phase ---------------------------------------------------------------
+
+    def _secure(self) -> bool:
+        context = self.receiver.ssl_context
+        if context is None:
+            return True
+        self.sock.settimeout(self.receiver.settings.node.acse_timeout_s)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            logger.warning(
+                "TLS handshake with %s failed: %s", self.host, exc, extra={"action": "tls_refused"}
+            )
+            return False
+        return True
+
+    def _associate(self) -> bool:
+        node = self.receiver.settings.node
+        self.sock.settimeout(node.acse_timeout_s)
+        try:
+            pdu_type, length = pdu.read_header(self.sock)
+        except (pdu.PeerClosed, TimeoutError, ConnectionError):
+            return False
+        if pdu_type != pdu.ASSOCIATE_RQ or length > pdu.MAX_ASSOCIATE_RQ:
+            logger.warning(
+                "Closed connection from %s: not an association request (PDU type "
+                "0x%02X, length %d)",
+                self.host,
+                pdu_type,
+                length,
+                extra={"action": "association_rejected"},
+            )
+            self._linger()
+            return False
+        request = pdu.decode_associate_rq(pdu.read_exact(self.sock, length))
+        peer = Peer(
+            calling_aet=str(request.calling_ae_title).strip(),
+            called_aet=str(request.called_ae_title).strip(),
+            host=self.host,
+            port=self.port,
+        )
+        rejection = self.receiver.policy.check(
+            calling_aet=peer.calling_aet, called_aet=peer.called_aet, host=peer.host
+        )
+        if rejection is None and str(request.application_context_name) != pdu.APPLICATION_CONTEXT:
+            rejection = REJECT_APPLICATION_CONTEXT
+        if rejection is None and not self.receiver.admit(self):
+            rejection = REJECT_BUSY
+        if rejection is not None:
+            logger.warning(
+                "Rejected association from %s as %r: %s",
+                peer.host,
+                peer.calling_aet,
+                rejection.reason,
+                extra={"action": "association_rejected"},
+            )
+            self._send(
+                pdu.encode_associate_rj(rejection.result, rejection.source, rejection.diagnostic)
+            )
+            self._linger()
+            return False
+        negotiated = pdu.negotiate(request, self.receiver.supported_contexts, self.max_pdu)
+        self.contexts = negotiated.contexts
+        self.sock.sendall(negotiated.encoded_ac)
+        self.peer = peer
+        self.receiver.association_opened(self)
+        self.sock.settimeout(node.network_timeout_s)
+        return True
+
+    # -- data phase ----------------------------------------------------------------------
+
+    def _data_phase(self) -> str:
+        while True:
+            pdu_type, length = pdu.read_header(self.sock)
+            if pdu_type == pdu.P_DATA_TF:
+                if self.max_pdu and length > self.max_pdu:
+                    raise pdu.ProtocolError(
+                        f"P-DATA-TF of {length} bytes exceeds the agreed maximum of {self.max_pdu}"
+                    )
+                self._p_data(length)
+            elif pdu_type == pdu.RELEASE_RQ:
+                pdu.read_exact(self.sock, min(length, 64))
+                self.sock.sendall(pdu.RELEASE_RP_PDU)
+                self._linger()
+                return "released"
+            elif pdu_type == pdu.ABORT:
+                return "aborted"
+            else:
+                raise pdu.ProtocolError(
+                    f"unexpected PDU type 0x{pdu_type:02X}", pdu.ABORT_UNEXPECTED_PDU
+                )
+
+    def _p_data(self, length: int) -> None:
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise pdu.ProtocolError("P-DATA-TF ends inside a presentation data value")
+            size, context_id, control = pdu.read_pdv_header(self.sock)
+            remaining -= 6
+            if size > remaining:
+                raise pdu.ProtocolError("presentation data value is longer than its PDU")
+            if context_id not in self.contexts:
+                raise pdu.ProtocolError(f"presentation context {context_id} was not accepted")
+            if control & 0x01:
+                self._command_fragment(size, context_id, last=bool(control & 0x02))
+            else:
+                self._dataset_fragment(size, context_id, last=bool(control & 0x02))
+            remaining -= size
+
+    def _command_fragment(self, size: int, context_id: int, *, last: bool) -> None:
+        if self.transfer is not None:
+            raise pdu.ProtocolError("a command arrived before the previous dataset ended")
+        if len(self.command) + size > MAX_COMMAND_SET:
+            raise pdu.ProtocolError("command set is larger than 64 KiB")
+        self.command += pdu.read_exact(self.sock, size)
+        if not last:
+            return
+        try:
+            command = dimse.decode_command(bytes(self.command))
+        except ValueError as exc:
+            raise pdu.ProtocolError(str(exc)) from exc
+        finally:
+            self.command.clear()
+        self._start(command, context_id)
+
+    def _start(self, command: dimse.Command, context_id: int) -> None:
+        abstract_syntax, transfer_syntax = self.contexts[context_id]
+        if command.command_field == dimse.C_ECHO_RQ:
+            self._respond(context_id, command, STATUS_SUCCESS)
+        elif command.command_field == dimse.C_STORE_RQ and command.has_dataset:
+            self.transfer = _Transfer(command, context_id, transfer_syntax)
+            self._open_file(self.transfer, abstract_syntax)
+        elif command.command_field == dimse.C_STORE_RQ:
+            self._respond(context_id, command, STATUS_MISSING_DATASET, "C-STORE without dataset")
+        elif command.command_field == dimse.C_CANCEL_RQ:
+            pass
+        elif command.has_dataset:  # read and drop its dataset, then answer
+            self.transfer = _Transfer(
+                command, context_id, transfer_syntax, status=dimse.STATUS_UNRECOGNIZED_OPERATION
+            )
+        else:
+            self._respond(context_id, command, dimse.STATUS_UNRECOGNIZED_OPERATION)
+
+    def _open_file(self, transfer: _Transfer, abstract_syntax: str) -> None:
+        try:
+            self.receiver.store.check_disk()  # refuse before writing anything
+        except StoreRefused as exc:
+            transfer.refusal = exc
+            return
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = abstract_syntax
+        meta.MediaStorageSOPInstanceUID = transfer.command.affected_sop_instance_uid or "0"
+        meta.TransferSyntaxUID = transfer.transfer_syntax
+        meta.ImplementationClassUID = pdu.IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = pdu.IMPLEMENTATION_VERSION
+        if self.peer is not None and self.peer.calling_aet:
+            meta.SourceApplicationEntityTitle = self.peer.calling_aet
+        header = io.BytesIO()
+        header.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(header, meta, enforce_standard=False)
+        fd, name = tempfile.mkstemp(suffix=".part", dir=self.receiver.store.spool.incoming)
+        transfer.path = Path(name)
+        transfer.file = os.fdopen(fd, "wb", buffering=0)
+        transfer.file.write(header.getvalue())
+
+    def _dataset_fragment(self, size: int, context_id: int, *, last: bool) -> None:
+        transfer = self.transfer
+        if transfer is None or transfer.context_id != context_id:
+            raise pdu.ProtocolError("dataset fragment without a command in its context")
+        while size:
+            chunk = self.buffer[: min(size, BUFFER_SIZE)]
+            pdu.read_into(self.sock, chunk)
+            if transfer.file is not None:
+                try:
+                    transfer.file.write(chunk)
+                except OSError as exc:  # disk full mid-write: keep reading, refuse at the end
+                    transfer.refusal = StoreRefused(f"could not write: {exc.strerror}")
+                    self._close_file(transfer, remove=True)
+            size -= len(chunk)
+        if last:
+            self.transfer = None
+            self._finish(transfer)
+
+    def _finish(self, transfer: _Transfer) -> None:
+        command = transfer.command
+        if transfer.status is not None:
+            self._respond(transfer.context_id, command, transfer.status)
+            return
+        self._close_file(transfer, remove=False)
+        status, comment = self._store(transfer)
+        if transfer.path is not None:
+            transfer.path.unlink(missing_ok=True)  # refused, duplicate: nothing left behind
+        self._respond(transfer.context_id, command, status, comment)
+
+    def _store(self, transfer: _Transfer) -> tuple[int, str]:
+        try:
+            if transfer.refusal is not None:
+                raise transfer.refusal
+            assert transfer.path is not None and self.peer is not None
+            stored = self.receiver.store.store(
+                transfer.path,
+                sop_class_uid=self.contexts[transfer.context_id][0],
+                sop_instance_uid=transfer.command.affected_sop_instance_uid,
+                peer=self.peer,
+                association_pk=self.pk,
+            )
+        except StoreRefused as exc:
+            self.refused += 1
+            logger.warning(
+                "Refused instance (association %s, status 0x%04X): %s",
+                self.pk,
+                exc.dicom_status,
+                exc.message,
+                extra={"action": "store_refused"},
+            )
+            return exc.dicom_status, exc.message
+        except Exception as exc:
+            self.refused += 1
+            logger.exception(
+                "Failed to store instance (association %s)",
+                self.pk,
+                extra={"action": "store_failed"},
+            )
+            return STATUS_UNEXPECTED_FAILURE, f"internal error: {type(exc).__name__}"
+        self.stored += 1
+        logger.debug(
+            "Stored %s as %s%s",
+            stored.header.sop_instance_uid,
+            stored.path,
+            " (duplicate, kept first)" if stored.duplicate else "",
+            extra={"action": "store"},
+        )
+        return STATUS_SUCCESS, ""
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _respond(
+        self, context_id: int, command: dimse.Command, status: int, comment: str = ""
+    ) -> None:
+        data = dimse.encode_response(command, status, comment)
+        self.sock.sendall(pdu.encode_p_data(context_id, 0x03, data))
+
+    def _send(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(data)
+
+    def _linger(self, seconds: float = 2.0) -> None:
+        """After our last PDU, half-close and drain what the peer still sends, for at most
+        ``seconds``: closing with unread input would reset the connection and could destroy
+        the reject, release or abort before the peer reads it (PS3.8 ARTIM)."""
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv_into(self.buffer):
+                    break
+
+    def _close_file(self, transfer: _Transfer, *, remove: bool) -> None:
+        if transfer.file is not None:
+            transfer.file.close()
+            transfer.file = None
+        if remove and transfer.path is not None:
+            transfer.path.unlink(missing_ok=True)
+            transfer.path = None
+
+    def _discard_transfer(self) -> None:
+        if self.transfer is not None:
+            self._close_file(self.transfer, remove=True)
+            self.transfer = None
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
