@@ -1,4 +1,7 @@
-"""Writes and reads of the instance index (patients, studies, series, instances, associations)."""
+"""Reads of the instance index, and the association rows the receiver keeps.
+
+The per-instance writes live in :mod:`dicomnode.db.writer`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Association, Instance, Patient, Series, Study
-from dicomnode.domain import InstanceHeader, Peer, StudySummary
+from dicomnode.domain import Peer, StudySummary
 
 
 def open_association(session: Session, peer: Peer, opened_at: datetime) -> int:
@@ -38,90 +41,7 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def record_instance(
-    session: Session,
-    header: InstanceHeader,
-    *,
-    path: str,
-    size_bytes: int,
-    peer: Peer,
-    association_pk: int | None,
-    received_at: datetime,
-) -> Instance:
-    """Insert or update the rows for one stored instance; the caller commits."""
-    series = _series(session, header, received_at)
-    instance = find_instance(session, header.sop_instance_uid)
-    if instance is None:
-        instance = Instance(sop_instance_uid=header.sop_instance_uid)
-        session.add(instance)
-    instance.series = series
-    instance.sop_class_uid = header.sop_class_uid
-    instance.transfer_syntax_uid = header.transfer_syntax_uid
-    instance.instance_number = header.instance_number
-    instance.number_of_frames = header.number_of_frames
-    instance.rows, instance.columns = header.rows, header.columns
-    instance.path, instance.size_bytes = path, size_bytes
-    instance.association_pk = association_pk
-    instance.calling_aet, instance.calling_host = peer.calling_aet, peer.host
-    instance.received_at = received_at
-    return instance
-
-
-def _patient(session: Session, header: InstanceHeader) -> Patient:
-    patient = session.scalar(
-        select(Patient).where(
-            Patient.patient_id == header.patient_id,
-            Patient.issuer_of_patient_id == header.issuer_of_patient_id,
-        )
-    )
-    if patient is None:
-        patient = Patient(
-            patient_id=header.patient_id, issuer_of_patient_id=header.issuer_of_patient_id
-        )
-        session.add(patient)
-    # The latest instance wins for demographics, as a PACS shows the latest correction.
-    patient.patient_name = header.patient_name
-    patient.birth_date = header.patient_birth_date
-    patient.sex = header.patient_sex
-    return patient
-
-
-def _study(session: Session, header: InstanceHeader, now: datetime) -> Study:
-    # The patient first: a query would autoflush a new study that has no patient yet.
-    patient = _patient(session, header)
-    study = session.scalar(
-        select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-    )
-    if study is None:
-        study = Study(study_instance_uid=header.study_instance_uid, first_received_at=now)
-        session.add(study)
-    study.patient = patient  # the latest instance may correct the patient
-    study.study_date, study.study_time = header.study_date, header.study_time
-    study.study_id = header.study_id
-    study.accession_number = header.accession_number
-    study.study_description = header.study_description
-    study.referring_physician_name = header.referring_physician_name
-    study.last_received_at = now
-    return study
-
-
-def _series(session: Session, header: InstanceHeader, now: datetime) -> Series:
-    study = _study(session, header, now)
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-    )
-    if series is None:
-        series = Series(
-            series_instance_uid=header.series_instance_uid, study=study, first_received_at=now
-        )
-        session.add(series)
-    series.modality = header.modality
-    series.series_number = header.series_number
-    series.series_description = header.series_description
-    series.body_part_examined = header.body_part_examined
-    series.frame_of_reference_uid = header.frame_of_reference_uid
-    series.last_received_at = now
-    return series
+# -- reads ---------------------------------------------------------------------------------------
 
 
 def list_studies(session: Session, *, limit: int = 100, offset: int = 0) -> list[StudySummary]:

@@ -7,24 +7,20 @@ folder, one bounded buffer at a time, so no dataset is ever held in memory whate
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
 import ssl
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-
 from dicomnode.domain import Peer
 from dicomnode.errors import StoreRefused
 from dicomnode.receive import dimse, pdu
 from dicomnode.receive.policy import Rejection
+from dicomnode.receive.spool import file_meta
 
 if TYPE_CHECKING:
     from dicomnode.receive.server import Receiver
@@ -67,7 +63,7 @@ class AssociationHandler:
         self.command = bytearray()
         self.transfer: _Transfer | None = None
         self.buffer = memoryview(bytearray(BUFFER_SIZE))
-        self.stored = self.refused = 0
+        self.stored = self.refused = self.received = 0
 
     def run(self) -> None:
         outcome = "aborted"
@@ -251,21 +247,24 @@ class AssociationHandler:
         except StoreRefused as exc:
             transfer.refusal = exc
             return
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = abstract_syntax
-        meta.MediaStorageSOPInstanceUID = transfer.command.affected_sop_instance_uid or "0"
-        meta.TransferSyntaxUID = transfer.transfer_syntax
-        meta.ImplementationClassUID = pdu.IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = pdu.IMPLEMENTATION_VERSION
-        if self.peer is not None and self.peer.calling_aet:
-            meta.SourceApplicationEntityTitle = self.peer.calling_aet
-        header = io.BytesIO()
-        header.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(header, meta, enforce_standard=False)
-        fd, name = tempfile.mkstemp(suffix=".part", dir=self.receiver.store.spool.incoming)
-        transfer.path = Path(name)
+        header = file_meta(
+            sop_class_uid=abstract_syntax,
+            sop_instance_uid=transfer.command.affected_sop_instance_uid or "0",
+            transfer_syntax_uid=transfer.transfer_syntax,
+            implementation_class_uid=pdu.IMPLEMENTATION_CLASS_UID,
+            implementation_version=pdu.IMPLEMENTATION_VERSION,
+            source_aet=self.peer.calling_aet if self.peer is not None else "",
+        )
+        transfer.path = self._incoming_name()
+        fd = os.open(transfer.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         transfer.file = os.fdopen(fd, "wb", buffering=0)
-        transfer.file.write(header.getvalue())
+        transfer.file.write(header)
+
+    def _incoming_name(self) -> Path:
+        """A name no other association uses: process, association, instance number."""
+        self.received += 1
+        name = f"{os.getpid()}-{id(self):x}-{self.received}.part"
+        return self.receiver.store.spool.incoming / name
 
     def _dataset_fragment(self, size: int, context_id: int, *, last: bool) -> None:
         transfer = self.transfer

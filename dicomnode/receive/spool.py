@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 from dicomnode.domain import InstanceHeader
@@ -124,3 +125,42 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_meta(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version: str,
+    source_aet: str = "",
+) -> bytes:
+    """Preamble, "DICM" and the File Meta group (PS3.10 7.1) for a received dataset.
+
+    Encoded by hand: it is a fixed handful of elements, written once per instance on the
+    receive path, where building it with pydicom costs more than the rest of the header work.
+    """
+    elements = (
+        _meta_element(0x0001, b"OB", b"\x00\x01")
+        + _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\0"))
+        + _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0"))
+        + _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\0"))
+        + _meta_element(0x0012, b"UI", _padded(implementation_class_uid, b"\0"))
+        + _meta_element(0x0013, b"SH", _padded(implementation_version, b" "))
+    )  # fmt: skip
+    if source_aet:
+        elements += _meta_element(0x0016, b"AE", _padded(source_aet, b" "))
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"\0" * 128 + b"DICM" + group_length + elements
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import DuplicatePolicy
-from dicomnode.db import index
+from dicomnode.db import writer
 from dicomnode.domain import Peer, StoredInstance
 from dicomnode.errors import OutOfResources, StoreFailed
 from dicomnode.receive.spool import Spool, fsync_file
@@ -41,6 +44,7 @@ class InstanceStore:
         self.min_free_bytes = min_free_bytes
         # One writer at a time keeps the duplicate decision, the rename and the index row together.
         self._lock = threading.Lock()
+        self._index = writer.IndexWriter()
 
     def check_disk(self) -> None:
         free = self.spool.free_bytes()
@@ -66,11 +70,10 @@ class InstanceStore:
         )
         relative = self.spool.relative_path(header)
         fsync_file(received)  # outside the lock: the slow part runs in parallel
-        now = datetime.now(UTC)
         with self._lock:
             try:
-                with self.sessions.begin() as session:
-                    existing = index.find_instance(session, header.sop_instance_uid)
+                with self._index_transaction() as writes:
+                    existing = writes.lookup(header.sop_instance_uid)
                     if existing is not None and self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
                         return StoredInstance(
                             header,
@@ -79,22 +82,40 @@ class InstanceStore:
                             existing.received_at,
                             duplicate=True,
                         )
+                    # Read the clock holding the write locks, so instances indexed later have
+                    # later receive times (the series' and study's last_received_at follow).
+                    now = datetime.now(UTC)
                     previous_path = existing.path if existing is not None else None
                     size = self.spool.commit(received, relative)
-                    index.record_instance(
-                        session,
+                    writes.record(
                         header,
                         path=relative,
                         size_bytes=size,
                         peer=peer,
                         association_pk=association_pk,
                         received_at=now,
+                        existing=existing,
                     )
             except SQLAlchemyError as exc:
+                self._index.forget()  # rolled back: cached keys may name rows that never were
                 raise StoreFailed(f"could not index the instance: {type(exc).__name__}") from exc
+            except BaseException:
+                self._index.forget()
+                raise
         if previous_path is not None and previous_path != relative:
             self.spool.remove(previous_path)  # a replacement moved to another study or series
         return StoredInstance(header, relative, size, now)
+
+    @contextmanager
+    def _index_transaction(self) -> Iterator[writer.IndexWrites]:
+        """One index transaction, committed durably on leaving (see dicomnode.db.session)."""
+        bind = self.sessions.kw.get("bind")
+        if isinstance(bind, Engine):
+            with self._index.transaction(bind) as writes:
+                yield writes
+        else:  # a factory bound otherwise: through a Session
+            with self.sessions.begin() as session:
+                yield self._index.on(session.connection())
 
 
 __all__ = ["InstanceStore", "OutOfResources"]

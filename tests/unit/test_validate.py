@@ -149,3 +149,29 @@ def test_patient_name_in_character_sets(tmp_path: Path, charset: str, name: str)
         path, expected_sop_class=ds.SOPClassUID, expected_sop_instance=ds.SOPInstanceUID
     )
     assert header.patient_name == name
+
+
+def test_file_meta_matches_pydicom() -> None:
+    import io
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from dicomnode.receive.spool import file_meta
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.ImplementationVersionName = "DICOMNODE_010"
+    meta.SourceApplicationEntityTitle = "CT1"
+    expected = io.BytesIO()
+    expected.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(expected, meta, enforce_standard=True)
+    assert file_meta(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4.5",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        implementation_class_uid="1.2.826.0.1.3680043.8.498.1",
+        implementation_version="DICOMNODE_010", source_aet="CT1",
+    ) == expected.getvalue()  # fmt: skip
