@@ -14,7 +14,7 @@ import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -113,6 +113,58 @@ class SecuritySettings(_Section):
         return values
 
 
+MatchValue = str | float | list[str | float] | dict[str, float]
+
+
+class CompletionSettings(_Section):
+    """When a route's series (or study) counts as complete."""
+
+    quiet_s: float = Field(10.0, ge=0)  # no new instance for this long
+    release_grace_s: float = Field(2.0, ge=0)  # after the sending association is released
+    expected_counts: bool = True  # Images in Acquisition, frames, contiguous slice positions
+    #: study-level routes: series name -> regular expression on Series Description (or on
+    #: the sequence attributes), e.g. {T1 = "(?i)t1(?!.*(post|gd|\\+c))", FLAIR = "(?i)flair"}
+    required_series: dict[str, str] = {}
+    study_timeout_s: float = Field(900.0, gt=0)
+    on_missing: Literal["run", "fail"] = "run"
+
+
+class RouteSettings(_Section):
+    """One routing rule: which series go to which model, sent where, how urgently."""
+
+    name: str
+    match: dict[str, MatchValue] = {}
+    model: str
+    destinations: tuple[str, ...] = ()
+    priority: Literal["routine", "urgent", "stat"] = "routine"
+    level: Literal["series", "study"] = "series"
+    completion: CompletionSettings = CompletionSettings()
+
+
+class RoutingSettings(_Section):
+    """How the routes combine: the first that matches, or every one; and the fallback."""
+
+    mode: Literal["first", "all"] = "first"
+    fallback: str | None = None  # a route name used when no other route matches
+
+
+class WorkerSettings(_Section):
+    """A worker embedded in ``serve``: its device and the models it keeps loaded."""
+
+    device: str = "cpu"
+    models: tuple[str, ...] = ()  # empty: every model
+
+
+class QueueSettings(_Section):
+    """Retries, leases and retention of the job queue."""
+
+    max_attempts: int = Field(3, ge=1)
+    backoff_s: float = Field(30.0, ge=0)  # the first retry waits this long, then doubles
+    lease_s: float = Field(60.0, gt=0)  # a job whose worker stops heartbeating is claimed again
+    heartbeat_s: float = Field(10.0, gt=0)
+    retention_days: float = Field(30.0, gt=0)
+
+
 class ApiSettings(_Section):
     """The HTTP API (served by a later component; read here so one file configures the node)."""
 
@@ -134,6 +186,22 @@ class Settings(BaseSettings):
     node: NodeSettings = NodeSettings()
     security: SecuritySettings = SecuritySettings()
     api: ApiSettings = ApiSettings()
+    routing: RoutingSettings = RoutingSettings()
+    routes: tuple[RouteSettings, ...] = ()
+    workers: tuple[WorkerSettings, ...] = (WorkerSettings(),)
+    queue: QueueSettings = QueueSettings()
+
+    @model_validator(mode="after")
+    def _routes_consistent(self) -> Settings:
+        names = [route.name for route in self.routes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"route names must be unique; repeated: {duplicates}")
+        if self.routing.fallback is not None and self.routing.fallback not in names:
+            raise ValueError(
+                f"routing.fallback {self.routing.fallback!r} names no route (routes: {names})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import IntEnum, StrEnum
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,28 @@ class StudySummary:
     size_bytes: int
     first_received_at: datetime
     last_received_at: datetime
+
+
+class JobState(StrEnum):
+    """Where a job is (DESIGN.md): waiting -> queued -> running -> sending -> done, or an end."""
+
+    WAITING = "waiting"  # its series or study is not complete yet
+    QUEUED = "queued"
+    RUNNING = "running"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # no route matched, or a count-based condition failed at completion
+
+
+#: States a job never leaves.
+FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED})
+
+
+class Priority(IntEnum):
+    """Higher runs first: a stat study overtakes every routine one in the queue."""
+
+    ROUTINE = 0
+    URGENT = 1
+    STAT = 2
