@@ -13,9 +13,15 @@ from dicomnode.config import Settings
 from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.migrate import current_revision, head_revision
 from dicomnode.errors import DatabaseError
+from dicomnode.intake import Intake
+from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
+from dicomnode.queue.repository import JobRepository
+from dicomnode.queue.worker import Worker
 from dicomnode.receive.server import Receiver
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
+from dicomnode.routing import Router
+from dicomnode.testing.models import load_models
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +55,48 @@ def restrict_new_files() -> None:
     os.umask(0o027)
 
 
+SWEEP_JOB = "intake.sweep"
+SWEEP_EVERY_S = 1.0
+
+
 @dataclass
 class Node:
-    """The receiver with its spool and index, as ``dicomnode serve`` runs it."""
+    """Everything ``dicomnode serve`` runs: receiver, intake sweep, queue upkeep, workers."""
 
     settings: Settings
     database: Database
     spool: Spool
     store: InstanceStore
     receiver: Receiver
+    jobs: JobRepository
+    intake: Intake
+    periodic: Periodic
+    workers: list[Worker]
 
-    def start(self) -> None:
+    def start(self, *, background: bool = True) -> None:
+        """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
         self.spool.prepare()
         self.receiver.start()
+        if background:
+            self.periodic.start()
+            for worker in self.workers:
+                worker.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop listening, let workers finish the job in hand, then stop the periodic work."""
         self.receiver.stop()
+        for worker in self.workers:
+            worker.stop(timeout)
+        self.periodic.shutdown()
         self.database.engine.dispose()
+
+    def wake_intake(self) -> None:
+        """An association ended: sweep now rather than at the next tick."""
+        self.periodic.run_soon(SWEEP_JOB)
 
 
 def build_node(settings: Settings) -> Node:
-    """Open the database (migrating if configured) and wire the receiver; nothing listens yet."""
+    """Open the database (migrating if configured) and wire every part; nothing runs yet."""
     database = open_database(settings, migrate=settings.node.auto_migrate)
     spool = Spool(settings.node.storage_dir)
     store = InstanceStore(
@@ -78,4 +105,23 @@ def build_node(settings: Settings) -> Node:
         duplicate_policy=settings.node.duplicate_policy,
         min_free_bytes=settings.node.min_free_disk_mb * 2**20,
     )
-    return Node(settings, database, spool, store, Receiver(settings, store, database.sessions))
+    jobs = JobRepository(database.sessions, settings.queue)
+    intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs)
+    periodic = Periodic()
+    schedule_queue_maintenance(periodic, jobs)
+    periodic.add_job(intake.sweep, SWEEP_EVERY_S, SWEEP_JOB, run_now=True)
+    workers = [
+        Worker(
+            jobs,
+            load_models(worker.models),
+            device=worker.device,
+            lease_s=settings.queue.lease_s,
+            heartbeat_s=settings.queue.heartbeat_s,
+            storage_dir=spool.root,
+        )
+        for worker in settings.workers
+    ]
+    receiver = Receiver(settings, store, database.sessions)
+    node = Node(settings, database, spool, store, receiver, jobs, intake, periodic, workers)
+    receiver.on_association_closed = node.wake_intake
+    return node

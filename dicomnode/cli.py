@@ -53,6 +53,46 @@ def _parser() -> argparse.ArgumentParser:
     studies_list.add_argument("--json", action="store_true", help="print JSON")
     studies_list.set_defaults(func=_studies_list)
 
+    worker = commands.add_parser("worker", help="run queued jobs on one device until stopped")
+    _config_option(worker)
+    worker.add_argument("--device", help="cpu, cuda:0, ... (default: the first [[workers]]')")
+    worker.add_argument("--models", help="comma-separated model names (default: every model)")
+    worker.add_argument("--worker-id", help="name in the jobs table (default: host:pid:device)")
+    worker.set_defaults(func=_worker)
+
+    jobs = commands.add_parser("jobs", help="the job queue")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_list = jobs_commands.add_parser("list", help="list jobs, newest first")
+    _config_option(jobs_list)
+    jobs_list.add_argument("--state", help="only these states, comma-separated")
+    jobs_list.add_argument("--model")
+    jobs_list.add_argument("--study", metavar="STUDY_UID")
+    jobs_list.add_argument("--limit", type=int, default=50)
+    jobs_list.add_argument("--offset", type=int, default=0)
+    jobs_list.add_argument("--json", action="store_true", help="print JSON")
+    jobs_list.set_defaults(func=_jobs_list)
+    for action, help_text in (
+        ("show", "one job in full"),
+        ("retry", "queue a failed or cancelled job again"),
+        ("cancel", "cancel an unfinished job"),
+    ):
+        command = jobs_commands.add_parser(action, help=help_text)
+        _config_option(command)
+        command.add_argument("job_id", type=int)
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(func=_jobs_action, jobs_action=action)
+
+    route = commands.add_parser("route", help="routing rules")
+    route_commands = route.add_subparsers(dest="route_command", required=True)
+    route_explain = route_commands.add_parser(
+        "explain", help="which route DICOM files take, and why each other route does not"
+    )
+    route_explain.add_argument("files", nargs="+", type=Path, help="files or folders")
+    _config_option(route_explain)
+    route_explain.add_argument("--calling-aet", help="match calling_aet as if this AE sent them")
+    route_explain.add_argument("--json", action="store_true", help="print JSON")
+    route_explain.set_defaults(func=_route_explain)
+
     send = commands.add_parser("send", help="send DICOM files with C-STORE")
     send.add_argument("files", nargs="+", type=Path, help="files or folders")
     send.add_argument("--to", required=True, metavar="AET@HOST:PORT")
@@ -138,6 +178,196 @@ def _studies_list(args: argparse.Namespace) -> int:
         for s in studies
     ]
     _print_table(header, rows)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from dicomnode.app import open_database, restrict_new_files
+    from dicomnode.config import WorkerSettings, load_settings
+    from dicomnode.queue import JobRepository
+    from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
+    from dicomnode.queue.worker import Worker
+    from dicomnode.testing.models import load_models  # until dicomnode.inference lands
+
+    settings = load_settings(args.config)
+    restrict_new_files()
+    defaults = settings.workers[0] if settings.workers else WorkerSettings()
+    names = args.models.split(",") if args.models else defaults.models
+    models = load_models([name.strip() for name in names if name.strip()])
+    database = open_database(settings, migrate=False)
+    repository = JobRepository(database.sessions, settings.queue)
+    worker = Worker(
+        repository,
+        models,
+        device=args.device or defaults.device,
+        worker_id=args.worker_id,
+        storage_dir=settings.node.storage_dir,
+    )
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    worker.load_models()
+    periodic = Periodic()
+    schedule_queue_maintenance(periodic, repository, purge=False)
+    periodic.start()
+    print(
+        f"dicomnode {__version__}: worker {worker.worker_id} running "
+        f"{','.join(sorted(models))} on {worker.device}",
+        flush=True,
+    )
+    try:
+        worker.run(stopping)
+    finally:
+        periodic.shutdown()
+        database.engine.dispose()
+    return 0
+
+
+def _jobs_repository(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+    from dicomnode.queue import JobRepository
+
+    settings = load_settings(args.config)
+    return JobRepository(open_database(settings, migrate=False).sessions, settings.queue)
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    states = [s.strip() for s in args.state.split(",")] if args.state else None
+    try:
+        jobs = _jobs_repository(args).list(
+            state=states, model=args.model, study=args.study, limit=args.limit, offset=args.offset
+        )
+    except ValueError as exc:  # an unknown state
+        raise DicomNodeError(str(exc)) from exc
+    if args.json:
+        print(json.dumps([job.as_json() for job in jobs], indent=2))
+        return 0
+    header = ("ID", "STATE", "PRIORITY", "MODEL", "ROUTE", "ATTEMPTS", "UPDATED", "ERROR")
+    rows = [
+        (
+            str(job.id),
+            str(job.state),
+            job.as_json()["priority_name"],
+            job.model,
+            job.route,
+            f"{job.attempts}/{job.max_attempts}",
+            job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            (job.error or "").splitlines()[0][:60] if job.error else "",
+        )
+        for job in jobs
+    ]
+    _print_table(header, rows)
+    return 0
+
+
+def _jobs_action(args: argparse.Namespace) -> int:
+    from dicomnode.queue import JobNotFound
+
+    repository = _jobs_repository(args)
+    if args.jobs_action == "show":
+        job = repository.get(args.job_id)
+        if job is None:
+            raise JobNotFound(f"no job {args.job_id}")
+    elif args.jobs_action == "retry":
+        job = repository.retry(args.job_id)
+    else:
+        job = repository.cancel(args.job_id)
+    values = job.as_json()
+    if args.json:
+        print(json.dumps(values, indent=2))
+    elif args.jobs_action == "show":
+        for key, value in values.items():
+            print(f"{key + ':':<20} {'' if value is None else value}")
+    else:
+        print(f"job {job.id} {job.state}")
+    return 0
+
+
+def _route_explain(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+
+    from dicomnode.config import load_settings
+    from dicomnode.routing import Outcome, Router, SeriesFacts
+    from dicomnode.send.scu import expand
+
+    router = Router.from_settings(load_settings(args.config))
+    series: dict[str, dict[str, Dataset]] = {}  # Series Instance UID -> SOP Instance UID -> header
+    errors = []
+    for path in expand(args.files):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            uid = str(ds.get("SeriesInstanceUID") or "").strip()
+            sop = str(ds.get("SOPInstanceUID") or "").strip() or str(path)
+        except Exception as exc:  # whatever is wrong with one file is reported, not a crash
+            error = f"not readable: {exc or type(exc).__name__}"
+            errors.append({"path": str(path), "error": error})
+            continue
+        if not uid:
+            errors.append({"path": str(path), "error": "has no Series Instance UID"})
+            continue
+        series.setdefault(uid, {}).setdefault(sop, ds)
+    reports = []
+    for uid, instances in series.items():
+        facts = SeriesFacts.from_datasets(list(instances.values()), calling_aet=args.calling_aet)
+        decision = router.route(facts)
+        routes = [
+            {
+                "name": r.name,
+                "model": r.model,
+                "destinations": list(r.destinations),
+                "priority": r.priority.name.lower(),
+                "level": r.level,
+            }
+            for r in decision.routes
+        ]
+        reports.append(
+            {
+                "series_instance_uid": uid,
+                "modality": facts.attributes.get("Modality", ""),
+                "series_description": facts.attributes.get("SeriesDescription", ""),
+                "slices": facts.slices,
+                "calling_aet": facts.calling_aet,
+                "decision": {"basis": decision.basis, "routes": routes},
+                "rules": [asdict(rule) for rule in router.explain(facts)],
+            }
+        )
+    if args.json:
+        print(json.dumps({"series": reports, "errors": errors}, indent=2))
+        return 0
+    marks = {Outcome.MATCH: "yes", Outcome.NO_MATCH: "no", Outcome.PENDING: "?"}
+    width = max((len(rule.name) for rule in router.rules), default=0)
+    for report in reports:
+        description = f" {report['series_description']!r}" if report["series_description"] else ""
+        print(
+            f"series {report['series_instance_uid']}: {report['modality'] or '?'}{description}, "
+            f"{report['slices']} instance(s)"
+        )
+        for route in report["decision"]["routes"]:
+            print(
+                f"  -> {route['name']}: model {route['model']}, priority {route['priority']}, "
+                f"to {', '.join(route['destinations']) or '(no destinations)'} "
+                f"[{report['decision']['basis']}]"
+            )
+        if not report["decision"]["routes"]:
+            print("  -> no route matches: the series is skipped")
+        for rule in report["rules"]:
+            state = "chosen" if rule["chosen"] else "-"
+            # the failing conditions follow, one a line: not repeated in the headline
+            failed = "; ".join(
+                c["text"] for c in rule["conditions"] if c["outcome"] == Outcome.NO_MATCH
+            )
+            headline = rule["reason"].removesuffix(f": {failed}") if failed else rule["reason"]
+            print(f"  {state:<6}  {rule['route']:<{width}}  {headline}")
+            for condition in rule["conditions"]:
+                mark = marks[condition["outcome"]]
+                print(f"  {'':<6}  {'':<{width}}    {mark:<3} {condition['text']}")
+    if not router.rules:
+        print("no routes are configured ([[routes]] in the config file)")
+    for error in errors:
+        print(f"dicomnode: {error['path']}: {error['error']}", file=sys.stderr)
+    print(f"{len(reports)} series, {len(errors)} file(s) not read", file=sys.stderr)
     return 0
 
 

@@ -32,4 +32,6 @@ def configure(level: str | int = "INFO") -> None:
     debug = logging.getLevelName(level) == "DEBUG" or level == logging.DEBUG
     # pynetdicom logs request identifiers and dataset summaries at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # Libraries that log every run or statement at INFO: only at DEBUG.
+    for chatty in ("alembic", "apscheduler"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -29,9 +29,9 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     """Start in-process nodes (receiver + spool + index) with overrides; stopped after the test."""
     started: list[Node] = []
 
-    def start(storage: Path | None = None, **sections: dict[str, Any]) -> Node:
+    def start(storage: Path | None = None, *, background: bool = True, **sections: Any) -> Node:
         node = build_node(make_settings(storage or tmp_path / f"node{len(started)}", **sections))
-        node.start()
+        node.start(background=background)
         started.append(node)
         return node
 

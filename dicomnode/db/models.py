@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    desc,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -123,7 +124,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         # The claim query: runnable jobs by priority, oldest first.
-        Index("ix_jobs_claim", "state", "priority", "run_after", "id"),
+        Index("ix_jobs_claim", "state", desc("priority"), "run_after", "id"),
         Index("ix_jobs_study", "study_instance_uid"),
     )
 
@@ -154,3 +155,23 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SeriesIntake(Base):
+    """Which generation of a series has been routed, and when it was declared complete.
+
+    A series is routed once per generation; an instance arriving after its generation was
+    complete opens the next one (see dicomnode.completion on late instances).
+    """
+
+    __tablename__ = "series_intake"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    #: the route whose completion settings decide when the series is complete (None: defaults)
+    rules_route: Mapped[str | None] = mapped_column(String(64))
+    routed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    complete_reason: Mapped[str | None] = mapped_column(String(255))

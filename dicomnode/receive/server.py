@@ -6,6 +6,7 @@ import logging
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +78,8 @@ class Receiver:
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        #: called after each association ends (the intake sweeps at once)
+        self.on_association_closed: Callable[[], None] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -161,6 +164,8 @@ class Receiver:
                 logger.exception(
                     "Could not record association end", extra={"action": "association_close"}
                 )
+        if self.on_association_closed is not None and handler.stored:
+            self.on_association_closed()
         logger.info(
             "Association %s %s: %d stored, %d refused",
             handler.pk,

@@ -42,10 +42,19 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 class ServeProcess:
     """A running ``dicomnode serve``; ``kill()`` is SIGKILL, as a crash."""
 
-    def __init__(self, storage: Path, port: int | None = None, **settings: str) -> None:
+    def __init__(
+        self,
+        storage: Path,
+        port: int | None = None,
+        *,
+        config: Path | None = None,
+        **settings: str,
+    ) -> None:
         self.storage = storage
         self.port = port or free_port()
         self.env = node_env(storage, self.port, **settings)
+        if config is not None:
+            self.env["DICOMNODE_CONFIG"] = str(config)
         self.log = storage.parent / f"{storage.name}-serve.log"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -47,7 +47,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('dedupe_key')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.create_index('ix_jobs_claim', ['state', 'priority', 'run_after', 'id'], unique=False)
+        batch_op.create_index('ix_jobs_claim', ['state', sa.text('priority DESC'), 'run_after', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_model'), ['model'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_series_instance_uid'), ['series_instance_uid'], unique=False)
         batch_op.create_index('ix_jobs_study', ['study_instance_uid'], unique=False)

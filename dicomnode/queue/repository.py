@@ -1,0 +1,740 @@
+"""The job queue in the database: enqueue, claim under a lease, heartbeat, finish, fail, retry.
+
+Each method is one short transaction, and what leaves the repository is a frozen dataclass, never
+an ORM object, so one repository serves every thread of a process.
+
+A claim is atomic on both databases. On PostgreSQL it is one statement,
+``UPDATE jobs ... WHERE id = (SELECT id ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING ...``:
+concurrent claimers skip a row another claimer holds instead of waiting for it, and a row whose
+state changed meanwhile is re-checked and passed over. On SQLite the same statement runs inside the
+``BEGIN IMMEDIATE`` write transaction that :mod:`dicomnode.db.session` opens for every
+transaction, so claims are serialised.
+
+A claimed job carries a lease (``lease_owner``, ``lease_expires_at``). The worker extends it with
+:meth:`JobRepository.heartbeat`; :meth:`JobRepository.reap_expired_leases` (run periodically)
+puts the job of a worker that stopped heartbeating back in the queue, or fails it when its
+attempts are used up. A heartbeat that returns False tells the worker its job was cancelled or
+taken from it; :meth:`~JobRepository.finish` and :meth:`~JobRepository.fail` by a worker that no
+longer holds the lease change nothing. After a run ``lease_owner`` names the worker that ran it.
+
+Times are UTC from the repository's clock, the host's: hosts sharing a queue need synchronised
+clocks (NTP), and ``lease_s`` should exceed any skew by a wide margin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import QueueSettings
+from dicomnode.db.models import Job
+from dicomnode.db.session import make_session_factory
+from dicomnode.domain import FINAL_STATES, JobState, Priority
+from dicomnode.errors import DicomNodeError
+
+logger = logging.getLogger(__name__)
+
+jobs = Job.__table__
+LEASE_EXPIRED = "worker lost (lease expired)"
+#: Longest error text kept on a job (a traceback's last line is what admins need).
+MAX_ERROR_CHARS = 8000
+_PURGE_BATCH = 5000
+
+
+class JobNotFound(DicomNodeError):
+    """No job has this id."""
+
+    http_status = 404
+
+
+class JobStateError(DicomNodeError):
+    """The job is not in a state that allows this."""
+
+    http_status = 409
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of the jobs table, as values."""
+
+    id: int
+    dedupe_key: str
+    route: str
+    model: str
+    level: str
+    state: JobState
+    priority: int
+    study_instance_uid: str
+    series_instance_uid: str | None
+    inputs: tuple[str, ...]
+    destinations: tuple[str, ...]
+    attempts: int
+    max_attempts: int
+    run_after: datetime | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    error: str | None
+    result: dict[str, Any] | None
+    received_at: datetime
+    completed_at: datetime | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    sent_at: datetime | None
+    updated_at: datetime
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready values: times in ISO 8601, tuples as lists, the priority by name too."""
+        values: dict[str, Any] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, JobState):
+                value = str(value)
+            values[field.name] = value
+        values["priority_name"] = _priority_name(self.priority)
+        return values
+
+
+@dataclass(frozen=True)
+class ClaimedJob(JobRecord):
+    """A job this worker holds under a lease (state ``running``, ``attempts`` counts this run)."""
+
+
+def _priority_name(value: int) -> str:
+    try:
+        return Priority(value).name.lower()
+    except ValueError:
+        return str(value)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL, aware ones."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _record(row: Row[Any], cls: type[JobRecord] = JobRecord) -> JobRecord:
+    m = row._mapping
+    return cls(
+        id=m["id"],
+        dedupe_key=m["dedupe_key"],
+        route=m["route"],
+        model=m["model"],
+        level=m["level"],
+        state=JobState(m["state"]),
+        priority=m["priority"],
+        study_instance_uid=m["study_instance_uid"],
+        series_instance_uid=m["series_instance_uid"],
+        inputs=tuple(m["inputs"] or ()),
+        destinations=tuple(m["destinations"] or ()),
+        attempts=m["attempts"],
+        max_attempts=m["max_attempts"],
+        run_after=_utc(m["run_after"]),
+        lease_owner=m["lease_owner"],
+        lease_expires_at=_utc(m["lease_expires_at"]),
+        error=m["error"],
+        result=m["result"],
+        received_at=_utc(m["received_at"]),  # type: ignore[arg-type]
+        completed_at=_utc(m["completed_at"]),
+        queued_at=_utc(m["queued_at"]),
+        started_at=_utc(m["started_at"]),
+        finished_at=_utc(m["finished_at"]),
+        sent_at=_utc(m["sent_at"]),
+        updated_at=_utc(m["updated_at"]),  # type: ignore[arg-type]
+    )
+
+
+def _state_values(state: str | Iterable[str] | None) -> list[str] | None:
+    if state is None:
+        return None
+    if isinstance(state, str):
+        return [JobState(state).value]
+    return [JobState(s).value for s in state]
+
+
+class JobRepository:
+    """The jobs table. ``sessions`` is the node's session factory (or an engine)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session] | Engine,
+        settings: QueueSettings | None = None,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        if isinstance(sessions, Engine):
+            sessions = make_session_factory(sessions)
+        self._sessions = sessions
+        self.settings = settings or QueueSettings()
+        self._clock = clock
+        bind = sessions.kw.get("bind")
+        self._dialect = bind.dialect.name if bind is not None else ""
+
+    def now(self) -> datetime:
+        return self._clock().astimezone(UTC)
+
+    def backoff(self, attempts: int) -> timedelta:
+        """How long a job waits after its ``attempts``-th run failed: backoff_s, doubling."""
+        return timedelta(seconds=self.settings.backoff_s * 2 ** min(max(attempts - 1, 0), 30))
+
+    # -- creating jobs -------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        dedupe_key: str,
+        route: str,
+        model: str,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        inputs: Sequence[str] = (),
+        destinations: Sequence[str] = (),
+        level: str = "series",
+        priority: int = Priority.ROUTINE,
+        state: JobState | str = JobState.WAITING,
+        max_attempts: int | None = None,
+        received_at: datetime | None = None,
+        completed_at: datetime | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        """Add a job, or return the one that already has ``dedupe_key`` (never a second one).
+
+        ``state`` is ``waiting`` (its series is not complete; :meth:`mark_queued` later),
+        ``queued`` (runnable now) or ``skipped`` (recorded only, with ``error`` as the reason).
+        """
+        state = JobState(state)
+        if state not in (JobState.WAITING, JobState.QUEUED, JobState.SKIPPED):
+            raise ValueError(f"a job is enqueued waiting, queued or skipped, not {state}")
+        now = self.now()
+        queued = state is JobState.QUEUED
+        values = {
+            "dedupe_key": dedupe_key,
+            "route": route,
+            "model": model,
+            "level": level,
+            "state": state.value,
+            "priority": int(priority),
+            "study_instance_uid": study_instance_uid,
+            "series_instance_uid": series_instance_uid,
+            "inputs": list(inputs),
+            "destinations": list(destinations),
+            "attempts": 0,
+            "max_attempts": max_attempts or self.settings.max_attempts,
+            "run_after": now if queued else None,
+            "error": _clip(error),
+            "received_at": received_at or now,
+            "completed_at": (completed_at or now) if state is not JobState.WAITING else None,
+            "queued_at": now if queued else None,
+            "finished_at": now if state is JobState.SKIPPED else None,
+            "updated_at": now,
+        }
+        with self._sessions.begin() as session:
+            created = self._insert_new(session, values)
+            row = session.execute(select(jobs).where(jobs.c.dedupe_key == dedupe_key)).one()
+        record = _record(row)
+        if created:
+            logger.info(
+                "job %s enqueued: route %s, model %s, %s, priority %s",
+                record.id,
+                route,
+                model,
+                state,
+                _priority_name(record.priority),
+                extra={"action": "job_enqueued", "job_id": record.id},
+            )
+        else:
+            logger.debug(
+                "job %s already enqueued under its dedupe key",
+                record.id,
+                extra={"action": "job_enqueue_duplicate", "job_id": record.id},
+            )
+        return record
+
+    def _insert_new(self, session: Session, values: dict[str, Any]) -> bool:
+        if self._dialect in ("postgresql", "sqlite"):
+            dialect = postgresql if self._dialect == "postgresql" else sqlite
+            statement = (
+                dialect.insert(jobs)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=["dedupe_key"])
+                .returning(jobs.c.id)
+            )
+            return session.execute(statement).first() is not None
+        try:  # another database: a savepoint catches the duplicate
+            with session.begin_nested():
+                session.execute(jobs.insert().values(**values))
+            return True
+        except IntegrityError:
+            return False
+
+    def mark_queued(
+        self,
+        job_id: int,
+        *,
+        completed_at: datetime | None = None,
+        inputs: Sequence[str] | None = None,
+    ) -> bool:
+        """A waiting job's series (or study) is complete: it may run now. False if not waiting.
+
+        ``inputs`` replaces the job's series list (a study-level job runs on what arrived).
+        """
+        now = self.now()
+        values: dict[str, Any] = {
+            "state": JobState.QUEUED.value,
+            "completed_at": completed_at or now,
+            "queued_at": now,
+            "run_after": now,
+            "updated_at": now,
+        }
+        if inputs is not None:
+            values["inputs"] = list(inputs)
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.WAITING.value)
+                .values(**values)
+            ).rowcount
+        if changed:
+            logger.info("job %s queued", job_id, extra={"action": "job_queued", "job_id": job_id})
+        return bool(changed)
+
+    def mark_skipped(self, job_id: int, reason: str) -> bool:
+        """A waiting or queued job will not run (e.g. a count condition failed). False if not."""
+        return self._end_unstarted(job_id, JobState.SKIPPED, reason, "job_skipped")
+
+    def mark_failed(self, job_id: int, error: str) -> bool:
+        """Fail a job no worker holds: waiting (a study missing a required series, with the
+        route's ``on_missing = "fail"``), queued, or sending (its results could not be sent)."""
+        return self._end_unstarted(job_id, JobState.FAILED, error, "job_failed")
+
+    def _end_unstarted(self, job_id: int, state: JobState, error: str, action: str) -> bool:
+        now = self.now()
+        allowed = [JobState.WAITING.value, JobState.QUEUED.value]
+        if state is JobState.FAILED:
+            allowed.append(JobState.SENDING.value)
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_(allowed))
+                .values(state=state.value, error=_clip(error), finished_at=now, updated_at=now)
+            ).rowcount
+        if changed:
+            logger.info("job %s %s", job_id, state, extra={"action": action, "job_id": job_id})
+        return bool(changed)
+
+    # -- the worker's side -----------------------------------------------------------------------
+
+    def claim(
+        self, worker_id: str, models: Iterable[str] | None = None, lease_s: float | None = None
+    ) -> ClaimedJob | None:
+        """Take the most urgent runnable job for one of ``models`` (None: any), or None.
+
+        Runnable: ``queued`` with ``run_after`` passed. Order: priority (stat first), then the
+        earliest ``run_after``, then the oldest. The job becomes ``running`` under a lease of
+        ``lease_s`` (default: the queue settings') held by ``worker_id``; ``attempts`` counts it.
+        """
+        now = self.now()
+        lease = timedelta(seconds=lease_s if lease_s is not None else self.settings.lease_s)
+        candidate = select(jobs.c.id).where(
+            jobs.c.state == JobState.QUEUED.value, jobs.c.run_after <= now
+        )
+        if models is not None:
+            names = sorted(set(models))
+            if not names:
+                return None
+            candidate = candidate.where(jobs.c.model.in_(names))
+        candidate = candidate.order_by(jobs.c.priority.desc(), jobs.c.run_after, jobs.c.id).limit(1)
+        if self._dialect == "postgresql":
+            candidate = candidate.with_for_update(skip_locked=True)
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == candidate.scalar_subquery(), jobs.c.state == JobState.QUEUED.value)
+            .values(
+                state=JobState.RUNNING.value,
+                attempts=jobs.c.attempts + 1,
+                lease_owner=worker_id,
+                lease_expires_at=now + lease,
+                started_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        )
+        with self._sessions.begin() as session:
+            row = session.execute(statement).first()
+        if row is None:
+            return None
+        job = _record(row, ClaimedJob)
+        logger.info(
+            "job %s claimed by %s: model %s, attempt %d of %d",
+            job.id,
+            worker_id,
+            job.model,
+            job.attempts,
+            job.max_attempts,
+            extra={"action": "job_claimed", "job_id": job.id, "worker_id": worker_id},
+        )
+        return job  # type: ignore[return-value]
+
+    def heartbeat(self, job_id: int, worker_id: str, lease_s: float | None = None) -> bool:
+        """Extend the lease; False when the worker no longer holds it (cancelled, reclaimed)."""
+        now = self.now()
+        lease = timedelta(seconds=lease_s if lease_s is not None else self.settings.lease_s)
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.lease_owner == worker_id,
+                    jobs.c.state == JobState.RUNNING.value,
+                )
+                .values(lease_expires_at=now + lease)
+            ).rowcount
+        if not changed:
+            logger.warning(
+                "job %s: %s lost its lease (cancelled or reclaimed)",
+                job_id,
+                worker_id,
+                extra={"action": "job_lease_lost", "job_id": job_id, "worker_id": worker_id},
+            )
+        return bool(changed)
+
+    def _held(self, session: Session, job_id: int, worker_id: str) -> Row[Any] | None:
+        """The job's row, locked, if ``worker_id`` holds its lease."""
+        return session.execute(
+            select(jobs.c.attempts, jobs.c.max_attempts, jobs.c.destinations)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.lease_owner == worker_id,
+                jobs.c.state == JobState.RUNNING.value,
+            )
+            .with_for_update()
+        ).first()
+
+    def finish(
+        self, job_id: int, worker_id: str, result: Mapping[str, Any] | None = None
+    ) -> JobState | None:
+        """The run succeeded: ``sending`` when the job has destinations, else ``done``.
+
+        Returns the new state, or None (and changes nothing) when ``worker_id`` lost the lease.
+        """
+        now = self.now()
+        with self._sessions.begin() as session:
+            row = self._held(session, job_id, worker_id)
+            if row is None:
+                state = None
+            else:
+                state = JobState.SENDING if row.destinations else JobState.DONE
+                session.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        state=state.value,
+                        result=dict(result) if result is not None else None,
+                        error=None,
+                        lease_expires_at=None,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                )
+        if state is None:
+            logger.warning(
+                "job %s: result from %s dropped, it no longer holds the lease",
+                job_id,
+                worker_id,
+                extra={"action": "job_result_dropped", "job_id": job_id, "worker_id": worker_id},
+            )
+        else:
+            logger.info(
+                "job %s finished by %s: %s",
+                job_id,
+                worker_id,
+                state,
+                extra={"action": "job_finished", "job_id": job_id, "worker_id": worker_id},
+            )
+        return state
+
+    def fail(
+        self, job_id: int, worker_id: str, error: str, *, retry: bool = True
+    ) -> JobState | None:
+        """The run failed with ``error``. Queued again after the backoff while attempts remain
+        (and ``retry``), else ``failed`` with the error kept. None when the lease was lost."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            row = self._held(session, job_id, worker_id)
+            if row is None:
+                state = None
+            else:
+                again = retry and row.attempts < row.max_attempts
+                state = JobState.QUEUED if again else JobState.FAILED
+                values: dict[str, Any] = {
+                    "state": state.value,
+                    "error": _clip(error),
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                }
+                if again:
+                    values["run_after"] = now + self.backoff(row.attempts)
+                else:
+                    values["finished_at"] = now
+                session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+        if state is None:
+            logger.warning(
+                "job %s: failure from %s dropped, it no longer holds the lease",
+                job_id,
+                worker_id,
+                extra={"action": "job_result_dropped", "job_id": job_id, "worker_id": worker_id},
+            )
+        elif state is JobState.QUEUED:
+            logger.warning(
+                "job %s failed on attempt %d of %d, retried in %.0f s: %s",
+                job_id,
+                row.attempts,
+                row.max_attempts,
+                self.backoff(row.attempts).total_seconds(),
+                _first_line(error),
+                extra={"action": "job_retry_scheduled", "job_id": job_id, "worker_id": worker_id},
+            )
+        else:
+            logger.error(
+                "job %s failed after %d attempts: %s",
+                job_id,
+                row.attempts,
+                _first_line(error),
+                extra={"action": "job_failed", "job_id": job_id, "worker_id": worker_id},
+            )
+        return state
+
+    def mark_sent(self, job_id: int) -> bool:
+        """Every result reached every destination: ``sending`` -> ``done``. False if not sending."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.SENDING.value)
+                .values(state=JobState.DONE.value, sent_at=now, updated_at=now)
+            ).rowcount
+        if changed:
+            logger.info("job %s sent", job_id, extra={"action": "job_sent", "job_id": job_id})
+        return bool(changed)
+
+    # -- admin actions -----------------------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> JobRecord:
+        """Any unfinished job -> ``cancelled``. A running job's worker sees it at its next
+        heartbeat and drops its result. Raises JobNotFound, or JobStateError when final."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            state = self._locked_state(session, job_id)
+            if state in FINAL_STATES:
+                raise JobStateError(
+                    f"job {job_id} is {state}; only unfinished jobs can be cancelled"
+                )
+            session.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    state=JobState.CANCELLED.value,
+                    lease_expires_at=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        logger.info(
+            "job %s cancelled (was %s)",
+            job_id,
+            state,
+            extra={"action": "job_cancelled", "job_id": job_id},
+        )
+        return _record(row)
+
+    def retry(self, job_id: int) -> JobRecord:
+        """A failed or cancelled job -> ``queued`` now, with its attempts reset and its error
+        cleared. Raises JobNotFound, or JobStateError for any other state."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            state = self._locked_state(session, job_id)
+            if state not in (JobState.FAILED, JobState.CANCELLED):
+                raise JobStateError(
+                    f"job {job_id} is {state}; only failed or cancelled jobs can be retried"
+                )
+            session.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    state=JobState.QUEUED.value,
+                    attempts=0,
+                    error=None,
+                    result=None,
+                    run_after=now,
+                    queued_at=now,
+                    completed_at=func.coalesce(jobs.c.completed_at, now),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    started_at=None,
+                    finished_at=None,
+                    sent_at=None,
+                    updated_at=now,
+                )
+            )
+            row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        logger.info(
+            "job %s queued again by retry (was %s)",
+            job_id,
+            state,
+            extra={"action": "job_retried", "job_id": job_id},
+        )
+        return _record(row)
+
+    def _locked_state(self, session: Session, job_id: int) -> JobState:
+        state = session.execute(
+            select(jobs.c.state).where(jobs.c.id == job_id).with_for_update()
+        ).scalar()
+        if state is None:
+            raise JobNotFound(f"no job {job_id}")
+        return JobState(state)
+
+    # -- periodic work -----------------------------------------------------------------------------
+
+    def reap_expired_leases(self, now: datetime | None = None) -> list[int]:
+        """Running jobs whose lease expired (their worker died or hung) go back to the queue,
+        or fail when their attempts are used up. Returns their ids."""
+        now = (now or self.now()).astimezone(UTC)
+        expired = (
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.lease_expires_at < now,
+        )
+        common = {"error": LEASE_EXPIRED, "lease_expires_at": None, "updated_at": now}
+        with self._sessions.begin() as session:
+            requeued = session.execute(
+                update(jobs)
+                .where(*expired, jobs.c.attempts < jobs.c.max_attempts)
+                .values(state=JobState.QUEUED.value, run_after=now, **common)
+                .returning(jobs.c.id, jobs.c.lease_owner)
+            ).all()
+            failed = session.execute(
+                update(jobs)
+                .where(*expired)
+                .values(state=JobState.FAILED.value, finished_at=now, **common)
+                .returning(jobs.c.id, jobs.c.lease_owner)
+            ).all()
+        for job_id, owner in requeued:
+            logger.warning(
+                "job %s queued again: %s stopped renewing its lease",
+                job_id,
+                owner,
+                extra={"action": "job_lease_expired", "job_id": job_id, "worker_id": owner},
+            )
+        for job_id, owner in failed:
+            logger.error(
+                "job %s failed: %s stopped renewing its lease on the last attempt",
+                job_id,
+                owner,
+                extra={"action": "job_failed", "job_id": job_id, "worker_id": owner},
+            )
+        return sorted(job_id for job_id, _ in (*requeued, *failed))
+
+    def purge(self, older_than: datetime) -> int:
+        """Delete finished jobs (done, failed, cancelled, skipped) last changed before
+        ``older_than``; never an unfinished one. Returns how many, deleted in short batches."""
+        older_than = older_than.astimezone(UTC)
+        final = [s.value for s in FINAL_STATES]
+        total = 0
+        while True:
+            batch = (
+                select(jobs.c.id)
+                .where(jobs.c.state.in_(final), jobs.c.updated_at < older_than)
+                .limit(_PURGE_BATCH)
+                .scalar_subquery()
+            )
+            with self._sessions.begin() as session:
+                deleted = session.execute(delete(jobs).where(jobs.c.id.in_(batch))).rowcount
+            total += deleted
+            if deleted < _PURGE_BATCH:
+                break
+        if total:
+            logger.info(
+                "%d finished jobs older than %s purged",
+                total,
+                older_than.isoformat(timespec="seconds"),
+                extra={"action": "jobs_purged"},
+            )
+        return total
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> JobRecord | None:
+        with self._sessions() as session:
+            row = session.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return _record(row) if row is not None else None
+
+    def list(
+        self,
+        *,
+        state: str | Iterable[str] | None = None,
+        model: str | None = None,
+        study: str | None = None,
+        series: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        """Jobs, newest first, optionally only those in ``state`` (one or several), of
+        ``model``, or of a study or series (by instance UID)."""
+        query = select(jobs)
+        states = _state_values(state)
+        if states is not None:
+            query = query.where(jobs.c.state.in_(states))
+        if model is not None:
+            query = query.where(jobs.c.model == model)
+        if study is not None:
+            query = query.where(jobs.c.study_instance_uid == study)
+        if series is not None:
+            query = query.where(jobs.c.series_instance_uid == series)
+        query = query.order_by(jobs.c.id.desc()).limit(limit).offset(offset)
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+        return [_record(row) for row in rows]
+
+    def counts_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state, zeros included)."""
+        with self._sessions() as session:
+            rows = session.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        counts = dict.fromkeys(JobState, 0)
+        for state, count in rows:
+            counts[JobState(state)] = count
+        return counts
+
+
+def _clip(error: str | None) -> str | None:
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return error[: MAX_ERROR_CHARS - 20] + " ... (truncated)"
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:300]

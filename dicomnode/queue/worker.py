@@ -1,0 +1,242 @@
+"""The worker: claims jobs for its models, runs them, heartbeats while they run, records the end.
+
+A worker is bound to one device and a set of models, which it loads once and keeps loaded
+between jobs. It runs one job at a time in the thread that calls :meth:`Worker.run`; a second
+thread renews the job's lease every ``heartbeat_s`` while it runs. When a heartbeat finds the
+lease gone (the job was cancelled, or reaped after the worker stalled), the job's ``cancelled``
+event is set so the model can stop early, and whatever it returns is dropped.
+
+On stop (the event passed to :meth:`Worker.run` is set, e.g. by SIGTERM) the worker finishes the
+job in hand and returns. A worker that dies instead (SIGKILL, power loss) leaves a lease that
+expires; the periodic reaper then puts the job back in the queue for another worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from dicomnode.domain import JobState
+from dicomnode.queue.repository import ClaimedJob, JobRepository
+
+logger = logging.getLogger(__name__)
+
+#: How long a worker waits before asking again when the queue had nothing for it.
+IDLE_POLL_S = 0.2
+#: The longest wait after the database could not be reached.
+MAX_ERROR_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a model's ``run`` gets: the job, where to run it, and a stop signal."""
+
+    job: ClaimedJob
+    device: str
+    worker_id: str
+    #: Set when the job was cancelled or its lease lost: stop early; the result is dropped.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: The shared spool the job's input series are in (None in tests that need none).
+    storage_dir: Path | None = None
+
+
+@runtime_checkable
+class JobModel(Protocol):
+    """What a worker runs. The model runtime (``dicomnode.inference``) implements it."""
+
+    #: The name routes use (``model = "..."``) and jobs carry.
+    name: str
+
+    def load(self, device: str) -> None:
+        """Load weights onto ``device``; called once per worker, before the first job."""
+
+    def run(self, context: JobContext) -> Mapping[str, Any]:
+        """Run on the job's input series and return a JSON-serialisable result.
+
+        Raise to fail the attempt: the exception's type and text become the job's error.
+        """
+
+
+def default_worker_id(device: str) -> str:
+    """``host:pid:device``: unique among live workers, and says where to look."""
+    return f"{socket.gethostname()}:{os.getpid()}:{device}"
+
+
+class Worker:
+    """Runs jobs for ``models`` (name -> model) on ``device`` until stopped."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        models: Mapping[str, JobModel],
+        *,
+        device: str = "cpu",
+        worker_id: str | None = None,
+        lease_s: float | None = None,
+        heartbeat_s: float | None = None,
+        poll_s: float = IDLE_POLL_S,
+        storage_dir: Path | None = None,
+    ) -> None:
+        if not models:
+            raise ValueError("a worker needs at least one model")
+        self.repository = repository
+        self.models = dict(models)
+        self.device = device
+        self.worker_id = worker_id or default_worker_id(device)
+        self.lease_s = lease_s if lease_s is not None else repository.settings.lease_s
+        heartbeat = heartbeat_s if heartbeat_s is not None else repository.settings.heartbeat_s
+        # At least three heartbeats per lease, so one slow database round trip costs nothing.
+        self.heartbeat_s = min(heartbeat, self.lease_s / 3)
+        self.poll_s = poll_s
+        self.storage_dir = storage_dir
+        self.jobs_run = 0
+        self._loaded = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def load_models(self) -> None:
+        """Load every model onto the device, once."""
+        if self._loaded:
+            return
+        for name, model in self.models.items():
+            model.load(self.device)
+            logger.info(
+                "model %s loaded on %s",
+                name,
+                self.device,
+                extra={"action": "model_loaded", "worker_id": self.worker_id},
+            )
+        self._loaded = True
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Claim and run jobs until ``stop`` is set; the job in hand is finished first."""
+        stop = stop or self._stop
+        self.load_models()
+        logger.info(
+            "worker %s started: models %s on %s",
+            self.worker_id,
+            ",".join(sorted(self.models)),
+            self.device,
+            extra={"action": "worker_started", "worker_id": self.worker_id},
+        )
+        errors = 0
+        while not stop.is_set():
+            try:
+                ran = self.run_once()
+                errors = 0
+            except Exception:
+                errors += 1
+                wait = min(MAX_ERROR_WAIT_S, self.poll_s * 2**errors)
+                logger.exception(
+                    "worker %s: queue unavailable, trying again in %.1f s",
+                    self.worker_id,
+                    wait,
+                    extra={"action": "worker_error", "worker_id": self.worker_id},
+                )
+                stop.wait(wait)
+                continue
+            if not ran:
+                stop.wait(self.poll_s)
+        logger.info(
+            "worker %s stopped after %d jobs",
+            self.worker_id,
+            self.jobs_run,
+            extra={"action": "worker_stopped", "worker_id": self.worker_id},
+        )
+
+    def run_once(self) -> bool:
+        """Claim one job and run it to its end; False when none was runnable."""
+        job = self.repository.claim(self.worker_id, self.models.keys(), self.lease_s)
+        if job is None:
+            return False
+        self.execute(job)
+        return True
+
+    def execute(self, job: ClaimedJob) -> JobState | None:
+        """Run a job this worker claimed; returns its new state (None: the lease was lost)."""
+        context = JobContext(job, self.device, self.worker_id, storage_dir=self.storage_dir)
+        done = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat,
+            args=(job.id, context.cancelled, done),
+            name=f"heartbeat-{job.id}",
+            daemon=True,
+        )
+        beat.start()
+        try:
+            model = self.models.get(job.model)
+            if model is None:  # claim() filters by model, so only a renamed model lands here
+                return self.repository.fail(
+                    job.id, self.worker_id, f"model {job.model!r} is not on this worker"
+                )
+            try:
+                result = dict(model.run(context))
+            except Exception as exc:
+                logger.debug("job %s raised", job.id, exc_info=True)
+                if context.cancelled.is_set():
+                    return None
+                return self.repository.fail(job.id, self.worker_id, _describe(exc))
+            if context.cancelled.is_set():
+                logger.info(
+                    "job %s: run ended after its lease was lost; result dropped",
+                    job.id,
+                    extra={"action": "job_result_dropped", "job_id": job.id},
+                )
+                return None
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                return self.repository.fail(
+                    job.id, self.worker_id, f"result could not be stored: {_describe(exc)}"
+                )
+            return self.repository.finish(job.id, self.worker_id, result)
+        finally:
+            done.set()
+            beat.join()
+            self.jobs_run += 1
+
+    def _heartbeat(self, job_id: int, cancelled: threading.Event, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_s):
+            try:
+                held = self.repository.heartbeat(job_id, self.worker_id, self.lease_s)
+            except Exception:
+                # The lease outlives a few missed beats; if it runs out, the next beat says so.
+                logger.warning(
+                    "job %s: heartbeat failed",
+                    job_id,
+                    exc_info=True,
+                    extra={"action": "job_heartbeat_failed", "job_id": job_id},
+                )
+                continue
+            if not held:
+                cancelled.set()
+                return
+
+    # -- in a background thread (the worker embedded in ``serve``) -------------------------------
+
+    def start(self) -> threading.Thread:
+        """Run in a daemon thread; :meth:`stop` ends it."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("worker already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name=f"worker-{self.device}", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the thread to stop after its current job, and wait up to ``timeout``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,105 @@
+"""A small model for tests and demos, used until the real models land, and a lookup by name.
+
+``echo`` returns how many input series its job has. Its route name may carry directives after a
+``?``, as in a URL query, which tests use to steer it:
+
+- ``sleep=S``: take S seconds (ends early when the job is cancelled or its lease is lost);
+- ``fail=N``: raise on the first N attempts (``fail=always``: on every one).
+
+Example route: ``"slow?sleep=2&fail=1"``. With ``$DICOMNODE_TEST_RUN_LOG`` naming a file, each run
+appends ``start <job id> <attempt> <worker id>`` when it begins and ``end ...`` when it returns,
+each line in one O_APPEND write, so several processes can share the file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from dicomnode.errors import ConfigError
+from dicomnode.queue.worker import JobContext, JobModel
+
+RUN_LOG_ENV = "DICOMNODE_TEST_RUN_LOG"
+
+
+class ModelFailure(RuntimeError):
+    """The echo model was told to fail."""
+
+
+def directives(route: str) -> dict[str, str]:
+    """The ``key=value`` pairs after the ``?`` in a route name."""
+    _, _, query = route.partition("?")
+    return dict(parse_qsl(query))
+
+
+class EchoModel:
+    """Counts its job's input series; sleeps or fails when its route says so."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.device: str | None = None
+        self.loads = 0
+        self.runs = 0
+        self.run_log: str | None = None
+
+    def load(self, device: str) -> None:
+        self.device = device
+        self.loads += 1
+        self.run_log = os.environ.get(RUN_LOG_ENV) or None
+
+    def run(self, context: JobContext) -> Mapping[str, Any]:
+        if self.device is None:
+            raise RuntimeError("echo model used before load()")
+        job = context.job
+        self.runs += 1
+        self._record("start", context)
+        steer = directives(job.route)
+        sleep = float(steer.get("sleep", 0))
+        if sleep > 0:
+            deadline = time.monotonic() + sleep
+            while (left := deadline - time.monotonic()) > 0 and not context.cancelled.wait(left):
+                pass
+        fail = steer.get("fail", "0")
+        if fail == "always" or job.attempts <= int(fail):
+            raise ModelFailure(f"told to fail (attempt {job.attempts})")
+        self._record("end", context)
+        return {
+            "model": self.name,
+            "series_count": len(job.inputs),
+            "attempt": job.attempts,
+            "device": self.device,
+            "worker_id": context.worker_id,
+        }
+
+    def _record(self, event: str, context: JobContext) -> None:
+        if self.run_log is None:
+            return
+        line = f"{event} {context.job.id} {context.job.attempts} {context.worker_id}\n"
+        fd = os.open(self.run_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+#: name -> factory of the models a worker can run until ``dicomnode.inference`` provides them.
+MODELS: dict[str, type] = {"echo": EchoModel}
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def load_models(names: Iterable[str] | None = None) -> dict[str, JobModel]:
+    """New instances of the named models (None or empty: every one); ConfigError if unknown."""
+    wanted = list(dict.fromkeys(names or ())) or available_models()
+    unknown = [name for name in wanted if name not in MODELS]
+    if unknown:
+        raise ConfigError(
+            f"unknown model(s) {', '.join(unknown)}; available: {', '.join(available_models())}"
+        )
+    return {name: MODELS[name]() for name in wanted}

@@ -1,0 +1,197 @@
+"""``dicomnode worker`` processes sharing one queue: each job runs exactly once, and the job of a
+worker killed mid-run is finished by another once its lease expires.
+
+The echo test model appends a line per run to a shared file (``DICOMNODE_TEST_RUN_LOG``), so the
+test sees every run, not only the end state in the database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from dicomnode.db import make_engine, upgrade
+from dicomnode.domain import JobState, Priority
+from dicomnode.queue import JobRepository
+from dicomnode.testing.models import RUN_LOG_ENV
+
+STUDY = "1.2.826.0.1.3680043.99.400"
+CLI = (sys.executable, "-m", "dicomnode.cli")
+
+
+class Workers:
+    """Starts ``dicomnode worker`` processes on one database; kills leftovers at the end."""
+
+    def __init__(self, folder: Path, database_url: str) -> None:
+        self.folder = folder
+        self.run_log = folder / "runs.log"
+        self.env = {
+            **os.environ,
+            "DICOMNODE_NODE__STORAGE_DIR": str(folder / "var"),
+            "DICOMNODE_NODE__DATABASE_URL": database_url,
+            RUN_LOG_ENV: str(self.run_log),
+        }
+        self.env.pop("DICOMNODE_CONFIG", None)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        with (self.folder / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [*CLI, "worker", "--models", "echo", "--worker-id", name],
+                env={**self.env, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes[name] = process
+        return process
+
+    def wait_ready(self, *names: str, timeout: float = 60) -> None:
+        for name in names:
+            until(lambda n=name: f"worker {n} running" in self.output(n), timeout)
+
+    def output(self, name: str) -> str:
+        process = self.processes[name]
+        text_ = (self.folder / f"{name}.log").read_text(errors="replace")
+        if process.poll() is not None and "running" not in text_:
+            raise AssertionError(f"worker {name} exited with {process.returncode}:\n{text_}")
+        return text_
+
+    def runs(self) -> list[tuple[str, int, int, str]]:
+        """(event, job id, attempt, worker) for every line of the run log."""
+        if not self.run_log.exists():
+            return []
+        lines = self.run_log.read_text().splitlines()
+        return [(e, int(j), int(a), w) for e, j, a, w in (line.split() for line in lines)]
+
+    def stop_all(self) -> dict[str, int]:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        return {name: p.wait(timeout=30) for name, p in self.processes.items()}
+
+    def kill_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+
+def until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def queue_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Engine]]:
+    kind = getattr(request, "param", "postgresql")
+    if kind == "postgresql":
+        request.applymarker(pytest.mark.postgres)
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'queue.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(text("delete from jobs"))
+    yield url, engine
+    engine.dispose()
+
+
+@pytest.fixture
+def workers(queue_database: tuple[str, Engine], tmp_path: Path) -> Iterator[Workers]:
+    started = Workers(tmp_path, queue_database[0])
+    yield started
+    started.kill_all()
+
+
+@pytest.mark.slow
+def test_three_workers_drain_500_jobs_each_exactly_once(
+    queue_database: tuple[str, Engine], workers: Workers
+) -> None:
+    names = ["w1", "w2", "w3"]
+    for name in names:
+        workers.start(name)
+    workers.wait_ready(*names)
+    repo = JobRepository(queue_database[1])
+    ids = {
+        repo.enqueue(
+            dedupe_key=f"drain/{i}",
+            route="drain",
+            model="echo",
+            study_instance_uid=STUDY,
+            series_instance_uid=f"{STUDY}.{i}",
+            inputs=[f"{STUDY}.{i}"],
+            priority=(Priority.ROUTINE, Priority.URGENT, Priority.STAT)[i % 3],
+            state=JobState.QUEUED,
+        ).id
+        for i in range(500)
+    }
+    until(lambda: repo.counts_by_state()[JobState.DONE] == 500, timeout=90, interval=0.2)
+    assert workers.stop_all() == dict.fromkeys(names, 0)  # SIGTERM: a clean stop
+
+    runs = workers.runs()
+    started = Counter(job for event, job, _, _ in runs if event == "start")
+    assert set(started) == ids and len(started) == 500
+    assert max(started.values()) == 1, [job for job, n in started.items() if n > 1]
+    ran_by = {job: worker for event, job, _, worker in runs if event == "end"}
+    assert set(ran_by) == ids
+    assert set(ran_by.values()) == set(names)  # all three took part
+    for job in repo.list(limit=1000):
+        assert job.state is JobState.DONE and job.attempts == 1
+        assert job.lease_owner == ran_by[job.id] == job.result["worker_id"]  # type: ignore[index]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("queue_database", ["postgresql", "sqlite"], indirect=True)
+def test_a_killed_workers_job_is_finished_by_another(
+    queue_database: tuple[str, Engine], workers: Workers
+) -> None:
+    short_lease = {"DICOMNODE_QUEUE__LEASE_S": "2", "DICOMNODE_QUEUE__HEARTBEAT_S": "0.3"}
+    workers.start("doomed", **short_lease)
+    workers.wait_ready("doomed")
+    repo = JobRepository(queue_database[1])
+    job = repo.enqueue(
+        dedupe_key="slow/1",
+        route="slow?sleep=3",
+        model="echo",
+        study_instance_uid=STUDY,
+        inputs=[f"{STUDY}.1"],
+        state=JobState.QUEUED,
+    )
+    until(lambda: ("start", job.id, 1, "doomed") in workers.runs(), timeout=30)
+    workers.start("survivor", **short_lease)
+    workers.wait_ready("survivor")
+    # The doomed worker still heartbeats, so the survivor cannot take the job yet.
+    running = repo.get(job.id)
+    assert running is not None and running.state is JobState.RUNNING
+    assert running.lease_owner == "doomed"
+
+    workers.processes["doomed"].send_signal(signal.SIGKILL)
+    workers.processes["doomed"].wait(timeout=10)
+    killed_at = time.monotonic()
+    until(lambda: repo.counts_by_state()[JobState.DONE] == 1, timeout=30, interval=0.1)
+    recovery_s = time.monotonic() - killed_at
+
+    done = repo.get(job.id)
+    assert done is not None and done.state is JobState.DONE
+    assert done.attempts == 2 and done.lease_owner == "survivor" and done.error is None
+    assert workers.runs() == [
+        ("start", job.id, 1, "doomed"),
+        ("start", job.id, 2, "survivor"),
+        ("end", job.id, 2, "survivor"),
+    ]
+    # lease (2 s) + a reap interval (1 s) + the run (3 s), with room for a slow machine
+    assert recovery_s < 15
+    assert workers.stop_all()["survivor"] == 0
