@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +21,7 @@ from dicomnode.queue.worker import Worker
 from dicomnode.receive.server import Receiver
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
+from dicomnode.retention import purge_studies
 from dicomnode.routing import Router
 from dicomnode.testing.models import load_models
 
@@ -57,6 +59,8 @@ def restrict_new_files() -> None:
 
 SWEEP_JOB = "intake.sweep"
 SWEEP_EVERY_S = 1.0
+RETENTION_JOB = "spool.retention"
+RETENTION_EVERY_S = 3600.0
 
 
 @dataclass
@@ -110,6 +114,13 @@ def build_node(settings: Settings) -> Node:
     periodic = Periodic()
     schedule_queue_maintenance(periodic, jobs)
     periodic.add_job(intake.sweep, SWEEP_EVERY_S, SWEEP_JOB, run_now=True)
+    if settings.node.retention_days > 0:
+        keep = timedelta(days=settings.node.retention_days)
+        periodic.add_job(
+            lambda: purge_studies(database.sessions, spool, datetime.now(UTC) - keep),
+            RETENTION_EVERY_S,
+            RETENTION_JOB,
+        )
     workers = [
         Worker(
             jobs,

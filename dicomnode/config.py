@@ -59,6 +59,9 @@ class NodeSettings(_Section):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(120.0, gt=0)
     auto_migrate: bool = True
+    #: studies last received longer ago than this lose their files and index rows, unless a
+    #: job of theirs is unfinished; 0 keeps everything
+    retention_days: float = Field(30.0, ge=0)
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
@@ -238,6 +241,8 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     where = f"config file {str(path)!r}" if path else "configuration"
     problems = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"  # a whole table is noise
+        problems.append(f"{key}: {error['msg']}{shown}")
     return f"{where} is not valid: " + "; ".join(problems)

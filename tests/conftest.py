@@ -54,6 +54,22 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def clean_postgres_url(postgres_url: str) -> str:
+    """The session's PostgreSQL, emptied of every dicomnode row (the schema stays)."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(postgres_url)
+    try:
+        tables = [t for t in inspect(engine).get_table_names() if t != "alembic_version"]
+        if tables:
+            with engine.begin() as connection:
+                connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+    finally:
+        engine.dispose()
+    return postgres_url
+
+
+@pytest.fixture
 def node(start_node: Callable[..., Node]) -> Node:
     """A node on the defaults (any calling AE, keep-first duplicates)."""
     return start_node()

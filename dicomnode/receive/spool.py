@@ -12,6 +12,7 @@ sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -86,6 +87,18 @@ class Spool:
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)
+
+    def remove_empty_folders(self, relative: str) -> None:
+        """Remove a study's folder and its series folders once their files are gone."""
+        folder = self.root / relative
+        if not folder.is_dir():
+            return
+        for series in folder.iterdir():
+            if series.is_dir():
+                with contextlib.suppress(OSError):  # not empty: something arrived meanwhile
+                    series.rmdir()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
     def _make_parents(self, folder: Path) -> None:
         if folder.is_dir():

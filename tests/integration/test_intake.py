@@ -231,3 +231,17 @@ def test_brain_study_missing_flair_follows_its_action(
         assert "FLAIR" in (job.error or "")
     else:
         assert len(job.inputs) == 3
+
+
+@pytest.mark.postgres
+def test_series_and_study_routes_on_postgres(
+    start_node: Callable[..., Node], clean_postgres_url: str, tmp_path: Path
+) -> None:
+    node = start_node(background=False, node={"database_url": clean_postgres_url},
+                      routes=[CHEST, BRAIN])  # fmt: skip
+    intake, jobs = _intake(node)
+    assert peers.storescu(port_of(node), _ct(tmp_path, "ct")).returncode == 0
+    _brain_study(node, tmp_path, ["AX T1 SE", "AX T1 SE post", "AX T2 TSE", "AX T2 FLAIR"])
+    found, _ = _sweep_until(intake, jobs, lambda f: sum(j.state is JobState.QUEUED for j in f) == 2)
+    assert sorted((job.route, job.state, len(job.inputs)) for job in found) == [
+        ("brain", JobState.QUEUED, 4), ("chest", JobState.QUEUED, 1)]  # fmt: skip

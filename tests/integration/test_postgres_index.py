@@ -19,13 +19,11 @@ pytestmark = pytest.mark.postgres
 
 
 def test_receive_into_postgres(
-    start_node: Callable[..., Node], postgres_url: str, tmp_path: Path
+    start_node: Callable[..., Node], clean_postgres_url: str, tmp_path: Path
 ) -> None:
-    node = start_node(node={"database_url": postgres_url})
+    node = start_node(node={"database_url": clean_postgres_url})
     with node.database.engine.connect() as connection:
         assert connection.execute(text("select version()")).scalar().startswith("PostgreSQL")
-        connection.execute(text("truncate instances, series, studies, patients, associations"))
-        connection.commit()
     batches = [
         write_series(
             ct_slices(SeriesSpec(slices=15, rows=64, columns=64, seed=40 + s)), tmp_path / str(s)

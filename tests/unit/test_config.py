@@ -62,3 +62,20 @@ def test_bad_config_is_refused_naming_the_value(tmp_path: Path, text: str, named
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "absent.toml")
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "deploy" / "dicomnode.example.toml"
+    settings = load_settings(example)
+    assert [route.name for route in settings.routes] == ["chest-ct", "brain-mri"]
+    brain = settings.routes[1]
+    assert brain.level == "study" and list(brain.completion.required_series) == [
+        "T1c", "T1", "T2", "FLAIR"]  # fmt: skip
+
+
+def test_fallback_must_name_a_route(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[routing]\nfallback = "nowhere"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert "'nowhere' names no route" in str(raised.value) and "{" not in str(raised.value)
