@@ -17,11 +17,11 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.completion import (
@@ -41,6 +41,9 @@ from dicomnode.routing import Outcome, Router, SeriesFacts
 logger = logging.getLogger(__name__)
 
 _POSITION_TAGS = [0x00200032, 0x00200037]  # Image Position / Orientation (Patient)
+#: how far before the previous sweep to look for new series: receivers on other hosts write
+#: their own clocks' times, and a slow transaction may commit after the sweep began
+RECENT_MARGIN = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,16 @@ class Intake:
         self.jobs = jobs
         self._clock = clock or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()  # one sweep at a time in this process
+        #: after the first (full) sweep, look only at series received since the previous one
+        self._since: datetime | None = None
         self._rules = {rule.name: rule.completion for rule in router.rules}
 
     def sweep(self) -> SweepReport:
         """Run the three steps once."""
         with self._lock:
             now = self._clock()
-            routed = self._route_new_series(now)
+            routed = self._route_new_series(now, since=self._since)
+            self._since = now - RECENT_MARGIN
             completed, queued, skipped = self._complete_series(now)
             study_queued, failed = self._decide_studies(now)
         report = SweepReport(routed, completed, queued + study_queued, skipped, failed)
@@ -102,7 +108,8 @@ class Intake:
 
     # -- 1. routing --------------------------------------------------------------------------
 
-    def _route_new_series(self, now: datetime) -> int:
+    def _route_new_series(self, now: datetime, since: datetime | None) -> int:
+        recent = true() if since is None else Series.last_received_at >= since
         with self.sessions() as session:
             rows = session.execute(
                 select(Series, Study.study_instance_uid, SeriesIntake)
@@ -112,13 +119,14 @@ class Intake:
                     SeriesIntake.series_instance_uid == Series.series_instance_uid,
                 )
                 .where(
+                    recent,
                     or_(
                         SeriesIntake.id.is_(None),
                         and_(
                             SeriesIntake.completed_at.is_not(None),
                             Series.last_received_at > SeriesIntake.completed_at,
                         ),
-                    )
+                    ),
                 )
                 .order_by(Series.first_received_at)
             ).all()
