@@ -547,66 +547,66 @@ class JobRepository:
         """Any unfinished job -> ``cancelled``. A running job's worker sees it at its next
         heartbeat and drops its result. Raises JobNotFound, or JobStateError when final."""
         now = self.now()
-        with self._sessions.begin() as session:
-            state = self._locked_state(session, job_id)
-            if state in FINAL_STATES:
-                raise JobStateError(
-                    f"job {job_id} is {state}; only unfinished jobs can be cancelled"
-                )
-            session.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(
-                    state=JobState.CANCELLED.value,
-                    lease_expires_at=None,
-                    finished_at=now,
-                    updated_at=now,
-                )
-            )
-            row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
-        logger.info(
-            "job %s cancelled (was %s)",
+        return self._admin_transition(
             job_id,
-            state,
-            extra={"action": "job_cancelled", "job_id": job_id},
+            allowed=lambda state: state not in FINAL_STATES,
+            refusal="only unfinished jobs can be cancelled",
+            values={
+                "state": JobState.CANCELLED.value,
+                "lease_expires_at": None,
+                "finished_at": now,
+                "updated_at": now,
+            },
+            action="job_cancelled",
+            done="cancelled",
         )
-        return _record(row)
 
     def retry(self, job_id: int) -> JobRecord:
         """A failed or cancelled job -> ``queued`` now, with its attempts reset and its error
         cleared. Raises JobNotFound, or JobStateError for any other state."""
         now = self.now()
+        return self._admin_transition(
+            job_id,
+            allowed=lambda state: state in (JobState.FAILED, JobState.CANCELLED),
+            refusal="only failed or cancelled jobs can be retried",
+            values={
+                "state": JobState.QUEUED.value,
+                "attempts": 0,
+                "error": None,
+                "result": None,
+                "run_after": now,
+                "queued_at": now,
+                "completed_at": func.coalesce(jobs.c.completed_at, now),
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "started_at": None,
+                "finished_at": None,
+                "sent_at": None,
+                "updated_at": now,
+            },
+            action="job_retried",
+            done="queued again by retry",
+        )
+
+    def _admin_transition(
+        self,
+        job_id: int,
+        *,
+        allowed: Callable[[JobState], bool],
+        refusal: str,
+        values: dict[str, Any],
+        action: str,
+        done: str,
+    ) -> JobRecord:
+        """An admin's change of one job's state, decided under the row's lock."""
         with self._sessions.begin() as session:
             state = self._locked_state(session, job_id)
-            if state not in (JobState.FAILED, JobState.CANCELLED):
-                raise JobStateError(
-                    f"job {job_id} is {state}; only failed or cancelled jobs can be retried"
-                )
-            session.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(
-                    state=JobState.QUEUED.value,
-                    attempts=0,
-                    error=None,
-                    result=None,
-                    run_after=now,
-                    queued_at=now,
-                    completed_at=func.coalesce(jobs.c.completed_at, now),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    started_at=None,
-                    finished_at=None,
-                    sent_at=None,
-                    updated_at=now,
-                )
-            )
+            if not allowed(state):
+                raise JobStateError(f"job {job_id} is {state}; {refusal}")
+            session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
             row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
         logger.info(
-            "job %s queued again by retry (was %s)",
-            job_id,
-            state,
-            extra={"action": "job_retried", "job_id": job_id},
+            "job %s %s (was %s)", job_id, done, state, extra={"action": action, "job_id": job_id}
         )
         return _record(row)
 
