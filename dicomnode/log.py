@@ -12,6 +12,19 @@ import sys
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(action)s] %(message)s"
 
 
+class _StderrNow(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, so a stream swapped or
+    closed meanwhile (a daemon's redirect, a test's capture) never breaks a worker's logging."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 class _ActionDefault(logging.Filter):
     """Give records without an ``action`` a dash so the format never fails."""
 
@@ -23,7 +36,7 @@ class _ActionDefault(logging.Filter):
 
 def configure(level: str | int = "INFO") -> None:
     """Send dicomnode's logs to stderr; pynetdicom's own chatter only at DEBUG."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrNow()
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.addFilter(_ActionDefault())
     root = logging.getLogger()
