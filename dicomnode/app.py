@@ -14,6 +14,8 @@ from dicomnode.config import Settings
 from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.migrate import current_revision, head_revision
 from dicomnode.errors import DatabaseError
+from dicomnode.inference.device import resolve_device
+from dicomnode.inference.registry import ModelRegistry
 from dicomnode.intake import Intake
 from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
 from dicomnode.queue.repository import JobRepository
@@ -23,7 +25,6 @@ from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
 from dicomnode.retention import purge_studies
 from dicomnode.routing import Router
-from dicomnode.testing.models import load_models
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,12 @@ def build_node(settings: Settings) -> Node:
             RETENTION_EVERY_S,
             RETENTION_JOB,
         )
+    registry = ModelRegistry.from_settings(settings)
     workers = [
         Worker(
             jobs,
-            load_models(worker.models),
-            device=worker.device,
+            registry.job_models(worker.models, sessions=database.sessions, routes=settings.routes),
+            device=str(resolve_device(worker.device)),  # a missing GPU fails at start
             lease_s=settings.queue.lease_s,
             heartbeat_s=settings.queue.heartbeat_s,
             storage_dir=spool.root,

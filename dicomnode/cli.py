@@ -184,22 +184,24 @@ def _studies_list(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from dicomnode.app import open_database, restrict_new_files
     from dicomnode.config import WorkerSettings, load_settings
+    from dicomnode.inference.device import resolve_device
+    from dicomnode.inference.registry import load_job_models
     from dicomnode.queue import JobRepository
     from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
     from dicomnode.queue.worker import Worker
-    from dicomnode.testing.models import load_models  # until dicomnode.inference lands
 
     settings = load_settings(args.config)
     restrict_new_files()
     defaults = settings.workers[0] if settings.workers else WorkerSettings()
     names = args.models.split(",") if args.models else defaults.models
-    models = load_models([name.strip() for name in names if name.strip()])
+    device = str(resolve_device(args.device or defaults.device))  # a missing GPU fails here
     database = open_database(settings, migrate=False)
+    models = load_job_models(settings, names, sessions=database.sessions)
     repository = JobRepository(database.sessions, settings.queue)
     worker = Worker(
         repository,
         models,
-        device=args.device or defaults.device,
+        device=device,
         worker_id=args.worker_id,
         storage_dir=settings.node.storage_dir,
     )

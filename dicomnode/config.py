@@ -158,6 +158,21 @@ class WorkerSettings(_Section):
     models: tuple[str, ...] = ()  # empty: every model
 
 
+class ModelsSettings(_Section):
+    """Where the model packages are, MONAI bundles that replace a package's network, and how
+    models run (``[models]``)."""
+
+    #: folders holding one model package per subfolder (``<dir>/<name>/model.toml``); a
+    #: relative path is looked up in the current directory, then in the source checkout
+    dirs: tuple[Path, ...] = (Path("models"),)
+    #: model name -> MONAI bundle directory in the Model Zoo layout (configs/metadata.json,
+    #: configs/inference.json, models/model.pt), e.g. ``lung_nodule = "/opt/bundles/lung"``
+    bundles: dict[str, Path] = {}
+    seed: int = 0  # every run starts from this seed: the same input gives the same findings
+    deterministic: bool = True  # deterministic algorithms (warn-only where none exists)
+    threads: int = Field(0, ge=0)  # CPU threads for torch; 0: torch's default
+
+
 class QueueSettings(_Section):
     """Retries, leases and retention of the job queue."""
 
@@ -193,6 +208,7 @@ class Settings(BaseSettings):
     routes: tuple[RouteSettings, ...] = ()
     workers: tuple[WorkerSettings, ...] = (WorkerSettings(),)
     queue: QueueSettings = QueueSettings()
+    models: ModelsSettings = ModelsSettings()
 
     @model_validator(mode="after")
     def _routes_consistent(self) -> Settings:

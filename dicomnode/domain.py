@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum, StrEnum
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -100,3 +102,62 @@ class Priority(IntEnum):
     ROUTINE = 0
     URGENT = 1
     STAT = 2
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept, as in a DICOM code sequence item: e.g. ``Code("27925004", "SCT",
+    "Nodule")`` (SNOMED CT, scheme designator ``SCT``)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def __str__(self) -> str:
+        return f'({self.value}, {self.scheme}, "{self.meaning}")'
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """Where a finding's voxels are: the label ``value`` in the mask ``name`` of its
+    :class:`Findings` (a label map on the grid of the input volume the findings refer to)."""
+
+    name: str
+    value: int = 1
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a model found: what and where, how big, and how sure.
+
+    Positions are patient coordinates (DICOM LPS, millimetres). Sizes a model does not measure
+    stay None. ``attributes`` holds further JSON-ready values (e.g. ``{"texture": "solid"}``).
+    """
+
+    label: str  # the model's label name (model.toml [[labels]] name)
+    finding_type: Code  # e.g. SNOMED CT 27925004 "Nodule"
+    probability: float
+    finding_site: Code | None = None  # e.g. SNOMED CT 39607008 "Lung structure"
+    centre_mm: tuple[float, float, float] | None = None
+    diameter_mm: float | None = None
+    volume_mm3: float | None = None
+    mask: MaskRef | None = None
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What one model run found, and which model (and weights) found it.
+
+    ``masks`` maps a name to a label map (a numpy integer array ``[slice, row, column]``) on the
+    grid of the input volume ``reference`` (None: the only input). ``summary`` holds JSON-ready
+    values about the whole input (e.g. a classification's scores).
+    """
+
+    model: str
+    version: str
+    demo: bool  # True when the weights are demo weights (trained on phantoms)
+    findings: tuple[Finding, ...] = ()
+    masks: Mapping[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+    summary: Mapping[str, Any] = field(default_factory=dict)

@@ -101,3 +101,89 @@ class SendError(DicomNodeError):
 
 class AssociationFailed(SendError):
     """The destination could not be reached or refused the association."""
+
+
+class SeriesNotVolume(DicomNodeError):
+    """The series cannot form one volume."""
+
+    http_status = 422
+
+
+class MixedSeries(SeriesNotVolume):
+    """The files belong to more than one series or frame of reference."""
+
+
+class NoImagePosition(SeriesNotVolume):
+    """A frame has no Image Position (Patient) or Image Orientation (Patient)."""
+
+
+class MismatchedFrames(SeriesNotVolume):
+    """The frames differ in rows, columns or pixel spacing."""
+
+
+class UnsupportedPixels(SeriesNotVolume):
+    """The pixel data cannot be read as one scalar value per voxel."""
+
+
+class MixedOrientations(SeriesNotVolume):
+    """The frames do not share one Image Orientation (Patient)."""
+
+
+class LocalizerMixedIn(SeriesNotVolume):
+    """Localizer images are mixed in with the slices of the series."""
+
+
+class DuplicatePositions(SeriesNotVolume):
+    """Several frames lie at the same position along the slice normal."""
+
+
+class MissingSlices(SeriesNotVolume):
+    """The stack has a gap where slices are missing."""
+
+
+class UnevenSpacing(SeriesNotVolume):
+    """The slice spacing varies beyond the tolerance."""
+
+
+class ModelError(DicomNodeError):
+    """A model package or MONAI bundle cannot be used."""
+
+
+class UnknownModel(ModelError, ConfigError):
+    """No model of that name is registered."""
+
+    http_status = 404
+
+
+class ModelPackageInvalid(ModelError):
+    """A model package's model.toml or entry point is not valid."""
+
+
+class WeightsMissing(ModelError):
+    """A model's weights file does not exist."""
+
+
+class WeightsMismatch(ModelError):
+    """A model's weights file does not have the sha256 its model.toml names."""
+
+
+class BundleInvalid(ModelError):
+    """A MONAI bundle directory is not in the Model Zoo layout, or its network does not load."""
+
+
+class InvalidDevice(ConfigError):
+    """The device is not one of cpu, cuda or cuda:N."""
+
+
+class DeviceUnavailable(ModelError):
+    """The requested device is not available on this machine."""
+
+
+class InputsRejected(DicomNodeError):
+    """The job's input series do not fit the model."""
+
+    http_status = 422
+
+
+class InferenceCancelled(DicomNodeError):
+    """The model run was cancelled."""

@@ -22,4 +22,10 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned: the CPU wheel (found through pip's find-links) rather than PyPI's CUDA build
+# with its gigabytes of nvidia packages, which an unpinned install would pull in.
+if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  echo "setup: installing torch==${TORCH_VERSION:-2.13.0}"
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+fi
 .venv/bin/python -m pip install -q -e '.[dev]'

@@ -21,6 +21,9 @@ def make_settings(storage: Path, **sections: dict[str, Any]) -> Settings:
     """Settings for a node on a free loopback port with its own storage."""
     node = {"host": "127.0.0.1", "port": 0, "storage_dir": storage, "min_free_disk_mb": 1}
     node.update(sections.pop("node", {}))
+    # The embedded worker runs the echo test model unless a test asks for more: loading the
+    # real models (torch, weights) in every node test would only slow the suite down.
+    sections.setdefault("workers", [{"models": ["echo"]}])
     return Settings(node=node, **sections)
 
 

@@ -8,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,21 @@ def _as_postgres(command: list[str]) -> list[str]:
     if os.geteuid() == 0:
         return ["runuser", "-u", "postgres", "--", *command]
     return command
+
+
+def _wait_until_accepting(bin_dir: Path, port: int, timeout: float) -> None:
+    """pg_isready answers at once, "rejecting connections", while the server still starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = subprocess.run(
+            _as_postgres([str(bin_dir / "pg_isready"), "-h", LOOPBACK, "-p", str(port)]),
+            capture_output=True,
+        )
+        if ready.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"PostgreSQL on port {port} not ready after {timeout} s")
+        time.sleep(0.1)
 
 
 @contextmanager
@@ -72,13 +88,7 @@ def postgres_server() -> Iterator[str]:
     )
     try:
         wait_for_port(port, timeout=60)
-        subprocess.run(
-            _as_postgres(
-                [str(bin_dir / "pg_isready"), "-h", LOOPBACK, "-p", str(port), "-t", "30"]
-            ),
-            check=True,
-            capture_output=True,
-        )
+        _wait_until_accepting(bin_dir, port, timeout=60)
         yield f"postgresql+psycopg://postgres@{LOOPBACK}:{port}/postgres"
     finally:
         server.terminate()

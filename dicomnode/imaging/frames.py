@@ -1,0 +1,243 @@
+"""DICOM files -> one record per frame (position, orientation, size, rescale), and their pixels.
+
+Single-frame images and enhanced multi-frame objects (per-frame and shared functional groups)
+become the same records, so stacking never cares where a frame came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicomnode.errors import NoImagePosition, SeriesNotVolume, UnsupportedPixels
+from dicomnode.imaging.volume import FrameRef
+
+log = logging.getLogger(__name__)
+
+Triple = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What stacking needs to know about one frame; ``source`` indexes the loaded datasets."""
+
+    ref: FrameRef
+    source: int
+    index: int
+    position: Triple | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) as in DICOM
+    thickness: float | None
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+    localizer: bool
+    series_uid: str
+    frame_of_reference: str
+    modality: str
+
+    @property
+    def name(self) -> str:
+        """Short name for messages: the file and, for multi-frame, the frame."""
+        base = Path(self.ref.path).name
+        return base if self.ref.frame_number is None else f"{base} frame {self.ref.frame_number}"
+
+
+def _floats(value: object, count: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
+def _number(value: object, default: float | None) -> float | None:
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
+def _is_localizer(image_type: object) -> bool:
+    if image_type is None:
+        return False
+    values = [image_type] if isinstance(image_type, str) else list(image_type)  # type: ignore[call-overload]
+    return any(str(v).upper() == "LOCALIZER" for v in values[2:])
+
+
+def _group(ds: Dataset, frame: int, name: str) -> Dataset | None:
+    """A functional group macro for one frame: per-frame first, then shared."""
+    for holder, at in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        groups = ds.get(holder)
+        if groups and len(groups) > at:
+            item = groups[at].get(name)
+            if item:
+                return item[0]
+    return None
+
+
+def _common(ds: Dataset, source: int) -> dict[str, object]:
+    return {
+        "source": source,
+        "rows": int(ds.get("Rows", 0)),
+        "columns": int(ds.get("Columns", 0)),
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "frame_of_reference": str(ds.get("FrameOfReferenceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+    }
+
+
+def _single_frame(ds: Dataset, path: str, source: int) -> FrameInfo:
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    return FrameInfo(
+        ref=FrameRef(str(ds.SOPInstanceUID), str(ds.get("SOPClassUID", "")), None, path),
+        index=0,
+        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        thickness=_number(ds.get("SpacingBetweenSlices"), None)
+        or _number(ds.get("SliceThickness"), None),
+        slope=_number(ds.get("RescaleSlope"), 1.0) or 1.0,
+        intercept=_number(ds.get("RescaleIntercept"), 0.0) or 0.0,
+        localizer=_is_localizer(ds.get("ImageType")),
+        **_common(ds, source),  # type: ignore[arg-type]
+    )
+
+
+def _enhanced_frames(ds: Dataset, path: str, source: int, count: int) -> list[FrameInfo]:
+    common = _common(ds, source)
+    image_localizer = _is_localizer(ds.get("ImageType"))
+    frames = []
+    for f in range(count):
+        position = _group(ds, f, "PlanePositionSequence")
+        orientation = _group(ds, f, "PlaneOrientationSequence")
+        measures = _group(ds, f, "PixelMeasuresSequence")
+        transform = _group(ds, f, "PixelValueTransformationSequence")
+        frame_type = None
+        for name in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence", "FrameTypeSequence"):
+            item = _group(ds, f, name)
+            if item is not None:
+                frame_type = item.get("FrameType")
+                break
+        thickness = None
+        if measures is not None:
+            thickness = _number(measures.get("SpacingBetweenSlices"), None) or _number(
+                measures.get("SliceThickness"), None
+            )
+        frames.append(
+            FrameInfo(
+                ref=FrameRef(str(ds.SOPInstanceUID), str(ds.get("SOPClassUID", "")), f + 1, path),
+                index=f,
+                position=None
+                if position is None
+                else _floats(position.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                orientation=None
+                if orientation is None
+                else _floats(orientation.get("ImageOrientationPatient"), 6),
+                pixel_spacing=None
+                if measures is None
+                else _floats(measures.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+                thickness=thickness,
+                slope=1.0
+                if transform is None
+                else _number(transform.get("RescaleSlope"), 1.0) or 1.0,
+                intercept=0.0
+                if transform is None
+                else _number(transform.get("RescaleIntercept"), 0.0) or 0.0,
+                localizer=_is_localizer(frame_type) if frame_type is not None else image_localizer,
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    return frames
+
+
+def frames_of(ds: Dataset, path: str, source: int) -> list[FrameInfo]:
+    """The frame records of one dataset."""
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        return _enhanced_frames(ds, path, source, count)
+    if count > 1:
+        raise NoImagePosition(
+            f"{Path(path).name} holds {count} frames without per-frame functional groups, "
+            "so the frames have no positions of their own"
+        )
+    return [_single_frame(ds, path, source)]
+
+
+def read_frames(paths: Sequence[Path | str]) -> tuple[list[Dataset], list[FrameInfo]]:
+    """Read every file; the same SOP instance twice counts once."""
+    if not paths:
+        raise SeriesNotVolume("no files were given: an empty series cannot form a volume")
+    datasets: list[Dataset] = []
+    frames: list[FrameInfo] = []
+    seen: set[str] = set()
+    for path in paths:
+        name = Path(path).name
+        try:
+            ds = dcmread(path)
+        except InvalidDicomError as exc:
+            raise SeriesNotVolume(f"{name} is not a DICOM file: {exc}") from exc
+        except Exception as exc:  # pydicom raises many kinds for damaged files
+            raise SeriesNotVolume(f"{name} cannot be read as DICOM: {exc}") from exc
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not uid:
+            raise SeriesNotVolume(f"{name} has no SOP Instance UID, so no result could refer to it")
+        if uid in seen:
+            log.debug("skipping a second copy of one instance", extra={"action": "imaging"})
+            continue
+        seen.add(uid)
+        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise UnsupportedPixels(f"{name} has no pixel data (SOP Class {ds.get('SOPClassUID')})")
+        samples = int(ds.get("SamplesPerPixel", 1))
+        if samples != 1:
+            raise UnsupportedPixels(
+                f"{name} has {samples} samples per pixel ({ds.get('PhotometricInterpretation')}); "
+                "a volume needs 1 (grayscale)"
+            )
+        frames.extend(frames_of(ds, str(path), len(datasets)))
+        datasets.append(ds)
+    return datasets, frames
+
+
+def decode(datasets: Sequence[Dataset], frames: Sequence[FrameInfo]) -> np.ndarray:
+    """Pixels of the frames, in the given order, rescaled to float32 (slices, rows, columns)."""
+    rows, columns = frames[0].rows, frames[0].columns
+    out = np.empty((len(frames), rows, columns), dtype=np.float32)
+    by_source: dict[int, list[tuple[int, FrameInfo]]] = {}
+    for k, frame in enumerate(frames):
+        by_source.setdefault(frame.source, []).append((k, frame))
+    for source, members in by_source.items():
+        ds = datasets[source]
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # no decoder, corrupt stream, ...
+            syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+            name = members[0][1].name
+            raise UnsupportedPixels(
+                f"{name}: pixel data in transfer syntax {getattr(syntax, 'name', syntax)} "
+                f"cannot be decoded: {exc}"
+            ) from exc
+        pixels = pixels.reshape(-1, rows, columns)
+        for k, frame in members:
+            slot = out[k]
+            slot[...] = pixels[frame.index]
+            if frame.slope != 1.0:
+                slot *= np.float32(frame.slope)
+            if frame.intercept != 0.0:
+                slot += np.float32(frame.intercept)
+    return out

@@ -1,0 +1,60 @@
+"""The model runtime: the model protocol, the registry of model packages and MONAI bundles,
+device placement, sliding-window inference, and the adapter that runs a model for the queue.
+
+Importing this package imports neither torch nor MONAI: they load when a model is loaded.
+
+- :class:`Model` / :class:`InferenceModel`: what a package in ``models/<name>/`` implements
+  (``protocol`` describes ``model.toml``); ``predict(inputs) -> Findings``.
+- :class:`ModelRegistry`: finds the packages in ``[models] dirs``, checks weights' sha256, puts
+  the networks of ``[models] bundles`` (Model Zoo layout) in place of a package's own, and makes
+  the worker's queue models (:meth:`ModelRegistry.job_models`, :func:`load_job_models`).
+- :func:`resolve_device`, :func:`configure_torch`: "cpu" / "cuda" / "cuda:N", determinism.
+- :func:`sliding_window`: MONAI's sliding window, float16 autocast on a GPU, cancellable.
+- :func:`load_bundle`: a bundle directory's network with its weights.
+"""
+
+from dicomnode.inference.bundle import Bundle, bundle_layout, load_bundle
+from dicomnode.inference.device import (
+    CPU,
+    Device,
+    configure_torch,
+    parse_device,
+    resolve_device,
+    seed_everything,
+)
+from dicomnode.inference.findings import findings_from_json, findings_to_json
+from dicomnode.inference.protocol import (
+    InferenceModel,
+    LabelSpec,
+    Model,
+    ModelInfo,
+    ModelSpec,
+    read_model_toml,
+)
+from dicomnode.inference.registry import ModelRegistry, load_job_models
+from dicomnode.inference.sliding import cancellable, check_cancelled, sliding_window
+
+__all__ = [
+    "CPU",
+    "Bundle",
+    "Device",
+    "InferenceModel",
+    "LabelSpec",
+    "Model",
+    "ModelInfo",
+    "ModelRegistry",
+    "ModelSpec",
+    "bundle_layout",
+    "cancellable",
+    "check_cancelled",
+    "configure_torch",
+    "findings_from_json",
+    "findings_to_json",
+    "load_bundle",
+    "load_job_models",
+    "parse_device",
+    "read_model_toml",
+    "resolve_device",
+    "seed_everything",
+    "sliding_window",
+]

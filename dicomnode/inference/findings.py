@@ -1,0 +1,119 @@
+"""Findings as a job's JSON result, with their masks in files beside the spool, and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dicomnode.domain import Code, Finding, Findings, MaskRef
+
+#: where a job's masks go, under the storage directory: results/<job id>/<mask name>.npz
+RESULTS_DIR = "results"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON-ready values: dataclasses and mappings as dicts, numpy scalars and
+    arrays as numbers and lists, tuples as lists, paths as text, NaN/inf as None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays, torch tensors
+    if callable(tolist):
+        return jsonable(tolist())
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r:.80}")
+
+
+def write_masks(
+    findings: Findings, storage_dir: Path, job_id: int | str
+) -> dict[str, dict[str, Any]]:
+    """Save each mask as ``results/<job id>/<name>.npz`` under ``storage_dir``; their paths
+    (relative to ``storage_dir``), shapes and label values."""
+    import numpy as np
+
+    out: dict[str, dict[str, Any]] = {}
+    if not findings.masks:
+        return out
+    folder = storage_dir / RESULTS_DIR / str(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, mask in findings.masks.items():
+        array = np.asarray(mask)
+        if array.dtype == bool:
+            array = array.astype(np.uint8)
+        elif not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"mask {name!r} is {array.dtype}; masks are integer label maps")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        path = folder / f"{safe}.npz"
+        np.savez_compressed(path, mask=array)
+        out[name] = {
+            "path": str(path.relative_to(storage_dir)),
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "labels": [int(v) for v in np.unique(array) if v != 0],
+        }
+    return out
+
+
+def findings_to_json(findings: Findings, masks: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON form of ``findings``; ``masks`` replaces the arrays (see :func:`write_masks`)."""
+    return {
+        "model": findings.model,
+        "version": findings.version,
+        "demo": findings.demo,
+        "reference": findings.reference,
+        "findings": [jsonable(f) for f in findings.findings],
+        "masks": jsonable(masks or {}),
+        "summary": jsonable(findings.summary),
+    }
+
+
+def findings_from_json(result: Mapping[str, Any], storage_dir: Path | None = None) -> Findings:
+    """Findings back from a job result; with ``storage_dir``, their masks read from the files."""
+    masks: dict[str, Any] = {}
+    if storage_dir is not None:
+        import numpy as np
+
+        for name, entry in (result.get("masks") or {}).items():
+            with np.load(storage_dir / entry["path"]) as data:
+                masks[name] = data["mask"]
+    return Findings(
+        model=result["model"],
+        version=result["version"],
+        demo=bool(result["demo"]),
+        findings=tuple(_finding(f) for f in result.get("findings") or ()),
+        masks=masks,
+        reference=result.get("reference"),
+        summary=dict(result.get("summary") or {}),
+    )
+
+
+def _finding(values: Mapping[str, Any]) -> Finding:
+    def code(v: Any) -> Code | None:
+        return Code(v["value"], v["scheme"], v["meaning"]) if v else None
+
+    centre = values.get("centre_mm")
+    mask = values.get("mask")
+    finding_type = code(values["finding_type"])
+    assert finding_type is not None
+    return Finding(
+        label=values["label"],
+        finding_type=finding_type,
+        probability=float(values["probability"]),
+        finding_site=code(values.get("finding_site")),
+        centre_mm=tuple(float(c) for c in centre) if centre is not None else None,  # type: ignore[arg-type]
+        diameter_mm=values.get("diameter_mm"),
+        volume_mm3=values.get("volume_mm3"),
+        mask=MaskRef(mask["name"], int(mask["value"])) if mask else None,
+        attributes=dict(values.get("attributes") or {}),
+    )

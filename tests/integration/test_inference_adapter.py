@@ -1,0 +1,188 @@
+"""The inference adapter on series stored through the receiver: index -> files -> volume ->
+predict -> JSON findings and mask files; study-level input names; refusals; and a routed series
+run by the node's own worker end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicomnode.app import Node
+from dicomnode.config import RouteSettings
+from dicomnode.domain import JobState
+from dicomnode.errors import InputsRejected
+from dicomnode.inference import ModelRegistry, findings_from_json
+from dicomnode.inference.adapter import InferenceJobModel
+from dicomnode.queue.worker import JobContext
+from dicomnode.testing import peers
+from dicomnode.testing.bundles import write_model_package
+from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
+from tests.helpers import port_of
+
+pytest.importorskip("torch")
+
+
+def store(node: Node, folder: Path, spec: SeriesSpec, description: str | None = None) -> list[Path]:
+    datasets = list(ct_slices(spec))
+    if description is not None:
+        for ds in datasets:
+            ds.SeriesDescription = description
+    files = write_series(datasets, folder)
+    result = peers.storescu(port_of(node), files)
+    assert result.returncode == 0, result.stderr
+    return files
+
+
+def hu_of(files: list[Path]) -> np.ndarray:
+    slices = [dcmread(f) for f in files]
+    return np.stack(
+        [s.pixel_array * float(s.RescaleSlope) + float(s.RescaleIntercept) for s in slices]
+    )
+
+
+def claim(node: Node, model: str, inputs: list[str], route: str = "r", level: str = "series"):  # type: ignore[no-untyped-def]
+    node.jobs.enqueue(
+        dedupe_key=f"{route}/{'/'.join(inputs)}",
+        route=route,
+        model=model,
+        level=level,
+        study_instance_uid="1.2.3",
+        series_instance_uid=inputs[0],
+        inputs=inputs,
+        state=JobState.QUEUED,
+    )
+    job = node.jobs.claim("test-worker", [model])
+    assert job is not None
+    return JobContext(job, "cpu", "test-worker", storage_dir=node.spool.root)
+
+
+def adapter_for(node: Node, models: Path, name: str, **kw: Any) -> InferenceJobModel:
+    adapter = ModelRegistry([models]).job_models([name], sessions=node.database.sessions, **kw)
+    model = adapter[name]
+    assert isinstance(model, InferenceJobModel)
+    model.load("cpu")
+    return model
+
+
+def without_timing(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "timing_s"}
+
+
+def test_adapter_runs_a_model_on_a_stored_series(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node(background=False)
+    spec = SeriesSpec(slices=12, rows=32, columns=32, seed=61)
+    files = store(node, tmp_path / "ct", spec)
+    series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    write_model_package(tmp_path / "models", "stats")
+    adapter = adapter_for(node, tmp_path / "models", "stats")
+
+    result = dict(adapter.run(claim(node, "stats", [series_uid])))
+    json.dumps(result)  # what the queue stores
+    hu = hu_of(files)
+    assert result["model"] == "stats" and result["version"] == "1.0.0" and result["demo"]
+    assert result["summary"]["shape"] == [12, 32, 32]
+    assert result["summary"]["mean_hu"] == pytest.approx(hu.mean(), abs=1e-3)
+    (entry,) = result["inputs"]
+    assert entry["series_instance_uid"] == series_uid and entry["modality"] == "CT"
+    assert entry["shape"] == [12, 32, 32]
+    assert entry["spacing_mm"] == pytest.approx([0.7, 0.7, 1.25])
+    assert set(result["timing_s"]) == {"load_inputs", "predict", "total"}
+
+    (finding,) = result["findings"]
+    assert finding["label"] == "body" and finding["mask"] == {"name": "body", "value": 1}
+    assert finding["finding_type"]["value"] == "123037004"
+    assert finding["volume_mm3"] == pytest.approx((hu > -500).sum() * 0.7 * 0.7 * 1.25)
+    mask_entry = result["masks"]["body"]
+    assert mask_entry["path"].startswith("results/") and mask_entry["labels"] == [1]
+
+    findings = findings_from_json(result, node.spool.root)
+    assert np.array_equal(findings.masks["body"], (hu > -500).astype(np.uint8))
+    assert findings.findings[0].centre_mm == pytest.approx(finding["centre_mm"])
+
+    again = dict(adapter.run(claim(node, "stats", [series_uid], route="again")))
+    assert without_timing(again)["findings"] == without_timing(result)["findings"]
+    assert again["summary"] == result["summary"]
+
+
+def test_study_level_inputs_are_named_by_patterns(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node(background=False)
+    small = SeriesSpec(slices=4, rows=16, columns=16)
+    t1 = store(node, tmp_path / "t1", replace(small, seed=62), "T1 ax")
+    flair = store(node, tmp_path / "fl", replace(small, seed=63), "FLAIR")
+    uids = [str(dcmread(files[0]).SeriesInstanceUID) for files in (flair, t1)]
+    write_model_package(
+        tmp_path / "models", "brain", level="study", inputs={"T1": "(?i)t1", "FLAIR": "(?i)flair"}
+    )
+    adapter = adapter_for(node, tmp_path / "models", "brain")
+    result = adapter.run(claim(node, "brain", uids, level="study"))
+    assert result["summary"]["inputs"] == ["FLAIR", "T1"]
+    named = {entry["name"]: entry["series_instance_uid"] for entry in result["inputs"]}
+    assert named == {"FLAIR": uids[0], "T1": uids[1]}
+
+    # a route's completion.required_series overrides the model's own patterns
+    route = RouteSettings(
+        name="brain_route",
+        model="brain",
+        level="study",
+        completion={"required_series": {"first": "(?i)t1", "second": "(?i)flair"}},
+    )
+    adapter = adapter_for(node, tmp_path / "models", "brain", routes=[route])
+    context = claim(node, "brain", uids, route="brain_route", level="study")
+    assert adapter.run(context)["summary"]["inputs"] == ["first", "second"]
+
+
+def test_inputs_the_model_does_not_accept_are_refused(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node(background=False)
+    files = store(node, tmp_path / "ct", SeriesSpec(slices=3, rows=16, columns=16, seed=64))
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    write_model_package(tmp_path / "models", "mr_only", modalities=("MR",))
+    adapter = adapter_for(node, tmp_path / "models", "mr_only")
+    with pytest.raises(InputsRejected, match=r"accepts modality MR; series .* is CT"):
+        adapter.run(claim(node, "mr_only", [uid]))
+    with pytest.raises(InputsRejected, match=r"input series 9\.9\.9 not in the index"):
+        adapter.run(claim(node, "mr_only", ["9.9.9"]))
+
+
+@pytest.mark.slow
+def test_a_routed_series_runs_through_the_nodes_worker(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    write_model_package(tmp_path / "models", "stats")
+    node = start_node(
+        models={"dirs": [tmp_path / "models"]},
+        workers=[{"models": ["stats"]}],
+        routes=[
+            {
+                "name": "chest",
+                "model": "stats",
+                "match": {"Modality": "CT"},
+                "completion": {"quiet_s": 0.5, "release_grace_s": 0.2},
+            }
+        ],
+    )
+    files = store(node, tmp_path / "ct", SeriesSpec(slices=8, rows=32, columns=32, seed=65))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        jobs = node.jobs.list(limit=10)
+        if jobs and jobs[0].final:
+            break
+        time.sleep(0.2)
+    (job,) = node.jobs.list(limit=10)
+    assert job.state is JobState.DONE, job.error
+    assert job.result is not None
+    assert job.result["summary"]["mean_hu"] == pytest.approx(hu_of(files).mean(), abs=1e-3)
+    assert (node.spool.root / job.result["masks"]["body"]["path"]).is_file()
