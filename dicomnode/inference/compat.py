@@ -2,7 +2,8 @@
 
 MONAI builds the RetinaNet feature extractor (``resnet_fpn_feature_extractor`` ->
 ``BackboneWithFPN``) with two small torchvision helpers, imported lazily: the intermediate layer
-getter and the trainable-layers check. Where torchvision cannot be imported (its wheels are CUDA
+getter and the trainable-layers check; its detector's training also names two torchvision classes
+in ``isinstance`` checks. Where torchvision cannot be imported (its wheels are CUDA
 builds; the CPU torch cannot load them), :func:`ensure_detection_without_torchvision` gives MONAI
 equivalents of those two, so MONAI's own classes build the very same modules, with the same
 names: a Model Zoo ``model.pt`` loads unchanged. Where torchvision works, nothing is touched.
@@ -32,13 +33,18 @@ def ensure_detection_without_torchvision() -> bool:
     global _done
     if _done or torchvision_available():
         return False
-    from monai.apps.detection.networks import retinanet_network
+    from monai.apps.detection.networks import retinanet_detector, retinanet_network
     from monai.networks.blocks import backbone_fpn_utils
 
     backbone_fpn_utils.torchvision_models = SimpleNamespace(  # type: ignore[attr-defined]
         _utils=SimpleNamespace(IntermediateLayerGetter=_intermediate_layer_getter())
     )
     retinanet_network._validate_trainable_layers = validate_trainable_layers  # type: ignore[attr-defined]
+    # Training checks isinstance(matcher, torchvision's Matcher) before MONAI's own ATSS matcher
+    # and hard negative sampler; classes nothing is an instance of let those checks pass.
+    for name in ("Matcher", "BalancedPositiveNegativeSampler"):
+        if not isinstance(getattr(retinanet_detector, name, None), type):
+            setattr(retinanet_detector, name, type(name, (), {}))
     _done = True
     return True
 

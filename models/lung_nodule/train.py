@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""Train the lung nodule model's demo weights on synthetic chest CT phantoms, on the CPU.
+
+    .venv/bin/python models/lung_nodule/train.py [--phantoms 24] [--steps 900] [--quick]
+
+1. Phantoms (``dicomnode.testing.phantoms.chest_ct``, seeds 1000 + n): chest CTs with 4 to 10
+   solid or ground-glass nodules of 3 to 30 mm at random places in the lungs, with random pixel
+   spacing (0.6 to 0.95 mm), slice spacing (0.8 to 2.5 mm), field of view and orientation
+   (head-first axial, feet-first, oblique), each preprocessed exactly as at inference.
+2. The detector (MONAI RetinaNet, ATSS matcher, hard negative sampler, as the zoo trains it) on
+   random patches, most of them holding a nodule, with random flips.
+3. The false-positive classifier on 32 mm cubes: the nodules (jittered), the detector's false
+   positives on the training phantoms, and vessel points.
+4. ``weights/demo.pt`` (the state dict of ``DemoNetworks``) and its sha256 in model.toml.
+
+Deterministic for a given torch build and thread count (seeds fixed; 2 threads). About 12-15
+minutes on 2 CPU cores. Seeds 1000-1999 are training's; tests and benchmarks use others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TRAIN_SEED = 1000
+PATCH = (96, 96, 64)  # x, y, z voxels of the model grid
+
+
+def package() -> tuple[Any, Any]:
+    """This package's ``model`` and ``network`` modules, imported as the registry does."""
+    from dicomnode.inference.registry import import_package
+
+    name = import_package(HERE, "lung_nodule").__name__
+    return importlib.import_module(f"{name}.model"), importlib.import_module(f"{name}.network")
+
+
+def random_phantom(seed: int, *, nodules: tuple[int, int] = (4, 10), full: bool = False) -> Any:
+    """A random chest phantom for training or evaluation (``full``: 512x512x300, 0.7x0.7x1 mm)."""
+    from dicomnode.testing.phantoms import chest_ct
+
+    rng = np.random.default_rng(seed)
+    orientation = str(rng.choice(["axial", "axial", "feet_first", "oblique"]))
+    if full:
+        shape, spacing = (300, 512, 512), (0.7, 0.7, 1.0)
+    else:
+        pixel = float(rng.uniform(0.6, 0.95))
+        side = min(512, int(rng.uniform(280, 380) / pixel))
+        step = float(rng.choice([0.8, 1.0, 1.25, 1.5, 2.0, 2.5]))
+        slices = int(rng.uniform(150, 260) / step)
+        shape, spacing = (slices, side, side), (pixel, pixel, step)
+    count = int(rng.integers(nodules[0], nodules[1] + 1))
+    for attempt in range(4):
+        try:
+            return chest_ct(shape, spacing, orientation, nodules=max(count - 2 * attempt, 1),
+                            seed=seed, ground_glass_fraction=0.3)  # fmt: skip
+        except ValueError:  # no room for that many nodules
+            continue
+    raise RuntimeError(f"phantom {seed}: no room for nodules")
+
+
+def boxes_in_model_space(image: Any, truth: Any, spacing: Any) -> np.ndarray:
+    """Truth nodules as ``xyzxyz`` boxes on the model grid (voxel centres on integers)."""
+    boxes = []
+    for nodule in truth.nodules:
+        centre = image.to_voxel(np.array(nodule.center_mm))
+        half = nodule.diameter_mm / 2 / np.asarray(spacing, float)
+        boxes.append(np.concatenate([centre - half, centre + half]))
+    return np.array(boxes, dtype=np.float32).reshape(-1, 6)
+
+
+def sample_patch(
+    rng: np.random.Generator, image: np.ndarray, boxes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training patch (most often around a nodule), its boxes, random flips."""
+    size = np.array(PATCH)
+    shape = np.array(image.shape)
+    if len(boxes) and rng.random() < 0.85:
+        box = boxes[rng.integers(len(boxes))]
+        centre = (box[:3] + box[3:]) / 2
+        slack = np.maximum(size / 2 - (box[3:] - box[:3]) / 2 - 2, 0)
+        centre = centre + rng.uniform(-slack, slack)
+    else:
+        centre = rng.uniform(0, shape)
+    lo = np.rint(centre - size / 2).astype(int)
+    patch = np.zeros(PATCH, dtype=np.float32)
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(lo + size, shape)
+    if np.all(src_hi > src_lo):
+        dst = tuple(slice(a - b, c - b) for a, b, c in zip(src_lo, lo, src_hi, strict=True))
+        src = tuple(slice(a, c) for a, c in zip(src_lo, src_hi, strict=True))
+        patch[dst] = image[src]
+    local = boxes.copy()
+    local[:, :3] -= lo
+    local[:, 3:] -= lo
+    centres = (local[:, :3] + local[:, 3:]) / 2
+    keep = np.all((centres >= 0) & (centres <= size - 1), axis=1)
+    local = local[keep]
+    local[:, :3] = np.maximum(local[:, :3], -0.5)
+    local[:, 3:] = np.minimum(local[:, 3:], size - 0.5)
+    for axis in range(3):
+        if rng.random() < 0.5:
+            patch = np.flip(patch, axis)
+            lo_edge = size[axis] - 1 - local[:, 3 + axis]
+            hi_edge = size[axis] - 1 - local[:, axis]
+            local[:, axis], local[:, 3 + axis] = lo_edge, hi_edge
+    return np.ascontiguousarray(patch), local
+
+
+def train_detector(model_module: Any, network_module: Any, data: list[dict[str, Any]],
+                   spec: Any, steps: int, seed: int) -> Any:  # fmt: skip
+    import torch
+
+    from dicomnode.inference.compat import ensure_detection_without_torchvision
+
+    ensure_detection_without_torchvision()  # building and training the detector
+    params = spec.info.params
+    torch.manual_seed(seed)
+    network = network_module.build_retinanet(params["network"])
+    detector = network_module.build_detector(network, params["anchors"], params["box_selector"])
+    detector.set_atss_matcher(num_candidates=4, center_in_gt=False)
+    detector.set_hard_negative_sampler(
+        batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16
+    )
+    detector.train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
+    warmup = max(steps // 20, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)) + 0.02),
+    )
+    rng = np.random.default_rng(seed)
+    start = time.monotonic()
+    running = 0.0
+    for step in range(steps):
+        images, targets = [], []
+        for _ in range(2):
+            item = data[rng.integers(len(data))]
+            patch, boxes = sample_patch(rng, item["image"], item["boxes"])
+            images.append(torch.from_numpy(patch)[None])
+            targets.append({"box": torch.from_numpy(boxes.astype(np.float32)),
+                            "label": torch.zeros(len(boxes), dtype=torch.long)})  # fmt: skip
+        losses = detector(torch.stack(images), targets)
+        loss = losses["classification"] + losses["box_regression"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
+        optimizer.step()
+        schedule.step()
+        running = 0.98 * running + 0.02 * float(loss.detach()) if step else float(loss.detach())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  detector step {step:4d}  loss {running:.3f}  "
+                  f"{time.monotonic() - start:.0f} s", flush=True)  # fmt: skip
+    return network.eval()
+
+
+def classifier_examples(model: Any, model_module: Any, seeds: list[int], rng: np.random.Generator
+                        ) -> tuple[Any, Any]:  # fmt: skip
+    """Crops and labels: nodules (jittered), the detector's false positives, vessel points."""
+    import torch
+
+    crops, labels = [], []
+    for seed in seeds:
+        phantom = random_phantom(seed)
+        volume = _volume(phantom)
+        image = model.preprocess(volume)
+        found = model.detect(image)
+        truths = [(np.array(n.center_mm), n.diameter_mm / 2) for n in phantom.truth.nodules]
+        points, kinds = [], []
+        for candidate in found:
+            hit = any(np.linalg.norm(candidate.centre_mm - c) <= max(r, 4.0) for c, r in truths)
+            points.append(candidate.centre_mm)
+            kinds.append(1.0 if hit else 0.0)
+        for centre, radius in truths:
+            for _ in range(3):
+                jitter = rng.uniform(-1, 1, 3) * min(2.0, radius * 0.4)
+                points.append(centre + jitter)
+                kinds.append(1.0)
+        # vessels and lung: points of the lung above -600 HU away from every nodule
+        k, j, i = np.nonzero(phantom.lung_mask & (phantom.array > -600))
+        if len(k):
+            pick = rng.choice(len(k), size=min(20, len(k)), replace=False)
+            for index in pick:
+                p = volume.geometry.voxel_to_patient([i[index], j[index], k[index]])
+                if all(np.linalg.norm(p - c) > r + 6 for c, r in truths):
+                    points.append(p)
+                    kinds.append(0.0)
+        crops.append(model_module.crop_cubes(phantom.array, phantom.geometry.affine,
+                                             np.array(points)))  # fmt: skip
+        labels.extend(kinds)
+        hits = sum(1 for c in found if any(
+            np.linalg.norm(c.centre_mm - t) <= max(r, 4.0) for t, r in truths))  # fmt: skip
+        print(f"  phantom {seed}: {len(truths)} nodules, {len(found)} candidates, {hits} on "
+              "nodules", flush=True)  # fmt: skip
+    return torch.cat(crops), torch.tensor(labels)
+
+
+def train_classifier(network_module: Any, spec: Any, crops: Any, labels: Any, steps: int,
+                     seed: int) -> Any:  # fmt: skip
+    import torch
+
+    torch.manual_seed(seed)
+    classifier = network_module.PatchClassifier(
+        tuple(spec.info.params.get("classifier", {}).get("channels", (8, 16, 32)))
+    )
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = np.random.default_rng(seed)
+    positives = np.flatnonzero(labels.numpy() > 0.5)
+    negatives = np.flatnonzero(labels.numpy() <= 0.5)
+    print(f"  classifier: {len(positives)} positive, {len(negatives)} negative crops")
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    classifier.train()
+    running = 0.0
+    for step in range(steps):
+        index = np.concatenate([rng.choice(positives, 16), rng.choice(negatives, 16)])
+        batch = crops[torch.from_numpy(index)]
+        for axis in (2, 3, 4):
+            if rng.random() < 0.5:
+                batch = batch.flip(axis)
+        if rng.random() < 0.5:
+            batch = batch.transpose(3, 4)
+        loss = loss_fn(classifier(batch), labels[torch.from_numpy(index)].float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        running = 0.95 * running + 0.05 * float(loss.detach()) if step else float(loss.detach())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  classifier step {step:4d}  loss {running:.3f}", flush=True)
+    return classifier.eval()
+
+
+def _volume(phantom: Any) -> Any:
+    from dicomnode.imaging import FrameRef, Volume
+
+    frames = tuple(FrameRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.2", None, "")
+                   for k in range(phantom.array.shape[0]))  # fmt: skip
+    return Volume(phantom.array, phantom.geometry, frames, "CT", "1.2.3")
+
+
+def write_weights(state: dict[str, Any], toml: Path, weights: Path) -> str:
+    import torch
+
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    text = toml.read_text()
+    text = re.sub(r'(\[weights\][^\[]*?sha256 = ")[0-9a-fA-F]{64}(")', rf"\g<1>{digest}\g<2>",
+                  text, count=1, flags=re.S)  # fmt: skip
+    toml.write_text(text)
+    return digest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phantoms", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=900, help="detector steps (batch of 2)")
+    parser.add_argument("--classifier-steps", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few phantoms/steps")
+    parser.add_argument("--out", type=Path, default=HERE / "weights" / "demo.pt")
+    parser.add_argument(
+        "--detector-checkpoint",
+        type=Path,
+        default=None,
+        help="reuse the detector saved here, or save it here after training",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.phantoms, args.steps, args.classifier_steps = 3, 20, 20
+
+    import torch
+
+    from dicomnode.inference import ModelSpec
+    from dicomnode.inference.device import resolve_device
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    began = time.monotonic()
+    model_module, network_module = package()
+    spec = ModelSpec.from_directory(HERE)
+    seeds = [TRAIN_SEED + n for n in range(args.phantoms)]
+    checkpoint = args.detector_checkpoint
+    if checkpoint is not None and checkpoint.is_file():
+        print(f"detector: from {checkpoint}", flush=True)
+        detector = network_module.build_retinanet(spec.info.params["network"])
+        detector.load_state_dict(torch.load(checkpoint, weights_only=True))
+        detector.eval()
+    else:
+        data = []
+        print(f"phantoms: {args.phantoms}", flush=True)
+        spacing, hu_window = spec.info.params["spacing"], spec.info.params["hu_window"]
+        for seed in seeds:
+            phantom = random_phantom(seed)
+            image = model_module.to_model_space(
+                phantom.array, phantom.geometry.affine, spacing, hu_window
+            )
+            boxes = boxes_in_model_space(image, phantom.truth, spacing)
+            data.append({"image": image.array, "boxes": boxes})
+        print(f"  {sum(len(d['boxes']) for d in data)} nodules, "
+              f"{time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
+        print(f"detector: {args.steps} steps", flush=True)
+        detector = train_detector(model_module, network_module, data, spec, args.steps, seed=1)
+        del data
+        if checkpoint is not None:
+            torch.save(detector.state_dict(), checkpoint)
+
+    print("false-positive classifier", flush=True)
+    model = model_module.LungNoduleModel(spec)
+    model.device = resolve_device("cpu")
+    model.network = detector
+    model.setup()
+    model.classifier = None
+    rng = np.random.default_rng(2)
+    crops, labels = classifier_examples(model, model_module, seeds, rng)
+    classifier = train_classifier(network_module, spec, crops, labels, args.classifier_steps,
+                                  seed=3)  # fmt: skip
+
+    networks = model_module.DemoNetworks(spec.info.params["network"],
+                                         spec.info.params.get("classifier", {}))  # fmt: skip
+    networks.detector.load_state_dict(detector.state_dict())
+    networks.classifier.load_state_dict(classifier.state_dict())
+    state = {k: v.detach().clone().contiguous() for k, v in networks.state_dict().items()}
+    if args.out.resolve() == (HERE / "weights" / "demo.pt").resolve():
+        digest = write_weights(state, HERE / "model.toml", args.out)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, args.out)
+        digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
+    size = args.out.stat().st_size / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB, sha256 {digest}) in "
+          f"{time.monotonic() - began:.0f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

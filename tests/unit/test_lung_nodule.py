@@ -1,0 +1,123 @@
+"""The lung nodule model's pre- and post-processing: grids, orientation, measurement, metadata."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+from dicomnode.inference import ModelSpec, read_model_toml
+from dicomnode.inference.registry import import_package, verify_package_weights
+from dicomnode.testing.phantoms import Nodule, chest_ct, phantom_geometry
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "lung_nodule"
+
+
+@pytest.fixture(scope="module")
+def lung() -> Any:
+    name = import_package(MODEL_DIR, "lung_nodule").__name__
+    return importlib.import_module(f"{name}.model")
+
+
+def test_model_toml_is_valid_and_the_demo_weights_match() -> None:
+    info = read_model_toml(MODEL_DIR / "model.toml")
+    assert info.name == "lung_nodule"
+    assert info.demo is True
+    assert info.labels[0].finding_type.value == "27925004"
+    assert info.labels[0].finding_site is not None
+    assert info.labels[0].finding_site.value == "39607008"
+    verify_package_weights(ModelSpec.from_directory(MODEL_DIR))
+    assert (MODEL_DIR / "weights" / "demo.pt").stat().st_size < 20e6
+
+
+@pytest.mark.parametrize("orientation", ["axial", "feet_first", "oblique"])
+def test_model_grid_is_ras_and_maps_back_to_patient_space(lung: Any, orientation: str) -> None:
+    geometry = phantom_geometry((40, 48, 56), (0.8, 0.8, 1.5), orientation)
+    array = np.full(geometry.shape, -1000.0, dtype=np.float32)
+    point = np.array([6.0, 30.0, -140.0])  # patient LPS mm
+    k, j, i = geometry.array_index(point)
+    array[k - 2 : k + 3, j - 3 : j + 4, i - 3 : i + 4] = 300.0
+    exact = geometry.voxel_to_patient([i, j, k])
+    image = lung.to_model_space(array, geometry.affine, (1.25, 1.25, 2.0))
+    # the grid runs along R, A, S (MONAI's [x, y, z] after Orientationd("RAS"))
+    ras = lung.LPS_TO_RAS @ image.affine[:3, :3]
+    assert np.all(np.argmax(np.abs(ras), axis=0) == [0, 1, 2])
+    assert np.all(np.diag(ras) > 0)
+    assert np.allclose(np.linalg.norm(image.affine[:3, :3], axis=0), (1.25, 1.25, 2.0))
+    # the marked voxel's centre is where the affine says, and the window is 0..1
+    voxel = image.to_voxel(exact)
+    assert image.array[tuple(np.rint(voxel).astype(int))] == pytest.approx(1.0, abs=0.05)
+    assert np.allclose(image.to_patient(voxel), exact)
+    assert image.array.min() >= 0 and image.array.max() <= 1
+
+
+def test_ras_axes_of_a_feet_first_grid(lung: Any) -> None:
+    geometry = phantom_geometry((10, 10, 10), (1.0, 1.0, 1.0), "feet_first")
+    order, flips = lung.ras_axes(geometry.affine)
+    # feet-first columns run to the patient's right (+R): i is R, unflipped; slices run down
+    assert order == [0, 1, 2]
+    assert flips == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("diameter", "kind"), [(6.0, "solid"), (14.0, "solid"), (12.0, "ground_glass"), (24.0, "solid")]
+)
+def test_measurement_of_a_nodule(lung: Any, diameter: float, kind: str) -> None:
+    phantom = chest_ct(
+        (60, 160, 160),
+        (1.0, 1.0, 1.25),
+        "axial",
+        nodules=[Nodule(diameter, kind, center_voxel=(50.0, 100.0, 25.0))],
+        seed=3,
+    )
+    truth = phantom.truth.nodules[0]
+    measured = lung.measure_nodule(
+        phantom.array, phantom.geometry.affine, np.array(truth.center_mm), np.full(3, diameter)
+    )
+    assert measured is not None
+    assert measured.texture == kind
+    assert measured.diameter_mm == pytest.approx(diameter, rel=0.12)
+    assert measured.volume_mm3 == pytest.approx(truth.volume_mm3, rel=0.35)
+    labels = np.zeros(phantom.array.shape, dtype=bool)
+    labels[measured.box] = measured.mask
+    overlap = (labels & (phantom.nodule_labels == 1)).sum() / (phantom.nodule_labels == 1).sum()
+    assert overlap > 0.8
+
+
+def test_bundle_settings_come_from_its_inference_config(lung: Any) -> None:
+    model = object.__new__(lung.LungNoduleModel)
+    config = {
+        "infer_patch_size": [256, 256, 96],
+        "anchor_generator": {
+            "_target_": "x",
+            "feature_map_scales": [1, 2],
+            "base_anchor_shapes": [[6, 8, 4]],
+        },
+        "preprocessing": {
+            "transforms": [
+                {"_target_": "Spacingd", "pixdim": [0.8, 0.8, 1.5]},
+                {"_target_": "ScaleIntensityRanged", "a_min": -1000, "a_max": 500},
+            ]
+        },
+        "detector_ops": ["$@detector.set_box_selector_parameters(score_thresh=0.1,nms_thresh=0.3)"],
+    }
+    bundle = SimpleNamespace(parser=SimpleNamespace(get=lambda key="": config))
+    model._settings_from_bundle(bundle)
+    assert model.roi_size == (256, 256, 96)
+    assert model.spacing == (0.8, 0.8, 1.5)
+    assert model.hu_window == (-1000.0, 500.0)
+    assert model.anchors == {"feature_map_scales": [1, 2], "base_anchor_shapes": [[6, 8, 4]]}
+    assert model.box_selector["score_thresh"] == 0.1
+    assert model.box_selector["nms_thresh"] == 0.3
+    assert model.classifier is None
+    # a bundle that says nothing gets the zoo's values
+    model._settings_from_bundle(SimpleNamespace(parser=SimpleNamespace(get=lambda key="": {})))
+    assert model.spacing == lung.ZOO_SPACING
+    assert model.roi_size == (512, 512, 192)
