@@ -4,8 +4,8 @@ A series is complete, in this order of evidence:
 
 1. its expected count arrived: Images in Acquisition instances, or one multi-frame instance of an
    enhanced or ophthalmic class (its frames are the whole series);
-2. it came whole in one association, that association was released, and its slice positions are
-   contiguous (evenly spaced, no gap): complete at once;
+2. it came whole in one association, that association was released, and its slices form one
+   gapless stack by the rules that later load it (:mod:`dicomnode.imaging`): complete at once;
 3. the association that last delivered to it was released ``release_grace_s`` ago (senders that
    open one association per instance keep extending this);
 4. nothing arrived for ``quiet_s``.
@@ -29,12 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import numpy as np
-
 from dicomnode.config import CompletionSettings
-
-#: Spacing may vary this much (relative) and still count as contiguous.
-SPACING_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -87,26 +82,6 @@ def series_verdict(series: SeriesSnapshot, rules: CompletionSettings, now: datet
     if now >= due[0]:
         return Verdict(True, f"no new instance for {rules.quiet_s:g} s")
     return Verdict(False, "instances may still arrive", min(due))
-
-
-def contiguous(positions: Sequence[Sequence[float]], orientation: Sequence[float]) -> bool:
-    """True when slice positions along the slice normal are evenly spaced with no gap.
-
-    ``positions`` are Image Position (Patient) values, ``orientation`` the shared Image
-    Orientation (Patient). Fewer than three slices prove nothing, so they are not contiguous.
-    """
-    if len(positions) < 3 or len(orientation) != 6:
-        return False
-    row, column = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    normal = np.cross(row, column)
-    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
-        return False
-    along = np.sort(np.asarray(positions, float) @ normal)
-    steps = np.diff(along)
-    spacing = float(np.median(steps))
-    if spacing <= 1e-6:
-        return False  # duplicates, or several stacks at one position
-    return bool(np.all(np.abs(steps - spacing) <= SPACING_TOLERANCE * spacing))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.completion import (
     SeriesSnapshot,
     StudySeries,
-    contiguous,
     recognition_text,
     series_verdict,
     study_verdict,
@@ -35,12 +34,13 @@ from dicomnode.completion import (
 from dicomnode.config import CompletionSettings
 from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake, Study
 from dicomnode.domain import JobState
+from dicomnode.errors import SeriesNotVolume
 from dicomnode.queue.repository import JobRepository, JobStateError
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
 logger = logging.getLogger(__name__)
 
-_POSITION_TAGS = [0x00200032, 0x00200037]  # Image Position / Orientation (Patient)
+MIN_CONTIGUOUS_SLICES = 3
 #: how far before the previous sweep to look for new series: receivers on other hosts write
 #: their own clocks' times, and a slow transaction may commit after the sweep began
 RECENT_MARGIN = timedelta(seconds=60)
@@ -346,19 +346,18 @@ class Intake:
         )
 
     def _contiguous(self, paths: list[str]) -> bool:
-        positions, orientations = [], set()
-        for path in paths:
-            ds = dcmread(self.storage_dir / path, stop_before_pixels=True,
-                         specific_tags=_POSITION_TAGS)  # fmt: skip
-            position, orientation = (
-                ds.get("ImagePositionPatient"),
-                ds.get("ImageOrientationPatient"),
-            )
-            if position is None or orientation is None:
-                return False
-            positions.append([float(v) for v in position])
-            orientations.add(tuple(round(float(v), 4) for v in orientation))
-        return len(orientations) == 1 and contiguous(positions, next(iter(orientations)))
+        """Whether the slices form one gapless stack, by the rules that later load it."""
+        from dicomnode.imaging.frames import read_frames
+        from dicomnode.imaging.stack import StackRules, plan_one
+
+        if len(paths) < MIN_CONTIGUOUS_SLICES:
+            return False  # two slices prove nothing about the ones still to come
+        try:
+            _, frames = read_frames([self.storage_dir / path for path in paths], pixels=False)
+            plan_one(frames, StackRules())
+        except SeriesNotVolume:
+            return False
+        return True
 
     # -- 3. study-level routes ---------------------------------------------------------------
 

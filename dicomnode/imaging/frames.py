@@ -179,8 +179,11 @@ def frames_of(ds: Dataset, path: str, source: int) -> list[FrameInfo]:
     return [_single_frame(ds, path, source)]
 
 
-def read_frames(paths: Sequence[Path | str]) -> tuple[list[Dataset], list[FrameInfo]]:
-    """Read every file; the same SOP instance twice counts once."""
+def read_frames(
+    paths: Sequence[Path | str], *, pixels: bool = True
+) -> tuple[list[Dataset], list[FrameInfo]]:
+    """Read every file; the same SOP instance twice counts once. ``pixels=False`` reads the
+    headers only, for checks of the stack's shape (completion), not for decoding."""
     if not paths:
         raise SeriesNotVolume("no files were given: an empty series cannot form a volume")
     datasets: list[Dataset] = []
@@ -189,7 +192,7 @@ def read_frames(paths: Sequence[Path | str]) -> tuple[list[Dataset], list[FrameI
     for path in paths:
         name = Path(path).name
         try:
-            ds = dcmread(path)
+            ds = dcmread(path, stop_before_pixels=not pixels)
         except InvalidDicomError as exc:
             raise SeriesNotVolume(f"{name} is not a DICOM file: {exc}") from exc
         except Exception as exc:  # pydicom raises many kinds for damaged files
@@ -201,7 +204,10 @@ def read_frames(paths: Sequence[Path | str]) -> tuple[list[Dataset], list[FrameI
             log.debug("skipping a second copy of one instance", extra={"action": "imaging"})
             continue
         seen.add(uid)
-        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        has_pixels = any(
+            tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+        )
+        if pixels and not has_pixels:
             raise UnsupportedPixels(f"{name} has no pixel data (SOP Class {ds.get('SOPClassUID')})")
         samples = int(ds.get("SamplesPerPixel", 1))
         if samples != 1:

@@ -9,7 +9,6 @@ import pytest
 from dicomnode.completion import (
     SeriesSnapshot,
     StudySeries,
-    contiguous,
     recognise,
     recognition_text,
     series_verdict,
@@ -19,7 +18,6 @@ from dicomnode.config import CompletionSettings
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 RULES = CompletionSettings(quiet_s=10, release_grace_s=2)
-AXIAL = [1, 0, 0, 0, 1, 0]
 
 
 def _series(**changes: object) -> SeriesSnapshot:
@@ -69,20 +67,6 @@ def test_expected_counts() -> None:
     assert series_verdict(_series(instances=1, single_multiframe=True), RULES, _at(0)).complete
     off = CompletionSettings(expected_counts=False)
     assert not series_verdict(_series(expected_instances=40), off, _at(0)).complete
-
-
-def test_contiguity() -> None:
-    stack = [[0, 0, z * 1.25] for z in range(20)]
-    assert contiguous(stack, AXIAL)
-    assert contiguous(list(reversed(stack)), AXIAL)  # order of arrival does not matter
-    assert not contiguous(stack[:5] + stack[6:], AXIAL)  # a missing slice
-    assert not contiguous(stack[:2], AXIAL)
-    assert not contiguous([*stack, [0, 0, 0]], AXIAL)  # a duplicate position
-    oblique = [1, 0, 0, 0, 0.8, -0.6]  # tilted 37 degrees about the patient's x axis
-    normal = [0.0, 0.6, 0.8]
-    tilted = [[5.0, 2.0 * k * normal[1], 2.0 * k * normal[2]] for k in range(10)]
-    assert contiguous(tilted, oblique)
-    assert not contiguous([[0, 0, 2.0 * k] for k in range(10)], oblique[:3] + oblique[:3])
 
 
 BRAIN = CompletionSettings(
