@@ -96,24 +96,26 @@ def ras_axes(affine: np.ndarray) -> tuple[list[int], list[bool]]:
     return order, flips
 
 
-def _linear_axis(t: Any, axis: int, step: float) -> Any:
-    """Resample one axis of a tensor linearly at positions 0, step, 2*step, ... (voxel units)."""
+def _sample_axis(t: Any, axis: int, step: float, reverse: bool) -> Any:
+    """Resample one axis linearly at 0, step, 2*step, ... voxels (from the axis' end, which also
+    flips it, when ``reverse``)."""
     import torch
 
     n = t.shape[axis]
     count = math.floor((n - 1) / step + 1e-6) + 1
-    if abs(step - 1.0) < 1e-6:
+    if abs(step - 1.0) < 1e-6 and not reverse:
         return t
     pos = torch.arange(count, dtype=torch.float64) * step
+    if reverse:
+        pos = (n - 1) - pos
     lo = pos.floor().clamp(0, n - 1).long()
     hi = (lo + 1).clamp(max=n - 1)
     w = (pos - lo.double()).float()
+    if not bool(w.any()):  # whole-voxel positions (e.g. every second slice): one gather
+        return t.index_select(axis, lo)
     shape = [1] * t.dim()
     shape[axis] = count
-    w = w.view(shape)
-    a = t.index_select(axis, lo)
-    b = t.index_select(axis, hi)
-    return a + (b - a) * w
+    return torch.lerp(t.index_select(axis, lo), t.index_select(axis, hi), w.view(shape))
 
 
 def to_model_space(
@@ -127,12 +129,7 @@ def to_model_space(
 
     order, flips = ras_axes(affine)
     t = torch.from_numpy(np.ascontiguousarray(array_hu, dtype=np.float32))
-    # array axes are (k, j, i): voxel axis v sits at array axis 2 - v
-    t = t.permute(*[2 - v for v in order])
     shape_xyz = [array_hu.shape[2 - v] for v in order]
-    flip_dims = [o for o in range(3) if flips[o]]
-    if flip_dims:
-        t = t.flip(flip_dims)
     # affine of the reoriented grid: index a_o -> voxel axis order[o] (flipped: n - 1 - a_o)
     to_voxel = np.zeros((4, 4))
     to_voxel[3, 3] = 1
@@ -145,10 +142,13 @@ def to_model_space(
     oriented = affine @ to_voxel
     in_spacing = np.linalg.norm(oriented[:3, :3], axis=0)
     steps = [float(spacing[o]) / float(in_spacing[o]) for o in range(3)]
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    # window first where it shrinks nothing (same result: linear), resample the smaller axes first
+    # Resample in the array's own contiguous layout (voxel axis v is array axis 2 - v), the
+    # biggest reduction first; then reorient the small result. A flipped axis is sampled from
+    # its end. The window (scale, then clamp) applies to the resampled values, as it always has.
     for o in sorted(range(3), key=lambda a: -steps[a]):
-        t = _linear_axis(t, o, steps[o])
+        t = _sample_axis(t, 2 - order[o], steps[o], flips[o])
+    t = t.permute(*[2 - v for v in order])
+    lo, hi = float(hu_window[0]), float(hu_window[1])
     t = ((t - lo) / (hi - lo)).clamp_(0.0, 1.0)
     scale = np.eye(4)
     scale[:3, :3] = np.diag(steps)
