@@ -37,10 +37,6 @@ def close_association(
         row.outcome, row.closed_at, row.stored, row.refused = outcome, closed_at, stored, refused
 
 
-def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
-    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-
-
 # -- reads ---------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance, Patient, Series, Study
 from dicomnode.domain import InstanceHeader, Peer
@@ -38,29 +37,6 @@ PATIENTS: Table = Patient.__table__  # type: ignore[assignment]
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
 SERIES: Table = Series.__table__  # type: ignore[assignment]
 INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-
-
-def record_instance(
-    session: Session,
-    header: InstanceHeader,
-    *,
-    path: str,
-    size_bytes: int,
-    peer: Peer,
-    association_pk: int | None,
-    received_at: datetime,
-) -> int:
-    """Insert or update the rows for one stored instance; return its pk. The caller commits."""
-    writes = IndexWriter().on(session.connection())
-    return writes.record(
-        header,
-        path=path,
-        size_bytes=size_bytes,
-        peer=peer,
-        association_pk=association_pk,
-        received_at=received_at,
-        existing=writes.lookup(header.sop_instance_uid),
-    )
 
 
 # -- the write path ------------------------------------------------------------------------------

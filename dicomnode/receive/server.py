@@ -116,11 +116,6 @@ class Receiver:
             self._thread.join(timeout)
         self._server = None
 
-    @property
-    def active_associations(self) -> int:
-        with self._lock:
-            return len(self._active)
-
     # -- called by AssociationHandler --------------------------------------------------
 
     def admit(self, handler: AssociationHandler) -> bool:

@@ -203,11 +203,6 @@ def scan(path: Path) -> Scan:
     return Scan(str(ts), walker.pixel, _decode(walker.values, walker.endian))
 
 
-def check_structure(path: Path) -> PixelDataInfo:
-    """The structure check alone (see scan)."""
-    return scan(path).pixel
-
-
 def _walk(fp: BinaryIO, *, implicit: bool, little: bool) -> _Walker:
     start = fp.tell()
     end = fp.seek(0, 2)

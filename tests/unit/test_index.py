@@ -22,7 +22,7 @@ from dicomnode.config import DuplicatePolicy
 from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.index import list_studies
 from dicomnode.db.models import Instance, Patient, Series, Study
-from dicomnode.db.writer import IndexWriter, record_instance
+from dicomnode.db.writer import IndexWriter
 from dicomnode.domain import InstanceHeader, Peer, StoredInstance
 from dicomnode.errors import StoreFailed
 from dicomnode.receive.spool import Spool
@@ -562,7 +562,14 @@ def test_associations_in_threads_into_the_same_and_other_series(
 # -- the SQLAlchemy path for callers with their own session ---------------------------------------
 
 
-def test_record_instance_writes_in_the_callers_session(sessions: sessionmaker[Session]) -> None:
+def _record(session: Session, header: InstanceHeader, **values: object) -> int:
+    """Write through a caller's session, as InstanceStore does for a factory with no engine."""
+    writes = IndexWriter().on(session.connection())
+    existing = writes.lookup(header.sop_instance_uid)
+    return writes.record(header, existing=existing, **values)  # type: ignore[arg-type]
+
+
+def test_writes_in_the_callers_session(sessions: sessionmaker[Session]) -> None:
     header = InstanceHeader(
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         sop_instance_uid="1.2.826.0.1.3680043.99.10",
@@ -574,7 +581,7 @@ def test_record_instance_writes_in_the_callers_session(sessions: sessionmaker[Se
     )
     received = datetime.now(UTC)
     with sessions.begin() as session:
-        pk = record_instance(
+        pk = _record(
             session,
             header,
             path="spool/x.dcm",
@@ -584,7 +591,7 @@ def test_record_instance_writes_in_the_callers_session(sessions: sessionmaker[Se
             received_at=received,
         )
     with sessions.begin() as session:  # again: an update of the same row
-        assert pk == record_instance(
+        assert pk == _record(
             session,
             header,
             path="spool/y.dcm",

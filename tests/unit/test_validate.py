@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.errors import EmptyPixelData, MalformedDataset, SOPClassMismatch
-from dicomnode.receive.validate import check_structure, read_header
+from dicomnode.receive.validate import read_header, scan
 from dicomnode.testing.series import SeriesSpec, ct_slices
 
 
@@ -44,7 +44,7 @@ def _save(ds: Dataset, path: Path, undefined_lengths: bool) -> Path:
 def test_every_cut_is_found(tmp_path: Path, syntax: str, undefined: bool) -> None:
     path = _save(_nested_slice(syntax), tmp_path / "whole.dcm", undefined)
     whole = path.read_bytes()
-    assert check_structure(path).length == 16 * 16 * 2
+    assert scan(path).pixel.length == 16 * 16 * 2
     meta_end = len(whole) - len(dcmread(path).PixelData) - 200  # well inside the dataset
     ds = dcmread(path, stop_before_pixels=True)
     for cut in range(meta_end, len(whole), 7):
@@ -62,7 +62,7 @@ def test_truncated_deflate_is_found(tmp_path: Path) -> None:
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(whole[:-50])
     with pytest.raises(MalformedDataset, match="truncated"):
-        check_structure(cut)
+        scan(cut)
 
 
 def test_sop_class_mismatch_names_both() -> None:
