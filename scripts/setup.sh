@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything dicomnode and its tests need: Debian peers (dcmtk, PostgreSQL, Orthanc,
-# dicom3tools) when missing, and the Python virtual environment in .venv.
+# Set up everything dicomnode and its tests need: Debian peers (dcmtk, PostgreSQL, Orthanc and
+# its DICOMweb plugin, dicom3tools, Chromium for the dashboard test) when missing, and the
+# Python virtual environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,8 @@ need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v chromium >/dev/null || need+=(chromium)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
