@@ -175,3 +175,44 @@ class SeriesIntake(Base):
     routed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     complete_reason: Mapped[str | None] = mapped_column(String(255))
+
+
+class Send(Base):
+    """One result object owed to one destination: the send queue, one row per (job, destination,
+    object). A row stays until the destination confirmed it (``sent``) or gave up (``dead``)."""
+
+    __tablename__ = "sends"
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", "sop_instance_uid"),
+        # The sender's query: due sends of one destination, oldest first.
+        Index("ix_sends_due", "destination", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # SEG, SR, SC
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the storage directory
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    state: Mapped[str] = mapped_column(String(16))  # pending, sent, dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Who did what, and when: received, routed, retried, cancelled, sent. No patient data."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(128))  # "aet:CT1@10.0.0.5", "token:admin", "node"
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    detail: Mapped[str | None] = mapped_column(Text)
