@@ -55,14 +55,29 @@ def write_masks(
             raise TypeError(f"mask {name!r} is {array.dtype}; masks are integer label maps")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         path = folder / f"{safe}.npz"
-        np.savez_compressed(path, mask=array)
+        _save_npz(path, array)
         out[name] = {
             "path": str(path.relative_to(storage_dir)),
             "shape": list(array.shape),
             "dtype": str(array.dtype),
-            "labels": [int(v) for v in np.unique(array) if v != 0],
+            # unique of the labelled voxels only: sorting a whole CT-sized mask takes 0.25 s
+            "labels": [int(v) for v in np.unique(array[array != 0])],
         }
     return out
+
+
+def _save_npz(path: Path, array: Any) -> None:
+    """``np.savez_compressed(path, mask=array)`` at a fast compression level: a label map is
+    mostly zeros, which level 3 packs about as well, in half the time of numpy's default."""
+    import zipfile
+
+    import numpy as np
+
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=3) as archive,
+        archive.open("mask.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
 def findings_to_json(findings: Findings, masks: Mapping[str, Any] | None = None) -> dict[str, Any]:

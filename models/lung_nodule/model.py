@@ -96,26 +96,56 @@ def ras_axes(affine: np.ndarray) -> tuple[list[int], list[bool]]:
     return order, flips
 
 
-def _sample_axis(t: Any, axis: int, step: float, reverse: bool) -> Any:
-    """Resample one axis linearly at 0, step, 2*step, ... voxels (from the axis' end, which also
-    flips it, when ``reverse``)."""
+def _positions(n: int, step: float, reverse: bool) -> np.ndarray:
+    """Sample positions 0, step, 2*step, ... voxels along an axis of ``n`` (counted from the
+    axis' end, which also flips it, when ``reverse``)."""
+    count = math.floor((n - 1) / step + 1e-6) + 1
+    pos = np.arange(count, dtype=np.float64) * step
+    return (n - 1) - pos if reverse else pos
+
+
+def _whole_voxel_slice(pos: np.ndarray) -> slice | None:
+    """``pos`` as a slice when it is an evenly stepped run of whole voxels (a view, no copy)."""
+    step = pos[1] - pos[0] if len(pos) > 1 else 1.0
+    if not np.all(pos == np.round(pos)) or step != round(step) or step == 0:
+        return None
+    if len(pos) > 1 and not np.all(np.diff(pos) == step):
+        return None
+    first, step = int(pos[0]), int(step)
+    stop = first + step * len(pos)
+    return slice(first, stop if stop >= 0 else None, step)
+
+
+def _sample_axis(t: Any, axis: int, pos: np.ndarray) -> Any:
+    """Linear interpolation of one axis at ``pos``."""
     import torch
 
     n = t.shape[axis]
-    count = math.floor((n - 1) / step + 1e-6) + 1
-    if abs(step - 1.0) < 1e-6 and not reverse:
-        return t
-    pos = torch.arange(count, dtype=torch.float64) * step
-    if reverse:
-        pos = (n - 1) - pos
-    lo = pos.floor().clamp(0, n - 1).long()
-    hi = (lo + 1).clamp(max=n - 1)
-    w = (pos - lo.double()).float()
-    if not bool(w.any()):  # whole-voxel positions (e.g. every second slice): one gather
-        return t.index_select(axis, lo)
+    lo = np.clip(np.floor(pos), 0, n - 1).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
     shape = [1] * t.dim()
-    shape[axis] = count
-    return torch.lerp(t.index_select(axis, lo), t.index_select(axis, hi), w.view(shape))
+    shape[axis] = len(pos)
+    w = torch.from_numpy((pos - lo).astype(np.float32)).view(shape)
+    lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
+    return torch.lerp(t.index_select(axis, lo_t), t.index_select(axis, hi_t), w)
+
+
+def _sample_plane(t: Any, axes: tuple[int, int], pos: tuple[np.ndarray, np.ndarray]) -> Any:
+    """Bilinear interpolation of two axes at once (``grid_sample`` over the third axis as
+    channels: one small grid, and torch's threads)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
+
+    (a, b), (pa, pb) = axes, pos
+    other = 3 - a - b
+    planes = t.permute(other, a, b)[None]
+    ga = torch.from_numpy(pa * (2.0 / max(t.shape[a] - 1, 1)) - 1.0).float()
+    gb = torch.from_numpy(pb * (2.0 / max(t.shape[b] - 1, 1)) - 1.0).float()
+    rows, columns = torch.meshgrid(ga, gb, indexing="ij")
+    grid = torch.stack((columns, rows), dim=-1)[None]  # grid_sample's (x, y) = (b, a)
+    out = F.grid_sample(planes, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    inverse = np.argsort([other, a, b])
+    return out[0].permute(*[int(v) for v in inverse])
 
 
 def to_model_space(
@@ -128,7 +158,6 @@ def to_model_space(
     import torch
 
     order, flips = ras_axes(affine)
-    t = torch.from_numpy(np.ascontiguousarray(array_hu, dtype=np.float32))
     shape_xyz = [array_hu.shape[2 - v] for v in order]
     # affine of the reoriented grid: index a_o -> voxel axis order[o] (flipped: n - 1 - a_o)
     to_voxel = np.zeros((4, 4))
@@ -142,14 +171,34 @@ def to_model_space(
     oriented = affine @ to_voxel
     in_spacing = np.linalg.norm(oriented[:3, :3], axis=0)
     steps = [float(spacing[o]) / float(in_spacing[o]) for o in range(3)]
-    # Resample in the array's own contiguous layout (voxel axis v is array axis 2 - v), the
-    # biggest reduction first; then reorient the small result. A flipped axis is sampled from
-    # its end. The window (scale, then clamp) applies to the resampled values, as it always has.
-    for o in sorted(range(3), key=lambda a: -steps[a]):
-        t = _sample_axis(t, 2 - order[o], steps[o], flips[o])
-    t = t.permute(*[2 - v for v in order])
+    # Sample in the array's own layout (voxel axis v is array axis 2 - v); a flipped axis is
+    # sampled from its end. Whole-voxel steps (every second slice) are strided views, two
+    # fractional axes one bilinear pass, a third a linear pass; then reorient the small result.
+    # The window (scale, then clamp) applies to the resampled values.
+    positions = {2 - order[o]: _positions(shape_xyz[o], steps[o], flips[o]) for o in range(3)}
+    view = [slice(None)] * 3
+    fractional = []
+    for axis, pos in positions.items():
+        whole = _whole_voxel_slice(pos)
+        if whole is not None and whole.step > 0:
+            view[axis] = whole
+        else:
+            fractional.append(axis)
+    t = torch.from_numpy(np.asarray(array_hu, dtype=np.float32))[tuple(view)]
+    # the two axes that shrink the most go first, in one bilinear pass
+    fractional.sort(key=lambda axis: len(positions[axis]) / array_hu.shape[axis])
+    fractional_sampled = bool(fractional)
+    if len(fractional) >= 2:
+        first, second = sorted(fractional[:2])
+        t = _sample_plane(t, (first, second), (positions[first], positions[second]))
+        fractional = fractional[2:]
+    for axis in fractional:
+        t = _sample_axis(t, axis, positions[axis])
+    if not fractional_sampled:  # t may still be a view of the caller's array
+        t = t.clone()
     lo, hi = float(hu_window[0]), float(hu_window[1])
-    t = ((t - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    t.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+    t = t.permute(*[2 - v for v in order])
     scale = np.eye(4)
     scale[:3, :3] = np.diag(steps)
     return ModelImage(np.ascontiguousarray(t.numpy(), dtype=np.float32), oriented @ scale)
@@ -384,14 +433,26 @@ class LungNoduleModel(Model):
         if isinstance(network, DemoNetworks):
             self.classifier = network.classifier.eval()
             network = network.detector
-        self.detector = build_detector(network, self.anchors, self.box_selector)
+        self.detector = build_detector(network, self.anchors, self.selector())
         self.detector.eval()
+
+    def selector(self) -> dict[str, Any]:
+        """The box selection the detector runs: the configured one, except that boxes below
+        ``candidate_threshold``, or past the best ``max_candidates``, are not kept by
+        :meth:`detect` anyway, so the detector need not put them through non-maximum
+        suppression (which can only remove lower-scored boxes: the kept ones are the same)."""
+        selector = dict(self.box_selector)
+        selector["score_thresh"] = max(float(selector["score_thresh"]), self.candidate_threshold)
+        selector["detections_per_img"] = min(
+            int(selector["detections_per_img"]), self.max_candidates
+        )
+        return selector
 
     def use_network(self, network: Any, *, classifier: Any = None) -> None:
         """Put a network (a RetinaNet, e.g. the zoo's) in place of the loaded one."""
         self.network = network.eval()
         self.classifier = classifier
-        self.detector = build_detector(network, self.anchors, self.box_selector)
+        self.detector = build_detector(network, self.anchors, self.selector())
         self.detector.eval()
 
     def _settings_from_bundle(self, bundle: Any) -> None:
