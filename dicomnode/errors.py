@@ -77,6 +77,13 @@ class PixelDataSizeMismatch(DatasetRejected):
     dicom_status = 0xC005
 
 
+class PixelDescriptionInvalid(DatasetRejected):
+    """The dataset's image attributes describe no valid image: a zero dimension or frame
+    count, or an impossible Bits Allocated or Samples per Pixel."""
+
+    dicom_status = 0xC006
+
+
 class SOPClassMismatch(DatasetRejected):
     """The dataset's SOP Class UID differs from the one negotiated for it."""
 
@@ -187,3 +194,23 @@ class InputsRejected(DicomNodeError):
 
 class InferenceCancelled(DicomNodeError):
     """The model run was cancelled."""
+
+
+class DestinationUnavailable(SendError):
+    """The destination could not be reached or refused the whole request; sends retry later."""
+
+
+class ResultsError(DicomNodeError):
+    """The job's findings could not be written as DICOM objects (SEG, SR, SC)."""
+
+
+class InvalidQuery(DicomNodeError):
+    """A filter or parameter of a listing is not valid."""
+
+    http_status = 400
+
+
+class Unauthorized(DicomNodeError):
+    """A valid bearer token is required."""
+
+    http_status = 401

@@ -30,6 +30,7 @@ from dicomnode.errors import (
     MalformedDataset,
     MissingIdentifier,
     PixelDataSizeMismatch,
+    PixelDescriptionInvalid,
     SOPClassMismatch,
     SOPInstanceMismatch,
 )
@@ -320,6 +321,7 @@ def _check_pixels(values: dict[str, str | int], pixel: PixelDataInfo) -> None:
         return
     if pixel.length == 0:
         raise EmptyPixelData()
+    _check_pixel_description(values)
     if pixel.encapsulated:
         return
     needed = _native_pixel_bytes(values)
@@ -327,6 +329,25 @@ def _check_pixels(values: dict[str, str | int], pixel: PixelDataInfo) -> None:
         raise PixelDataSizeMismatch(
             f"Pixel Data has {pixel.length} bytes; Rows, Columns, frames, "
             f"samples and Bits Allocated need {needed}"
+        )
+
+
+def _check_pixel_description(values: dict[str, str | int]) -> None:
+    """Dimensions and sample layout a decoder could work with (those given; PS3.3 C.7.6.3)."""
+    problems = []
+    for keyword in ("Rows", "Columns", "NumberOfFrames"):
+        value = values.get(keyword)
+        if isinstance(value, int) and value <= 0:
+            problems.append(f"{keyword} {value} (must be at least 1)")
+    samples = values.get("SamplesPerPixel")
+    if isinstance(samples, int) and samples not in (1, 3, 4):
+        problems.append(f"Samples per Pixel {samples} (must be 1, 3 or 4)")
+    bits = values.get("BitsAllocated")
+    if isinstance(bits, int) and not (bits == 1 or (bits % 8 == 0 and 8 <= bits <= 64)):
+        problems.append(f"Bits Allocated {bits} (must be 1 or a multiple of 8 up to 64)")
+    if problems:
+        raise PixelDescriptionInvalid(
+            "image attributes describe no valid image: " + "; ".join(problems)
         )
 
 

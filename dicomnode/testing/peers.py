@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -108,8 +109,9 @@ def wait_for_port(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> Non
 
 
 @contextmanager
-def storescp(folder: Path, *, ae_title: str = "STORESCP") -> Iterator[int]:
-    """dcmtk's storescp writing into ``folder``; yields its port."""
+def storescp(folder: Path, *, ae_title: str = "STORESCP", fork: bool = False) -> Iterator[int]:
+    """dcmtk's storescp writing into ``folder``; yields its port. ``fork``: a child process per
+    association, so several senders are served at once."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
@@ -120,15 +122,17 @@ def storescp(folder: Path, *, ae_title: str = "STORESCP") -> Iterator[int]:
             "--output-directory",
             str(folder),
             "+xa",
+            *(["--fork"] if fork else []),
             str(port),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=dcmtk_env(),
+        start_new_session=True,  # its own process group: the forked children end with it
     )
     try:
         wait_for_port(port)
         yield port
     finally:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)

@@ -1,7 +1,14 @@
-"""Send arbitrary bytes as a C-STORE dataset, to prove the receiver refuses bad input cleanly."""
+"""Send arbitrary bytes as a C-STORE dataset, to prove the receiver refuses bad input cleanly.
+
+:func:`send_raw` goes through pynetdicom (one association per payload); :class:`RawAssociation`
+speaks the PDUs itself on a plain socket, to send thousands of payloads on one association
+quickly, or to break the protocol on purpose.
+"""
 
 from __future__ import annotations
 
+import socket
+import struct
 import tempfile
 from pathlib import Path
 
@@ -58,3 +65,146 @@ def send_raw(
             if assoc.is_established:
                 assoc.release()
     return int(status.Status) if "Status" in status else None
+
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def associate_rq(
+    called: str = "DICOMNODE",
+    *,
+    calling: str = "RAW",
+    context: str | None = None,
+    sop_class: str = CT_IMAGE_STORAGE,
+    transfer_syntax: str = EXPLICIT_LE,
+    max_pdu: int = 16384,
+) -> bytes:
+    """An encoded A-ASSOCIATE-RQ proposing one context (ID 1): ``sop_class`` in one syntax."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    from dicomnode.receive import pdu
+
+    request = A_ASSOCIATE()
+    request.application_context_name = context or pdu.APPLICATION_CONTEXT
+    request.calling_ae_title, request.called_ae_title = calling, called
+    cx = build_context(sop_class, [transfer_syntax])
+    cx.context_id = 1
+    request.presentation_context_definition_list = [cx]
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = max_pdu
+    request.user_information = [maximum]
+    encoded = A_ASSOCIATE_RQ()
+    encoded.from_primitive(request)
+    return bytes(encoded.encode())
+
+
+def store_command(
+    message_id: int = 1, sop_instance: str = "1.2.3", sop_class: str = CT_IMAGE_STORAGE
+) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian) announcing a dataset."""
+    from dicomnode.receive import dimse
+
+    def uid(value: str) -> bytes:
+        return value.encode() + (b"\0" if len(value) % 2 else b"")
+
+    body = b""
+    for element, value in (
+        (0x0002, uid(sop_class)),
+        (0x0100, struct.pack("<H", dimse.C_STORE_RQ)),
+        (0x0110, struct.pack("<H", message_id & 0xFFFF)),
+        (0x0700, struct.pack("<H", 0)),
+        (0x0800, struct.pack("<H", 0x0000)),
+        (0x1000, uid(sop_instance)),
+    ):
+        body += struct.pack("<HHI", 0, element, len(value)) + value
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def read_status(sock: socket.socket) -> int:
+    """The Status of the next P-DATA-TF (a DIMSE response command)."""
+    from dicomnode.receive import pdu
+
+    pdu_type, length = pdu.read_header(sock)
+    if pdu_type != pdu.P_DATA_TF:
+        raise ConnectionError(f"expected P-DATA-TF (4), got PDU type {pdu_type}")
+    data = pdu.read_exact(sock, length)[6:]  # one PDV: its length, context ID, control
+    offset = 0
+    while offset + 8 <= len(data):  # the command set, implicit VR little endian
+        group, element, size = struct.unpack_from("<HHI", data, offset)
+        if (group, element) == (0x0000, 0x0900):
+            return int(struct.unpack_from("<H", data, offset + 8)[0])
+        offset += 8 + size
+    raise ConnectionError("the response command has no Status (0000,0900)")
+
+
+class AssociationRefused(ConnectionError):
+    """The node answered the A-ASSOCIATE-RQ with something other than A-ASSOCIATE-AC."""
+
+    def __init__(self, pdu_type: int, body: bytes) -> None:
+        super().__init__(f"association refused: PDU type {pdu_type}, {body[:4].hex()}")
+        self.pdu_type, self.body = pdu_type, body
+
+
+class RawAssociation:
+    """One association on a plain socket; C-STOREs of payload bytes as they are."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        called: str = "DICOMNODE",
+        calling: str = "RAW",
+        sop_class: str = CT_IMAGE_STORAGE,
+        transfer_syntax: str = EXPLICIT_LE,
+        fragment: int = 16000,
+        timeout: float = 30.0,
+    ) -> None:
+        from dicomnode.receive import pdu
+
+        self.sop_class, self.fragment = sop_class, fragment
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.sendall(
+            associate_rq(
+                called, calling=calling, sop_class=sop_class, transfer_syntax=transfer_syntax
+            )
+        )
+        pdu_type, length = pdu.read_header(self.sock)
+        body = pdu.read_exact(self.sock, length)
+        if pdu_type != pdu.ASSOCIATE_AC:
+            self.sock.close()
+            raise AssociationRefused(pdu_type, body)
+        self.message_id = 0
+
+    def store(self, payload: bytes, sop_instance: str) -> int:
+        """Send one C-STORE; its response status (ConnectionError when the node hung up)."""
+        from dicomnode.receive import pdu
+
+        self.message_id += 1
+        command = store_command(self.message_id, sop_instance, self.sop_class)
+        self.sock.sendall(pdu.encode_p_data(1, 0x03, command))
+        chunks = [payload[i : i + self.fragment] for i in range(0, len(payload), self.fragment)]
+        for index, chunk in enumerate(chunks or [b""]):
+            last = index == len(chunks or [b""]) - 1
+            self.sock.sendall(pdu.encode_p_data(1, 0x02 if last else 0x00, chunk))
+        return read_status(self.sock)
+
+    def release(self) -> None:
+        from dicomnode.receive import pdu
+
+        try:
+            self.sock.sendall(struct.pack(">BxI", pdu.RELEASE_RQ, 4) + b"\0" * 4)
+            pdu.read_header(self.sock)
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> RawAssociation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

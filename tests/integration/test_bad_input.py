@@ -65,6 +65,9 @@ BAD_INPUTS = {
     "sop-class-mismatch": (lambda: _changed(SOPClassUID=MR_IMAGE_STORAGE), 0xA900),
     "zero-length-pixel-data": (_empty_pixels, 0xC004),
     "short-pixel-data": (_short_pixels, 0xC005),
+    "zero-rows": (lambda: _changed(Rows=0), 0xC006),
+    "bits-allocated-13": (lambda: _changed(BitsAllocated=13), 0xC006),
+    "samples-per-pixel-2": (lambda: _changed(SamplesPerPixel=2), 0xC006),
 }
 
 

@@ -7,64 +7,22 @@ import struct
 import time
 
 import pytest
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from dicomnode.app import Node
 from dicomnode.receive import dimse, pdu
 from dicomnode.testing import peers
-from dicomnode.testing.rawstore import encode_dataset
-from dicomnode.testing.series import CT_IMAGE_STORAGE, SeriesSpec, ct_slices
+from dicomnode.testing.rawstore import associate_rq, encode_dataset, read_status, store_command
+from dicomnode.testing.series import SeriesSpec, ct_slices
 from tests.helpers import instance_count, port_of
-
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-def _associate_rq(called: str = "DICOMNODE", context: str = pdu.APPLICATION_CONTEXT) -> bytes:
-    request = A_ASSOCIATE()
-    request.application_context_name = context
-    request.calling_ae_title, request.called_ae_title = "RAW", called
-    cx = build_context(CT_IMAGE_STORAGE, [EXPLICIT_LE])
-    cx.context_id = 1
-    request.presentation_context_definition_list = [cx]
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = 16384
-    request.user_information = [maximum]
-    encoded = A_ASSOCIATE_RQ()
-    encoded.from_primitive(request)
-    return encoded.encode()
 
 
 def _connect(node: Node) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port_of(node)), timeout=10)
-    sock.sendall(_associate_rq())
+    sock.sendall(associate_rq())
     pdu_type, length = pdu.read_header(sock)
     pdu.read_exact(sock, length)
     assert pdu_type == pdu.ASSOCIATE_AC
     return sock
-
-
-def _command(message_id: int = 1, sop_instance: str = "1.2.3") -> bytes:
-    body = b""
-    for element, value in (
-        (0x0002, CT_IMAGE_STORAGE.encode() + b"\0"),
-        (0x0100, struct.pack("<H", dimse.C_STORE_RQ)),
-        (0x0110, struct.pack("<H", message_id)),
-        (0x0700, struct.pack("<H", 0)),
-        (0x0800, struct.pack("<H", 0x0000)),
-        (0x1000, sop_instance.encode() + (b"\0" if len(sop_instance) % 2 else b"")),
-    ):
-        body += struct.pack("<HHI", 0, element, len(value)) + value
-    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
-
-
-def _status_of(sock: socket.socket) -> int:
-    pdu_type, length = pdu.read_header(sock)
-    assert pdu_type == pdu.P_DATA_TF
-    data = pdu.read_exact(sock, length)[6:]
-    offset = data.index(struct.pack("<HH", 0, 0x0900))
-    return int(struct.unpack_from("<H", data, offset + 8)[0])
 
 
 def _closed_by_node(sock: socket.socket) -> bytes:
@@ -89,14 +47,14 @@ def test_garbage_on_the_port_is_closed(node: Node) -> None:
 
 def test_wrong_application_context_is_rejected(node: Node) -> None:
     with socket.create_connection(("127.0.0.1", port_of(node))) as sock:
-        sock.sendall(_associate_rq(context="1.2.3.4"))
+        sock.sendall(associate_rq(context="1.2.3.4"))
         reply = _closed_by_node(sock)
     assert reply[0] == pdu.ASSOCIATE_RJ and reply[7:10] == bytes([1, 1, 2])
 
 
 def test_unaccepted_context_is_aborted(node: Node) -> None:
     with _connect(node) as sock:
-        sock.sendall(pdu.encode_p_data(3, 0x03, _command()))
+        sock.sendall(pdu.encode_p_data(3, 0x03, store_command()))
         reply = _closed_by_node(sock)
     assert reply[0] == pdu.ABORT
     _still_serving(node)
@@ -106,7 +64,7 @@ def test_abort_mid_dataset_leaves_nothing(node: Node) -> None:
     ds = next(ct_slices(SeriesSpec(slices=1, rows=256, columns=256)))
     data = encode_dataset(ds)
     with _connect(node) as sock:
-        sock.sendall(pdu.encode_p_data(1, 0x03, _command(sop_instance=ds.SOPInstanceUID)))
+        sock.sendall(pdu.encode_p_data(1, 0x03, store_command(sop_instance=ds.SOPInstanceUID)))
         sock.sendall(pdu.encode_p_data(1, 0x00, data[: len(data) // 2]))
         time.sleep(0.2)
         assert len(list(node.spool.incoming.iterdir())) == 1  # arriving
@@ -123,23 +81,23 @@ def test_whole_store_over_raw_pdus_then_release(node: Node) -> None:
     ds = next(ct_slices(SeriesSpec(slices=1, rows=64, columns=64)))
     data = encode_dataset(ds)
     with _connect(node) as sock:
-        sock.sendall(pdu.encode_p_data(1, 0x03, _command(sop_instance=ds.SOPInstanceUID)))
+        sock.sendall(pdu.encode_p_data(1, 0x03, store_command(sop_instance=ds.SOPInstanceUID)))
         for start in range(0, len(data), 1000):  # many small fragments
             last = start + 1000 >= len(data)
             sock.sendall(pdu.encode_p_data(1, 0x02 if last else 0x00, data[start : start + 1000]))
-        assert _status_of(sock) == 0x0000
+        assert read_status(sock) == 0x0000
         sock.sendall(struct.pack(">BxI", pdu.RELEASE_RQ, 4) + b"\0" * 4)
         assert _closed_by_node(sock) == pdu.RELEASE_RP_PDU
     assert instance_count(node) == 1
 
 
 def test_store_without_dataset_is_refused(node: Node) -> None:
-    command = bytearray(_command())
+    command = bytearray(store_command())
     offset = command.index(struct.pack("<HH", 0, 0x0800))
     struct.pack_into("<H", command, offset + 8, dimse.NO_DATASET)
     with _connect(node) as sock:
         sock.sendall(pdu.encode_p_data(1, 0x03, bytes(command)))
-        assert _status_of(sock) == 0xC000
+        assert read_status(sock) == 0xC000
 
 
 @pytest.mark.parametrize("declared", [0xFFFFFFF0, 1 << 30])
