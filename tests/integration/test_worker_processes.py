@@ -26,6 +26,8 @@ from dicomnode.testing.models import RUN_LOG_ENV
 
 STUDY = "1.2.826.0.1.3680043.99.400"
 CLI = (sys.executable, "-m", "dicomnode.cli")
+#: the reliability suite's queue: a thousand jobs, each run exactly once
+JOBS = 1000
 
 
 class Workers:
@@ -117,7 +119,7 @@ def workers(queue_database: tuple[str, Engine], tmp_path: Path) -> Iterator[Work
 
 
 @pytest.mark.slow
-def test_three_workers_drain_500_jobs_each_exactly_once(
+def test_three_workers_drain_1000_jobs_each_exactly_once(
     queue_database: tuple[str, Engine], workers: Workers
 ) -> None:
     names = ["w1", "w2", "w3"]
@@ -136,19 +138,19 @@ def test_three_workers_drain_500_jobs_each_exactly_once(
             priority=(Priority.ROUTINE, Priority.URGENT, Priority.STAT)[i % 3],
             state=JobState.QUEUED,
         ).id
-        for i in range(500)
+        for i in range(JOBS)
     }
-    until(lambda: repo.counts_by_state()[JobState.DONE] == 500, timeout=90, interval=0.2)
+    until(lambda: repo.counts_by_state()[JobState.DONE] == JOBS, timeout=240, interval=0.2)
     assert workers.stop_all() == dict.fromkeys(names, 0)  # SIGTERM: a clean stop
 
     runs = workers.runs()
     started = Counter(job for event, job, _, _ in runs if event == "start")
-    assert set(started) == ids and len(started) == 500
+    assert set(started) == ids and len(started) == JOBS
     assert max(started.values()) == 1, [job for job, n in started.items() if n > 1]
     ran_by = {job: worker for event, job, _, worker in runs if event == "end"}
     assert set(ran_by) == ids
     assert set(ran_by.values()) == set(names)  # all three took part
-    for job in repo.list(limit=1000):
+    for job in repo.list(limit=JOBS):
         assert job.state is JobState.DONE and job.attempts == 1
         assert job.lease_owner == ran_by[job.id] == job.result["worker_id"]  # type: ignore[index]
 
