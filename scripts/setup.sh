@@ -32,3 +32,15 @@ if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# `docker compose config` checks deploy/compose.yaml in the tests. Without Docker's compose
+# plugin, docker-compose 1.29 (the last Python one) does it, from a venv of its own: its pins
+# (PyYAML<6) cannot build here, so it is installed without them and given PyYAML 6.
+if ! docker compose version >/dev/null 2>&1 && [ ! -x .venv-compose/bin/docker-compose ]; then
+  echo "setup: installing docker-compose 1.29.2 into .venv-compose (no compose plugin here)"
+  "$PYTHON" -m venv .venv-compose
+  .venv-compose/bin/python -m pip install -q --no-deps docker-compose==1.29.2
+  .venv-compose/bin/python -m pip install -q "PyYAML>=6" "jsonschema<4" "python-dotenv<1" \
+    docopt texttable distro cached-property dockerpty "docker>=5,<7" "requests<2.32" \
+    "websocket-client<1"
+fi

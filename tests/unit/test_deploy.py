@@ -1,0 +1,135 @@
+"""deploy/: the compose file passes ``docker compose config``, the systemd units pass
+``systemd-analyze verify``, the Kubernetes manifests are whole, and every command they run is
+one the ``dicomnode`` CLI accepts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dicomnode.config import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def _compose_command() -> list[str]:
+    """Docker's compose plugin, else docker-compose 1.29 from scripts/setup.sh's venv."""
+    docker = shutil.which("docker")
+    plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
+    if plugin and plugin.returncode == 0:
+        return [docker, "compose"]
+    legacy = REPO / ".venv-compose" / "bin" / "docker-compose"
+    if legacy.exists():
+        return [str(legacy)]
+    pytest.fail("neither `docker compose` nor .venv-compose/bin/docker-compose (scripts/setup.sh)")
+
+
+def _accepted_by_cli(args: list[str]) -> None:
+    """The arguments parse with the real CLI (argparse exits 2 on anything unknown)."""
+    probe = (
+        "import sys; from dicomnode import cli; parser = cli.build_parser(); "
+        "parser.parse_args(sys.argv[1:])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, f"dicomnode {' '.join(args)}: {result.stderr}"
+
+
+def test_compose_file_is_accepted_by_docker_compose_config() -> None:
+    result = subprocess.run(
+        [*_compose_command(), "-f", str(DEPLOY / "compose.yaml"), "--env-file",
+         str(DEPLOY / "env.example"), "config"],
+        capture_output=True, text=True, check=False, cwd=DEPLOY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert {"node", "worker-gpu0", "postgres", "orthanc"} <= set(services)
+    gpu = services["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"] and gpu["device_ids"] == ["0"]
+    for name in ("node", "worker-gpu0"):
+        _accepted_by_cli(services[name]["command"])
+        env = services[name]["environment"]
+        assert env["DICOMNODE_NODE__DATABASE_URL"].startswith("postgresql+psycopg://")
+
+
+def test_compose_environment_builds_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's environment in the compose file, with the example config, loads."""
+    config = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    env = {**config["x-node"]["environment"], **config["services"]["node"]["environment"]}
+    for key, value in env.items():
+        if key == "DICOMNODE_CONFIG":
+            value = str(DEPLOY / "dicomnode.example.toml")
+        value = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "secret", str(value))
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.node.database_url.startswith("postgresql+psycopg://dicomnode:secret@")
+    assert settings.workers == ()
+
+
+def _executables(unit: str) -> list[list[str]]:
+    return [
+        shlex.split(line.split("=", 1)[1])
+        for line in unit.splitlines()
+        if line.startswith("ExecStart=")
+    ]
+
+
+@pytest.mark.parametrize("name", ["dicomnode.service", "dicomnode-worker@.service"])
+def test_systemd_units_verify(name: str, tmp_path: Path) -> None:
+    verify = shutil.which("systemd-analyze")
+    if verify is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (DEPLOY / "systemd" / name).read_text()
+    for command in _executables(unit):
+        assert command[0] == "/opt/dicomnode/bin/dicomnode"
+        _accepted_by_cli([arg.replace("%i", "0") for arg in command[1:]])
+    # verify with the venv's dicomnode in place of the install path, which this machine lacks
+    installed = Path(sys.executable).with_name("dicomnode")
+    target = tmp_path / name.replace("@.", "@0.")
+    target.write_text(unit.replace("/opt/dicomnode/bin/dicomnode", str(installed)))
+    result = subprocess.run([verify, "verify", str(target)], capture_output=True, text=True)
+    assert result.returncode == 0 and target.name not in result.stderr, result.stderr
+
+
+def _manifests() -> list[dict[str, Any]]:
+    documents = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return documents
+
+
+def test_kubernetes_manifests_are_whole() -> None:
+    documents = _manifests()
+    kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in documents}
+    assert ("StatefulSet", "dicomnode") in kinds and ("Deployment", "dicomnode-worker") in kinds
+    claims = {name for kind, name in kinds if kind == "PersistentVolumeClaim"}
+    for doc in documents:
+        assert doc["apiVersion"] and doc["metadata"]["labels"]["app.kubernetes.io/name"]
+        if doc["kind"] not in ("StatefulSet", "Deployment"):
+            continue
+        template = doc["spec"]["template"]
+        assert template["metadata"]["labels"] == doc["spec"]["selector"]["matchLabels"]
+        pod = template["spec"]
+        for volume in pod["volumes"]:
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims
+        for container in pod["containers"]:
+            _accepted_by_cli(container["args"])
+            mounts = {m["name"] for m in container["volumeMounts"]}
+            assert mounts <= {v["name"] for v in pod["volumes"]}
+    worker = next(d for d in documents if d["kind"] == "Deployment")
+    limits = worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1  # one GPU reserved per worker
+    spool = next(d for d in documents if d["kind"] == "PersistentVolumeClaim")
+    assert spool["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by receiver and workers
