@@ -18,7 +18,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -173,8 +174,11 @@ class Worker:
         try:
             model = self.models.get(job.model)
             if model is None:  # claim() filters by model, so only a renamed model lands here
-                return self.repository.fail(
-                    job.id, self.worker_id, f"model {job.model!r} is not on this worker"
+                return self._record(
+                    lambda: self.repository.fail(
+                        job.id, self.worker_id, f"model {job.model!r} is not on this worker"
+                    ),
+                    job.id,
                 )
             try:
                 result = dict(model.run(context))
@@ -182,7 +186,10 @@ class Worker:
                 logger.debug("job %s raised", job.id, exc_info=True)
                 if context.cancelled.is_set():
                     return None
-                return self.repository.fail(job.id, self.worker_id, _describe(exc))
+                error = _describe(exc)
+                return self._record(
+                    lambda: self.repository.fail(job.id, self.worker_id, error), job.id
+                )
             if context.cancelled.is_set():
                 logger.info(
                     "job %s: run ended after its lease was lost; result dropped",
@@ -193,14 +200,43 @@ class Worker:
             try:
                 json.dumps(result)
             except (TypeError, ValueError) as exc:
-                return self.repository.fail(
-                    job.id, self.worker_id, f"result could not be stored: {_describe(exc)}"
+                error = f"result could not be stored: {_describe(exc)}"
+                return self._record(
+                    lambda: self.repository.fail(job.id, self.worker_id, error), job.id
                 )
-            return self.repository.finish(job.id, self.worker_id, result)
+            return self._record(
+                lambda: self.repository.finish(job.id, self.worker_id, result), job.id
+            )
         finally:
             done.set()
             beat.join()
             self.jobs_run += 1
+
+    def _record(self, write: Callable[[], JobState | None], job_id: int) -> JobState | None:
+        """Write a run's end, trying again while the database is unreachable (restarting) for
+        up to one lease: a finished run is worth keeping, and once the lease is gone the write
+        changes nothing anyway (another worker runs the job again)."""
+        from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+        deadline = time.monotonic() + self.lease_s
+        wait = self.poll_s
+        while True:
+            try:
+                return write()
+            except DBAPIError as exc:
+                unreachable = isinstance(exc, OperationalError | InterfaceError)
+                if not (unreachable or exc.connection_invalidated):
+                    raise
+                if time.monotonic() + wait > deadline:
+                    raise
+                logger.warning(
+                    "job %s: database unavailable, recording its end again in %.1f s",
+                    job_id,
+                    wait,
+                    extra={"action": "job_record_retry", "job_id": job_id},
+                )
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     def _heartbeat(self, job_id: int, cancelled: threading.Event, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_s):

@@ -197,3 +197,50 @@ def test_a_killed_workers_job_is_finished_by_another(
     # lease (2 s) + a reap interval (1 s) + the run (3 s), with room for a slow machine
     assert recovery_s < 15
     assert workers.stop_all()["survivor"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_database_restart_loses_no_job(tmp_path: Path) -> None:
+    from dicomnode.testing.postgres import PostgresServer, postgres_bin
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    server = PostgresServer().start()
+    workers = Workers(tmp_path, server.url)
+    try:
+        engine = make_engine(server.url)
+        upgrade(engine)
+        short_lease = {"DICOMNODE_QUEUE__LEASE_S": "5", "DICOMNODE_QUEUE__HEARTBEAT_S": "1"}
+        for name in ("w1", "w2"):
+            workers.start(name, **short_lease)
+        workers.wait_ready("w1", "w2")
+        repo = JobRepository(engine)
+        ids = {
+            repo.enqueue(
+                dedupe_key=f"outage/{i}",
+                route="outage?sleep=0.05",
+                model="echo",
+                study_instance_uid=STUDY,
+                series_instance_uid=f"{STUDY}.{i}",
+                inputs=[f"{STUDY}.{i}"],
+                state=JobState.QUEUED,
+            ).id
+            for i in range(200)
+        }
+        until(lambda: repo.counts_by_state()[JobState.DONE] >= 40, timeout=60, interval=0.1)
+        server.stop()  # the database goes away mid-run, connections cut...
+        time.sleep(3)
+        server.start()  # ...and comes back on the same port and data
+        engine.dispose()
+        until(lambda: repo.counts_by_state()[JobState.DONE] == len(ids), timeout=180, interval=0.2)
+        assert workers.stop_all() == {"w1": 0, "w2": 0}  # both rode it out
+        jobs = repo.list(limit=len(ids))
+        assert {job.id for job in jobs} == ids
+        assert all(job.state is JobState.DONE for job in jobs)
+        ended = Counter(job for event, job, _, _ in workers.runs() if event == "end")
+        assert set(ended) == ids  # every job ran to its end at least once
+        engine.dispose()
+    finally:
+        workers.kill_all()
+        server.remove()
