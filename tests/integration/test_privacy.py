@@ -1,0 +1,59 @@
+"""No patient data in the logs at INFO: a study with recognisable patient attributes goes
+through a running ``serve`` (received, routed, run), and its log holds none of them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomnode.testing import peers
+from dicomnode.testing.process import ServeProcess, cli
+from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
+
+CONFIG = """
+[[routes]]
+name = "chest"
+model = "echo"
+match = { Modality = "CT" }
+completion = { quiet_s = 30, release_grace_s = 1 }
+"""
+CANARIES = {
+    "PatientName": "Zqcanary^Xyprivate",
+    "PatientID": "CANARY-4711-ID",
+    "AccessionNumber": "CANARYACC99",
+    "PatientBirthDate": "19010203",
+}
+
+
+@pytest.mark.slow
+def test_logs_at_info_hold_no_patient_data(tmp_path: Path) -> None:
+    datasets = list(ct_slices(SeriesSpec(slices=12, seed=71)))
+    for ds in datasets:
+        for keyword, value in CANARIES.items():
+            setattr(ds, keyword, value)
+    files = write_series(datasets, tmp_path / "ct")
+    config = tmp_path / "node.toml"
+    config.write_text(CONFIG)
+    node = ServeProcess(tmp_path / "node", config=config).start()
+    try:
+        assert peers.storescu(node.port, files).returncode == 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = cli("jobs", "list", "--json", env=node.env)
+            jobs = json.loads(listed.stdout or "[]")
+            if jobs and jobs[0]["state"] == "done":
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"the job did not finish: {listed.stdout} {listed.stderr}")
+    finally:
+        node.stop()
+    log = node.log.read_text(errors="replace")
+    assert "received" in log.lower() or "stored" in log.lower(), "the log is empty: wrong file?"
+    for keyword, value in CANARIES.items():
+        parts = [value, *value.split("^")] if "^" in value else [value]
+        for part in parts:
+            assert part not in log, f"{keyword} ({part!r}) is in the INFO log"
