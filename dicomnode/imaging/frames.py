@@ -179,6 +179,21 @@ def frames_of(ds: Dataset, path: str, source: int) -> list[FrameInfo]:
     return [_single_frame(ds, path, source)]
 
 
+def read_dataset(path: Path | str, *, pixels: bool = True) -> Dataset:
+    """One file as DICOM; SeriesNotVolume naming the file when it is not DICOM, is damaged, or
+    has no SOP Instance UID (no result could refer to it)."""
+    name = Path(path).name
+    try:
+        ds = dcmread(path, stop_before_pixels=not pixels)
+    except InvalidDicomError as exc:
+        raise SeriesNotVolume(f"{name} is not a DICOM file: {exc}") from exc
+    except Exception as exc:  # pydicom raises many kinds for damaged files
+        raise SeriesNotVolume(f"{name} cannot be read as DICOM: {exc}") from exc
+    if not str(ds.get("SOPInstanceUID", "")):
+        raise SeriesNotVolume(f"{name} has no SOP Instance UID, so no result could refer to it")
+    return ds
+
+
 def read_frames(
     paths: Sequence[Path | str], *, pixels: bool = True
 ) -> tuple[list[Dataset], list[FrameInfo]]:
@@ -191,15 +206,8 @@ def read_frames(
     seen: set[str] = set()
     for path in paths:
         name = Path(path).name
-        try:
-            ds = dcmread(path, stop_before_pixels=not pixels)
-        except InvalidDicomError as exc:
-            raise SeriesNotVolume(f"{name} is not a DICOM file: {exc}") from exc
-        except Exception as exc:  # pydicom raises many kinds for damaged files
-            raise SeriesNotVolume(f"{name} cannot be read as DICOM: {exc}") from exc
-        uid = str(ds.get("SOPInstanceUID", ""))
-        if not uid:
-            raise SeriesNotVolume(f"{name} has no SOP Instance UID, so no result could refer to it")
+        ds = read_dataset(path, pixels=pixels)
+        uid = str(ds.SOPInstanceUID)
         if uid in seen:
             log.debug("skipping a second copy of one instance", extra={"action": "imaging"})
             continue

@@ -23,7 +23,11 @@ class FrameRef:
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """Rescaled voxels (HU for CT) indexed ``[k, j, i]``, and where they lie in the patient."""
+    """Rescaled voxels (HU for CT) indexed ``[k, j, i]``, and where they lie in the patient.
+
+    Colour frames (fundus photographs, ``dicomnode.imaging.planar``) add a trailing RGB axis:
+    ``[k, j, i, 3]``; the geometry still describes ``[k, j, i]``.
+    """
 
     array: np.ndarray
     geometry: Geometry
@@ -32,13 +36,19 @@ class Volume:
     series_instance_uid: str
 
     def __post_init__(self) -> None:
-        if self.array.shape != self.geometry.shape:
+        colour = self.array.ndim == 4 and self.array.shape[3] == 3
+        if self.array.shape[: 3 if colour else None] != self.geometry.shape:
             raise ValueError(
                 f"array shape {self.array.shape} differs from the geometry's {self.geometry.shape}"
             )
         if len(self.frames) != self.array.shape[0]:
             raise ValueError(f"{len(self.frames)} frame refs for {self.array.shape[0]} slices")
         object.__setattr__(self, "frames", tuple(self.frames))
+
+    @property
+    def samples(self) -> int:
+        """Samples per voxel: 1 (grey) or 3 (RGB)."""
+        return 3 if self.array.ndim == 4 else 1
 
     def frame_at(self, xyz: ArrayLike) -> FrameRef:
         """The source frame whose slice holds a patient point (mm)."""

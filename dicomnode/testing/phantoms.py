@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -132,6 +132,8 @@ def write_volume(
     patient: tuple[str, str] = ("Phantom^Chest", "PHANTOM-1"),
     patient_position: str = "HFS",
     image_type: Sequence[str] | None = None,
+    sop_class_uid: str = CT_IMAGE_STORAGE,
+    attributes: Mapping[str, object] | None = None,
 ) -> list[Path]:
     """Write a (slices, rows, columns) HU array on ``geometry`` as a DICOM series.
 
@@ -141,6 +143,9 @@ def write_volume(
     position; ``unsigned`` stores 12-bit unsigned pixels; ``transfer_syntax`` may be a compressed
     one pydicom can encode (RLE Lossless always, JPEG 2000 Lossless with pylibjpeg-openjpeg).
     ``image_type`` overrides Image Type (e.g. ORIGINAL PRIMARY LOCALIZER for a scout).
+    ``sop_class_uid`` (single-frame only) and ``attributes`` (keyword -> value, set on every
+    file last) make other series, e.g. MR Image Storage with its Series Description and
+    Contrast/Bolus Agent.
     Returns the written paths in Instance Number order.
     """
     array_hu = np.asarray(array_hu)
@@ -172,6 +177,8 @@ def write_volume(
         ds.Modality = modality
         ds.SeriesDescription = series_description
         ds.PatientPosition = patient_position
+        for keyword, value in (attributes or {}).items():
+            setattr(ds, keyword, value)
 
     if enhanced:
         ds = Dataset()
@@ -192,7 +199,7 @@ def write_volume(
     for number, k in enumerate(order, start=1):
         ds = Dataset()
         common(ds)
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = UID(str(sop_class_uid))
         ds.SOPInstanceUID = _uid(series_uid, grid_key, int(k))
         ds.InstanceNumber = number
         ds.ImageType = list(image_type or ["ORIGINAL", "PRIMARY", "AXIAL"])
@@ -202,11 +209,14 @@ def write_volume(
         ds.SliceLocation = _ds(float(np.dot(positions[k], normal)))
         ds.PixelSpacing = pixel_spacing
         ds.SliceThickness = thickness
-        ds.KVP = _ds(120)
+        if modality == "CT":
+            ds.KVP = _ds(120)
         ds.AcquisitionNumber = 1
         ds.RescaleIntercept, ds.RescaleSlope = _ds(rescale[1]), _ds(rescale[0])
         ds.RescaleType = "HU" if modality == "CT" else "US"
         _pixel_module(ds, rows, columns, bits, unsigned)
+        for keyword, value in (attributes or {}).items():
+            setattr(ds, keyword, value)
         _finish(ds, stored[k], syntax)
         path = folder / f"{number:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
