@@ -201,44 +201,16 @@ class Receiver:
         self._wait_ready(lambda: "listening on" in self.log.read_text(errors="replace"))
 
     def _start_orthanc(self) -> None:
-        self.http_port = free_port()
-        config = {
-            "Name": "receive-benchmark",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "StorageCompression": False,
-            "Plugins": [],
-            "LuaScripts": [],
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,  # HTTP from localhost only (1.10 has no bind address)
-            "AuthenticationEnabled": False,
-            "OrthancExplorerEnabled": False,
-            "WebDavEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomAet": self.aet,
-            "DicomPort": self.port,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": True,
-            "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"],
-            "UnknownSopClassAccepted": False,
-            "DicomModalities": {},
-            "OrthancPeers": {},
-            "SyncStorageArea": True,  # the default: fsync each stored file, as our node does
-            "OverwriteInstances": False,
-            "SaveJobs": False,
-            "TcpNoDelay": True,
-        }
-        path = self.root / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
-        self._spawn(["/usr/sbin/Orthanc", str(path)])
+        """Orthanc as the tests run it (dicomnode.testing.orthanc), fsyncing each file."""
+        from dicomnode.testing.orthanc import Orthanc, OrthancError
 
-        def rest_up() -> bool:
-            http_json(f"http://{HOST}:{self.http_port}/system")
-            return True
-
-        self._wait_ready(rest_up)
+        server = Orthanc(self.root, ae_title=self.aet, dicom_port=self.port, sync_storage=True)
+        LIVE.append(self)
+        try:
+            self.process = server.start().process
+        except OrthancError as exc:
+            raise BenchmarkError(str(exc)) from exc
+        self.http_port = server.http_port
 
     def _start_storescp(self, *, fork: bool) -> None:
         (self.root / "storage").mkdir()

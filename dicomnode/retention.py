@@ -9,12 +9,14 @@ run removes them) and never files nobody knows about.
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Instance, Job, Patient, Series, SeriesIntake, Study
+from dicomnode.db.models import Instance, Job, Patient, Send, Series, SeriesIntake, Study
 from dicomnode.domain import FINAL_STATES
 from dicomnode.receive.spool import Spool
 
@@ -73,3 +75,41 @@ def _remove(sessions: sessionmaker[Session], spool: Spool, study_pk: int, study_
         ):
             session.execute(delete(Patient).where(Patient.id == patient_pk))
     spool.remove_empty_folders(f"spool/{study_uid}")
+
+
+def purge_results(sessions: sessionmaker[Session], storage_dir: Path, older_than: datetime) -> int:
+    """Remove ``results/<job id>/`` folders of jobs that are final, last changed before
+    ``older_than``, and owe no destination an object (no ``pending`` send), and the folders of
+    jobs no longer in the table. Results a destination still waits for stay. Returns how many."""
+    from dicomnode.inference.findings import RESULTS_DIR
+    from dicomnode.send.queue import PENDING
+
+    root = Path(storage_dir) / RESULTS_DIR
+    if not root.is_dir():
+        return 0
+    folders = {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+    if not folders:
+        return 0
+    pending = exists().where(Send.job_id == Job.id, Send.state == PENDING)
+    with sessions() as session:
+        known = set(session.scalars(select(Job.id).where(Job.id.in_(folders))))
+        removable = set(
+            session.scalars(
+                select(Job.id).where(
+                    Job.id.in_(folders),
+                    Job.state.in_([state.value for state in FINAL_STATES]),
+                    Job.updated_at < older_than,
+                    ~pending,
+                )
+            )
+        )
+    removed = 0
+    for job_id, folder in sorted(folders.items()):
+        if job_id in removable or job_id not in known:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    if removed:
+        logger.info(
+            "Retention removed the results of %d jobs", removed, extra={"action": "retention"}
+        )
+    return removed

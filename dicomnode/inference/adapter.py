@@ -22,6 +22,7 @@ from dicomnode.inference.findings import findings_to_json, write_masks
 from dicomnode.inference.protocol import InferenceModel, ModelSpec
 
 if TYPE_CHECKING:
+    from dicomnode.config import ResultsSettings
     from dicomnode.domain import Findings
     from dicomnode.imaging import Volume
     from dicomnode.inference.device import Device
@@ -57,6 +58,7 @@ class InferenceJobModel:
         threads: int = 0,
         load_series: Callable[[Sequence[Path]], Volume] | None = None,
         strict: bool = True,
+        results: ResultsSettings | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -71,6 +73,8 @@ class InferenceJobModel:
         #: False: a model that fails to load is logged, and its jobs fail with the reason,
         #: while the worker runs its other models (a worker on "every model")
         self.strict = strict
+        #: the SEG/SR/SC written from each job's findings ([results]; None: the defaults)
+        self.results = results
         self.model: InferenceModel | None = None
         self.device: Device | None = None
         self.load_s: float | None = None
@@ -104,6 +108,7 @@ class InferenceJobModel:
             return
         self.model, self.device = model, resolved
         self.load_s = time.perf_counter() - started
+        self._warm_results()
 
     def run(self, context: JobContext) -> Mapping[str, Any]:
         if self.load_error is not None:
@@ -123,9 +128,13 @@ class InferenceJobModel:
         result = findings_to_json(findings, masks)
         result["inputs"] = described
         result["device"] = str(self.device)
+        objects = self.write_results(findings, inputs, series, context)
+        if objects is not None:
+            result["objects"] = objects
         result["timing_s"] = {
             "load_inputs": round(loaded - started, 4),
             "predict": round(predicted - loaded, 4),
+            "results": round(time.perf_counter() - predicted, 4),
             "total": round(time.perf_counter() - started, 4),
         }
         return result
@@ -208,6 +217,71 @@ class InferenceJobModel:
         volumes = {name: self._volume(item) for name, item in named.items()}
         return volumes, [_describe(name, volume) for name, volume in volumes.items()]
 
+    def _warm_results(self) -> None:
+        """highdicom's tables now, not in the first job (about a second); never fails a load."""
+        from dicomnode.config import ResultsSettings
+        from dicomnode.results.warm import warm_up
+
+        if not (self.results or ResultsSettings()).enabled:
+            return
+        try:
+            warm_up()
+        except Exception as exc:  # the first job then pays the time, or reports the failure
+            logger.warning("results warm-up failed: %s", exc, extra={"action": "results"})
+
+    def write_results(
+        self,
+        findings: Findings,
+        inputs: Volume | Mapping[str, Volume],
+        series: Sequence[SeriesFiles],
+        context: JobContext,
+    ) -> list[dict[str, str]] | None:
+        """The job's SEG, SR and SC in ``results/<job id>/dicom/`` (None: results are off).
+        Dated when the input's last instance arrived, so a rerun writes the same objects."""
+        from dicomnode.config import ResultsSettings
+        from dicomnode.errors import ResultsError
+        from dicomnode.results import FindingClass, build_results
+
+        settings = self.results or ResultsSettings()
+        if not settings.enabled or context.storage_dir is None:
+            return None
+        job = context.job
+        received = [
+            at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite's are naive UTC
+            for at in (s.last_received_at for s in series)
+            if at is not None
+        ]
+        when = max(received, default=job.received_at)
+        info = self.spec.info
+        classes = [
+            FindingClass(
+                label.name,
+                label.finding_type.code,
+                label.finding_site.code if label.finding_site is not None else None,
+            )
+            for label in sorted(info.labels, key=lambda label: label.value)
+        ]
+        try:
+            objects, _ = build_results(
+                findings,
+                inputs,
+                [path for item in series for path in item.paths],
+                settings,
+                context.storage_dir,
+                job.id,
+                route=job.route,
+                when=when,
+                classes=classes,
+                procedure=info.params.get("procedure_reported"),
+            )
+        except ResultsError:
+            raise
+        except Exception as exc:  # a highdicom or I/O failure fails the job with its reason
+            raise ResultsError(
+                f"model {self.name!r}: results could not be written: {type(exc).__name__}: {exc}"
+            ) from exc
+        return [o.as_json() for o in objects]
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _check_accepted(self, item: SeriesFiles) -> None:
@@ -228,7 +302,10 @@ class InferenceJobModel:
     def _volume(self, item: SeriesFiles) -> Volume:
         load = self._load_series
         if load is None:
-            from dicomnode.imaging import load_series as load
+            from dicomnode.imaging import is_planar, load_planar, load_series
+
+            # ophthalmic frames (OCT B-scans, colour photographs) may have no patient positions
+            load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
         volume = load(list(item.paths))
         minimum = self.spec.info.accepts.min_slices
         if volume.array.shape[0] < minimum:

@@ -87,9 +87,9 @@ class _Strict(BaseModel):
 class CodeSpec(_Strict):
     """A coded concept; SNOMED CT (``SCT``) unless another scheme is named."""
 
-    value: str = Field(min_length=1)
-    scheme: str = "SCT"
-    meaning: str = Field(min_length=1)
+    value: str = Field(min_length=1, max_length=64)  # DICOM SH / UC limits of a coded entry
+    scheme: str = Field("SCT", min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
 
     @property
     def code(self) -> Code:

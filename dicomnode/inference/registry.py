@@ -28,7 +28,7 @@ from dicomnode.inference.bundle import bundle_layout
 from dicomnode.inference.protocol import MODEL_TOML, InferenceModel, ModelSpec
 
 if TYPE_CHECKING:
-    from dicomnode.config import ModelsSettings, RouteSettings, Settings
+    from dicomnode.config import ModelsSettings, ResultsSettings, RouteSettings, Settings
     from dicomnode.queue.worker import JobModel
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ class ModelRegistry:
         database_url: str | None = None,
         routes: Sequence[RouteSettings] = (),
         strict: bool | None = None,
+        results: ResultsSettings | None = None,
     ) -> dict[str, JobModel]:
         """Queue models (not loaded yet) for ``names`` (None or empty: every model).
 
@@ -193,7 +194,8 @@ class ModelRegistry:
         ``routes`` give study-level models the input names of their routes'
         ``completion.required_series``. With ``strict`` (default: when models are named), a
         model that fails to load stops the worker's start; otherwise the failure is logged and
-        that model's jobs fail with it, while the others run.
+        that model's jobs fail with it, while the others run. ``results`` configures the
+        DICOM objects written from each job's findings (None: the defaults).
         """
         from dicomnode.inference.adapter import InferenceJobModel
 
@@ -220,6 +222,7 @@ class ModelRegistry:
                     deterministic=self.deterministic,
                     threads=self.threads,
                     strict=strict,
+                    results=results,
                 )
         return out
 
@@ -238,6 +241,7 @@ def load_job_models(
         database_url=settings.node.resolved_database_url,
         routes=settings.routes,
         strict=strict,
+        results=settings.results,
     )
 
 

@@ -96,7 +96,10 @@ def test_adapter_runs_a_model_on_a_stored_series(
     assert entry["series_instance_uid"] == series_uid and entry["modality"] == "CT"
     assert entry["shape"] == [12, 32, 32]
     assert entry["spacing_mm"] == pytest.approx([0.7, 0.7, 1.25])
-    assert set(result["timing_s"]) == {"load_inputs", "predict", "total"}
+    assert set(result["timing_s"]) == {"load_inputs", "predict", "results", "total"}
+    # the body mask as a SEG and the finding in a TID 1500 SR, beside the masks
+    assert [o["kind"] for o in result["objects"]] == ["SEG", "SR"]
+    assert all((node.spool.root / o["path"]).is_file() for o in result["objects"])
 
     (finding,) = result["findings"]
     assert finding["label"] == "body" and finding["mask"] == {"name": "body", "value": 1}

@@ -149,6 +149,11 @@ def test_unknown_model_names_the_available_ones(tmp_path: Path) -> None:
         ('name = "x"\nversion = "1"\nentry = "m:C"\ncolour = 1\n', "colour"),
         ('name = "x"\nversion = "1"\nentry = "m:C"\n[weights]\nfile = "w"\nsha256 = "ab"\n', "sha"),
         ("name = ", "not valid TOML"),
+        (  # a code meaning longer than DICOM's 64 characters fails here, not in a SEG later
+            'name = "x"\nversion = "1"\nentry = "m:C"\n[[labels]]\nname = "a"\n'
+            'finding_type = { value = "1", meaning = "' + "m" * 65 + '" }\n',
+            r"labels\.0\.finding_type\.meaning",
+        ),
     ],
 )
 def test_invalid_model_toml_names_file_and_key(tmp_path: Path, toml: str, expected: str) -> None:

@@ -1,0 +1,403 @@
+"""Findings as a Comprehensive 3D SR following TID 1500 (Measurement Report), with highdicom.
+
+The model is the observer (a device: its name, version, and a UID derived from both); the
+source images form the image library; each finding is a measurement group with a tracking
+identifier and UID, its finding type and site, its measurements in UCUM units (diameter mm,
+volume mm3, probability), its centre as a SCOORD3D point in the source's frame of reference and
+the SEG segment holding its voxels. A classification's grade is a coded qualitative evaluation.
+A run that found nothing says so, and demo weights say so, in TID 1500's Qualitative
+Evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from dicomnode.domain import Code, Finding, Findings
+from dicomnode.errors import ResultsError
+from dicomnode.results.common import DEMO_NOTE, Producer, stamp
+from dicomnode.results.seg import SEG_STORAGE, SegResult
+from dicomnode.results.source import SourceImages
+from dicomnode.results.uids import ResultUIDs
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PROBABILITY = Code("122157", "DCM", "Probability")
+COMMENT = Code("121106", "DCM", "Comment")
+PIXELS = Code("{pixels}", "UCUM", "Pixels")
+FINDING = Code("121071", "DCM", "Finding")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+#: International Clinical Diabetic Retinopathy severity scale, grade -> SNOMED CT
+ICDR = {
+    0: ABSENT,
+    1: Code("312903003", "SCT", "Mild nonproliferative diabetic retinopathy"),
+    2: Code("312904009", "SCT", "Moderate nonproliferative diabetic retinopathy"),
+    3: Code("312905005", "SCT", "Severe nonproliferative diabetic retinopathy"),
+    4: Code("59276001", "SCT", "Proliferative diabetic retinopathy"),
+}
+#: Procedure reported (CID 100) by modality and region; a model may declare its own in
+#: model.toml: [params] procedure_reported = { value = "...", scheme = "...", meaning = "..." }
+CT_CHEST = Code("24627-2", "LN", "CT Chest")
+MR_BRAIN = Code("24590-2", "LN", "MR Brain")
+BY_MODALITY = {
+    "CT": Code("25045-6", "LN", "CT unspecified body region"),
+    "MR": Code("25056-3", "LN", "MRI unspecified body region"),
+}
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+CHEST_SITES = frozenset({"39607008", "51185008", "302551006"})  # lung, thorax, entire thorax
+BRAIN_SITES = frozenset({"12738006", "258335003"})  # brain structure, entire brain
+
+
+def procedure_reported(
+    modality: str, body_part: str, sites: Sequence[Code], declared: Mapping[str, Any] | None
+) -> Code:
+    """What the report is about: the model's declared procedure, else by modality and region."""
+    if declared:
+        try:
+            return Code(str(declared["value"]), str(declared["scheme"]), str(declared["meaning"]))
+        except KeyError as exc:
+            raise ResultsError(
+                f"procedure_reported {dict(declared)!r} needs value, scheme and meaning"
+            ) from exc
+    codes = {site.value for site in sites}
+    part = body_part.upper()
+    if modality == "CT" and (codes & CHEST_SITES or part in {"CHEST", "LUNG", "THORAX"}):
+        return CT_CHEST
+    if modality == "MR" and (codes & BRAIN_SITES or part in {"BRAIN", "HEAD"}):
+        return MR_BRAIN
+    return BY_MODALITY.get(modality, IMAGING_PROCEDURE)
+
+
+@dataclass(frozen=True)
+class FindingClass:
+    """A finding class the model looks for (a model.toml label); said to be absent in the SR
+    when the model finds none."""
+
+    label: str
+    finding_type: Code
+    finding_site: Code | None = None
+
+
+def build_sr(
+    findings: Findings,
+    source: SourceImages,
+    library: Sequence[Dataset],
+    producer: Producer,
+    uids: ResultUIDs,
+    when: datetime,
+    *,
+    seg: SegResult | None,
+    procedure: Code,
+    series_number: int,
+    series_description: str,
+    classes: Sequence[FindingClass] = (),
+) -> Dataset:
+    """The TID 1500 report of ``findings`` on ``source`` (``library``: every source image)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    frame_of_reference = str(source.first.get("FrameOfReferenceUID", ""))
+    device = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uids.device_uid(producer.model, producer.version),
+            name=producer.model,
+            manufacturer_name=producer.manufacturer,
+            model_name=producer.model_name,
+        ),
+    )
+    context = hd.sr.ObservationContext(observer_device_context=device)
+    algorithm = hd.sr.AlgorithmIdentification(name=producer.model, version=producer.version)
+    groups: list[Any] = []
+    for index, finding in enumerate(findings.findings):
+        segment = seg.finding_segments[index] if seg is not None else None
+        groups.extend(
+            _groups(finding, index, segment, seg, source, frame_of_reference, uids, algorithm)
+        )
+    comments = []
+    if producer.demo:
+        comments.append(f"{producer.model} {producer.version} ran with {DEMO_NOTE}.")
+    if not groups:
+        looked_for = list(classes) or [FindingClass(producer.model, FINDING)]
+        for number, absent in enumerate(looked_for, start=1):
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=uids.uid("absent", absent.label),
+                        identifier=f"no {absent.label} ({number})",
+                    ),
+                    algorithm_id=algorithm,
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(_code(absent.finding_type), _code(ABSENT))
+                    ],
+                )
+            )
+        names = ", ".join(a.label for a in classes) or "findings"
+        comments.append(f"No findings: {producer.model} found no {names}.")
+    summary = findings.summary or {}
+    if summary.get("grade_meaning"):
+        comments.append(str(summary["grade_meaning"]))
+    if isinstance(summary.get("probabilities"), list | tuple):
+        listed = ", ".join(f"{n}: {float(p):.3f}" for n, p in enumerate(summary["probabilities"]))
+        comments.append(f"Probability of each grade ({summary.get('scale', 'ICDR')}): {listed}")
+    try:
+        report = hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=_code(procedure),
+            imaging_measurements=groups,
+        )
+        if comments:
+            report[0].ContentSequence.append(_evaluations(comments))
+        evidence = [*library, *([seg.dataset] if seg is not None else [])]
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=uids.series("sr"),
+            series_number=series_number,
+            sop_instance_uid=uids.instance("sr"),
+            instance_number=1,
+            manufacturer=producer.manufacturer,
+            is_complete=True,
+            is_final=False,
+            institution_name=producer.institution_name or None,
+            series_description=series_description,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ResultsError(
+            f"SR of series {source.series_instance_uid} could not be built: {exc}"
+        ) from exc
+    # TID 1500 row order: ..., procedure reported, image library, imaging measurements. The
+    # library goes in after highdicom has copied and searched the content tree, which costs
+    # most of a second for the entries of a 300-slice CT (it adds no reference to check).
+    items = list(sr.ContentSequence)
+    at = next(i for i, item in enumerate(items) if _is(item, codes.DCM.ImagingMeasurements))
+    sr.ContentSequence = DicomSequence([*items[:at], _library(library), *items[at:]])
+    if producer.demo:
+        sr.PreliminaryFlag = "PRELIMINARY"
+    stamp(sr, when)
+    return sr
+
+
+def _is(item: Dataset, concept: Any) -> bool:
+    """Whether a content item's concept name is ``concept``."""
+    return bool(item.ConceptNameCodeSequence[0].CodeValue == concept.value)
+
+
+def _groups(
+    finding: Finding,
+    index: int,
+    segment: int | None,
+    seg: SegResult | None,
+    source: SourceImages,
+    frame_of_reference: str,
+    uids: ResultUIDs,
+    algorithm: Any,
+) -> list[Any]:
+    """One finding's measurement groups: volumetric (TID 1411) with its SEG segment (and a
+    planar point group, TID 1410, for its centre) or its centre; else TID 1501."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    number = index + 1
+    tracking = hd.sr.TrackingIdentifier(
+        uid=uids.uid("finding", number), identifier=f"{finding.label} {number}"
+    )
+    sites = [hd.sr.FindingSite(_code(finding.finding_site))] if finding.finding_site else None
+    centre = None
+    if finding.centre_mm is not None and frame_of_reference:
+        centre = np.array([finding.centre_mm], dtype=np.float64)
+    measurements = []
+    if finding.diameter_mm is not None:
+        measurements.append(
+            _measure(codes.SCT.Diameter, finding.diameter_mm, codes.UCUM.Millimeter)
+        )
+    if finding.volume_mm3 is not None:
+        measurements.append(
+            _measure(codes.SCT.Volume, finding.volume_mm3, codes.UCUM.CubicMillimeter)
+        )
+    measurements.append(_measure(_code(PROBABILITY), finding.probability, codes.UCUM.NoUnits))
+    evaluations = [hd.sr.QualitativeEvaluation(*pair) for pair in _evaluations_of(finding)]
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": _code(finding.finding_type),
+        "algorithm_id": algorithm,
+        "finding_sites": sites,
+        "measurements": measurements,
+        "qualitative_evaluations": evaluations or None,
+    }
+    series = hd.sr.SourceSeriesForSegmentation(source.series_instance_uid)
+    if segment is not None and seg is not None:
+        groups = [
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=SEG_STORAGE,
+                    sop_instance_uid=str(seg.dataset.SOPInstanceUID),
+                    segment_number=segment,
+                    source_series=series,
+                ),
+                **common,
+            )
+        ]
+        if centre is not None:
+            # TID 1411 holds a segment or a region, not both: the centre is a second group
+            # about the same finding (same tracking identifier and UID), a point region.
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=hd.sr.ImageRegion3D("POINT", centre, frame_of_reference),
+                    finding_type=_code(finding.finding_type),
+                    algorithm_id=algorithm,
+                    finding_sites=sites,
+                )
+            )
+        return groups
+    if centre is not None:
+        return [
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_volume_surface=hd.sr.VolumeSurface(
+                    "POINT", centre, frame_of_reference, source_series=series
+                ),
+                **common,
+            )
+        ]
+    return [hd.sr.MeasurementsAndQualitativeEvaluations(**common)]
+
+
+def _evaluations_of(finding: Finding) -> list[tuple[Any, Any]]:
+    """Coded evaluations: a graded finding's grade; a finding without a place, its presence."""
+    attributes = finding.attributes or {}
+    grade = attributes.get("grade")
+    if grade is not None and str(attributes.get("scale", "ICDR")).upper() == "ICDR":
+        try:
+            value = ICDR[int(grade)]
+        except (KeyError, ValueError) as exc:
+            raise ResultsError(
+                f"finding {finding.label!r} has ICDR grade {grade!r}; expected 0 to 4"
+            ) from exc
+        return [(_code(finding.finding_type), _code(value))]
+    if finding.mask is None and finding.centre_mm is None:
+        return [(_code(finding.finding_type), _code(PRESENT))]
+    return []
+
+
+def _measure(name: Any, value: float, unit: Any) -> Any:
+    import highdicom as hd
+
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit)
+
+
+def _library(images: Sequence[Dataset]) -> Dataset:
+    """TID 1600 Image Library: one group per series, its shared descriptors (modality, frame of
+    reference, rows, columns) once, then one entry per image. Plain datasets: highdicom's
+    content items (and its own library, which repeats every descriptor per image) cost most of
+    a second for a 300-slice CT."""
+    from pydicom.sr.codedict import codes
+
+    by_series: dict[tuple[str, str, int, int], list[Dataset]] = {}
+    for ds in images:
+        key = (str(ds.SeriesInstanceUID), str(ds.get("FrameOfReferenceUID", "")),
+               int(ds.Rows), int(ds.Columns))  # fmt: skip
+        by_series.setdefault(key, []).append(ds)
+    source = _code_item(codes.SCT.Source)
+    groups = []
+    for (_, frame_of_reference, rows, columns), members in by_series.items():
+        modality = _modality(str(members[0].get("Modality", "")))
+        items = [_item("HAS ACQ CONTEXT", "CODE", codes.DCM.Modality,
+                       ConceptCodeSequence=DicomSequence([_code_item(modality)]))]  # fmt: skip
+        if frame_of_reference:
+            items.append(_item("HAS ACQ CONTEXT", "UIDREF", codes.DCM.FrameOfReferenceUID,
+                               UID=frame_of_reference))  # fmt: skip
+        for concept, value in ((codes.DCM.PixelDataRows, rows),
+                               (codes.DCM.PixelDataColumns, columns)):  # fmt: skip
+            measured = Dataset()
+            measured.NumericValue = value
+            measured.MeasurementUnitsCodeSequence = DicomSequence([_code_item(PIXELS)])
+            items.append(_item("HAS ACQ CONTEXT", "NUM", concept,
+                               MeasuredValueSequence=DicomSequence([measured])))  # fmt: skip
+        for ds in members:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = ds.SOPClassUID
+            reference.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            image = Dataset()
+            image.RelationshipType, image.ValueType = "CONTAINS", "IMAGE"
+            image.ConceptNameCodeSequence = DicomSequence([source])
+            image.ReferencedSOPSequence = DicomSequence([reference])
+            items.append(image)
+        groups.append(_item("CONTAINS", "CONTAINER", codes.DCM.ImageLibraryGroup,
+                            ContinuityOfContent="SEPARATE",
+                            ContentSequence=DicomSequence(items)))  # fmt: skip
+    return _item("CONTAINS", "CONTAINER", codes.DCM.ImageLibrary, ContinuityOfContent="SEPARATE",
+                 ContentSequence=DicomSequence(groups))  # fmt: skip
+
+
+def _item(relationship: str, value_type: str, concept: Any, **values: Any) -> Dataset:
+    item = Dataset()
+    item.RelationshipType, item.ValueType = relationship, value_type
+    item.ConceptNameCodeSequence = DicomSequence([_code_item(concept)])
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code_item(code: Any) -> Dataset:
+    """A code sequence item (from our, pydicom's or highdicom's codes)."""
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = getattr(code, "scheme_designator", None) or code.scheme
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def _modality(modality: str) -> Any:
+    """The modality as a code of CID 29 (e.g. CT: Computed Tomography)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    found = _MODALITIES.get(modality)
+    if found is None:
+        collection = codes.cid29
+        for name in collection.dir():
+            code = getattr(collection, name)
+            _MODALITIES[code.value] = hd.sr.CodedConcept(code.value, "DCM", code.meaning)
+        found = _MODALITIES.get(modality)
+    if found is None:
+        raise ResultsError(f"modality {modality!r} of a source image is not in DICOM CID 29")
+    return found
+
+
+_MODALITIES: dict[str, Any] = {}
+
+
+def _evaluations(comments: Sequence[str]) -> Any:
+    """TID 1500 row 12: the Qualitative Evaluations container, here holding TEXT comments."""
+    import highdicom as hd
+
+    container = hd.sr.ContainerContentItem(
+        name=_code(QUALITATIVE_EVALUATIONS),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=_code(COMMENT),
+                value=text[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for text in comments
+        ]
+    )
+    return container
+
+
+def _code(code: Code) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
