@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -29,15 +30,36 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The schema revision the database is at, or None before the first upgrade."""
-    from alembic.runtime.migration import MigrationContext
+    """The schema revision the database is at, or None before the first upgrade.
+
+    Read with one query, without Alembic: every CLI command checks it, and importing Alembic
+    and its migration scripts costs more than the command's own work."""
+    from sqlalchemy import inspect, text
 
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+_REVISION = re.compile(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"^down_revision\s*=\s*['\"]?([^'\"\n]+?)['\"]?\s*$", re.MULTILINE)
 
 
 def head_revision() -> str | None:
-    """The newest revision this version of dicomnode ships."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(_config("sqlite://")).get_current_head()
+    """The newest revision this version of dicomnode ships: the one no other revises (read
+    from the scripts' ``revision`` / ``down_revision`` lines, as Alembic does, without
+    importing them)."""
+    revisions, revised = set(), set()
+    for script in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        source = script.read_text(encoding="utf-8")
+        revision, down = _REVISION.search(source), _DOWN_REVISION.search(source)
+        if revision is None:
+            continue
+        revisions.add(revision.group(1))
+        if down is not None and down.group(1) != "None":
+            revised.add(down.group(1))
+    heads = sorted(revisions - revised)
+    if len(heads) > 1:
+        raise RuntimeError(f"the migrations have several heads: {heads}")
+    return heads[0] if heads else None

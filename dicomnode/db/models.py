@@ -126,6 +126,9 @@ class Job(Base):
         # The claim query: runnable jobs by priority, oldest first.
         Index("ix_jobs_claim", "state", desc("priority"), "run_after", "id"),
         Index("ix_jobs_study", "study_instance_uid"),
+        # The admin's listings: jobs received since (with their total), throughput per window.
+        Index("ix_jobs_received", "received_at"),
+        Index("ix_jobs_finished", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

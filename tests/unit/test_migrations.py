@@ -21,3 +21,12 @@ def test_migrations_build_the_models_schema(tmp_path: Path) -> None:
         assert columns == {c.name for c in table.columns}, name
     upgrade(engine)  # a second upgrade is a no-op
     assert current_revision(engine) == head_revision()
+
+
+def test_head_revision_is_alembics_head() -> None:
+    """The quick reading of the scripts agrees with Alembic's own."""
+    from alembic.script import ScriptDirectory
+
+    from dicomnode.db.migrate import _config
+
+    assert head_revision() == ScriptDirectory.from_config(_config("sqlite://")).get_current_head()

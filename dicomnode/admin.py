@@ -1,0 +1,282 @@
+"""What admins read about the node, shared by the CLI and the HTTP API: a job with its stages,
+its sends and its audit trail; the models and where they run; throughput per model.
+
+Everything here is a read over the database or the settings, returned as frozen values or
+JSON-ready dicts, so the CLI's ``--json`` and the API answer the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.models import Job
+from dicomnode.domain import JobState
+from dicomnode.errors import InvalidQuery
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
+
+    from dicomnode.config import Settings
+    from dicomnode.queue.repository import JobRecord, JobRepository
+
+#: A job's stages in order: the column that records each, as ``jobs show`` names them.
+STAGES: tuple[tuple[str, str], ...] = (
+    ("received", "received_at"),
+    ("completed", "completed_at"),
+    ("queued", "queued_at"),
+    ("started", "started_at"),
+    ("finished", "finished_at"),
+    ("sent", "sent_at"),
+)
+#: The spans between stages that /metrics reports as histograms (name, from, to).
+SPANS: tuple[tuple[str, str, str], ...] = (
+    ("completion", "received_at", "completed_at"),  # waiting for the series to be whole
+    ("queue", "queued_at", "started_at"),
+    ("run", "started_at", "finished_at"),
+    ("send", "finished_at", "sent_at"),
+    ("total", "received_at", "sent_at"),
+)
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+#: Job states that ran to the end of their run (finished_at is the run's end).
+RAN = (JobState.SENDING.value, JobState.DONE.value)
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``3d``, ``1w`` before ``now``, or an ISO 8601 date or date-time (UTC when
+    it names no zone). InvalidQuery names the text and what was expected."""
+    now = now or datetime.now(UTC)
+    match = _RELATIVE.match(text)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2).lower()
+        return now - timedelta(**{_UNITS[unit]: amount})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidQuery(
+            f"since {text!r} is neither a duration like 2h, 30m, 3d, 1w nor an ISO 8601 "
+            "date or date-time like 2026-11-21 or 2026-11-21T08:00"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def parse_states(text: str | Sequence[str] | None) -> list[str] | None:
+    """Comma-separated job states, checked; InvalidQuery lists the states there are."""
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    names = [part.strip() for part in parts if part.strip()]
+    known = [state.value for state in JobState]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InvalidQuery(f"unknown job state(s) {unknown}; expected some of {known}")
+    return names or None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage a job went through, and when (None: not yet, or skipped)."""
+
+    name: str
+    at: datetime | None
+
+
+def job_stages(job: JobRecord) -> list[Stage]:
+    return [Stage(name, getattr(job, column)) for name, column in STAGES]
+
+
+def job_summary(job: JobRecord) -> dict[str, Any]:
+    """A job for a listing: its values without the (possibly large) result, its stages."""
+    values = job.as_json()
+    values.pop("result", None)
+    values["stages"] = {stage.name: _iso(stage.at) for stage in job_stages(job)}
+    return values
+
+
+def job_detail(sessions: sessionmaker[Session], job: JobRecord) -> dict[str, Any]:
+    """Everything ``jobs show`` prints: the job, its stages, what was sent where, its audit."""
+    from dicomnode.audit import list_events
+    from dicomnode.send.queue import SendQueue
+
+    values = job.as_json()
+    values["stages"] = {stage.name: _iso(stage.at) for stage in job_stages(job)}
+    values["sends"] = [
+        {
+            "destination": send.destination,
+            "kind": send.kind,
+            "state": send.state,
+            "attempts": send.attempts,
+            "last_error": send.last_error,
+            "sop_instance_uid": send.sop_instance_uid,
+            "sent_at": _iso(send.sent_at),
+        }
+        for send in SendQueue(sessions).for_job(job.id)
+    ]
+    with sessions() as session:
+        events, _ = list_events(session, job_id=job.id, limit=200)
+    values["audit"] = [{**asdict(e), "at": _iso(e.at)} for e in reversed(events)]
+    return values
+
+
+def list_jobs(
+    jobs: JobRepository,
+    *,
+    state: str | Sequence[str] | None = None,
+    model: str | None = None,
+    study: str | None = None,
+    accession: str | None = None,
+    patient_id: str | None = None,
+    since: str | datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    with_total: bool = True,
+) -> tuple[list[JobRecord], int | None]:
+    """One page of jobs, newest first, and how many match the filters in all (None without
+    ``with_total``: the count is a second query, which the CLI's listing does not print)."""
+    if limit < 1 or limit > 1000 or offset < 0:
+        raise InvalidQuery(f"limit {limit} / offset {offset}: expected 1..1000 and >= 0")
+    filters: dict[str, Any] = {
+        "state": parse_states(state),
+        "model": model or None,
+        "study": study or None,
+        "accession": accession or None,
+        "patient_id": patient_id or None,
+        "since": parse_since(since) if isinstance(since, str) and since else since or None,
+    }
+    page = jobs.list(**filters, limit=limit, offset=offset)
+    if not with_total:
+        return page, None
+    if len(page) < limit and (page or not offset):  # the last page: no need to count
+        return page, offset + len(page)
+    return page, jobs.count(**filters)
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One row of ``models list``: what a model is, what it accepts and where it runs."""
+
+    name: str
+    version: str
+    demo: bool
+    level: str
+    modalities: tuple[str, ...]
+    min_slices: int
+    inputs: tuple[str, ...]  # study level: the series it takes by name
+    labels: tuple[str, ...]
+    devices: tuple[str, ...]  # the configured workers that run it
+    source: str  # "package", "bundle" or "builtin"
+    description: str
+
+
+def model_summaries(settings: Settings) -> list[ModelSummary]:
+    """The models the settings' folders and bundles provide; reads model.toml files only."""
+    from dicomnode.inference.registry import ModelRegistry
+
+    registry = ModelRegistry.from_settings(settings)
+    out = []
+    for name in registry.names():
+        devices = tuple(
+            dict.fromkeys(w.device for w in settings.workers if not w.models or name in w.models)
+        )
+        spec = registry.packages.get(name)
+        if spec is None:
+            out.append(
+                ModelSummary(name, "builtin", False, "series", (), 1, (), (), devices,
+                             "builtin", "test model: runs without the inference runtime")
+            )  # fmt: skip
+            continue
+        info, accepts = spec.info, spec.info.accepts
+        out.append(
+            ModelSummary(
+                name=name,
+                version=info.version,
+                demo=info.demo and spec.bundle is None,
+                level=accepts.level,
+                modalities=tuple(accepts.modalities),
+                min_slices=accepts.min_slices,
+                inputs=tuple(accepts.inputs),
+                labels=tuple(label.name for label in info.labels),
+                devices=devices,
+                source="bundle" if spec.bundle is not None else "package",
+                description=info.description,
+            )
+        )
+    return out
+
+
+# -- throughput ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelThroughput:
+    """Jobs per model that finished their run in a window, and how long their runs took."""
+
+    model: str
+    finished: int
+    failed: int
+    jobs_per_hour: float
+    mean_run_s: float | None
+    mean_total_s: float | None  # received to finished
+
+
+def seconds_between(dialect: str, start: Any, end: Any) -> ColumnElement[float]:
+    """``end - start`` in seconds, in SQL (SQLite keeps times as text, PostgreSQL as times)."""
+    if dialect == "sqlite":  # julianday's doubles resolve ~50 us today: round to the ms
+        return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
+    return func.extract("epoch", end - start)
+
+
+def throughput(
+    session: Session, *, window: timedelta = timedelta(hours=24)
+) -> list[ModelThroughput]:
+    """Per model over the last ``window``: jobs that ran, jobs that failed, mean durations."""
+    since = datetime.now(UTC) - window
+    dialect = session.get_bind().dialect.name
+    # The window's jobs first, found by the finish-time index (materialised: SQLite would
+    # otherwise walk the model index for the GROUP BY, over every job ever run).
+    recent = (
+        select(Job.model, Job.state, Job.received_at, Job.started_at, Job.finished_at)
+        .where(Job.finished_at >= since, Job.model != "")
+        .cte("recent")
+        .prefix_with("MATERIALIZED")
+    )
+    run = seconds_between(dialect, recent.c.started_at, recent.c.finished_at)
+    total = seconds_between(dialect, recent.c.received_at, recent.c.finished_at)
+    ran = recent.c.state.in_(RAN)
+    rows = session.execute(
+        select(
+            recent.c.model,
+            func.count().filter(ran),
+            func.count().filter(recent.c.state == JobState.FAILED.value),
+            func.avg(run).filter(ran),
+            func.avg(total).filter(ran),
+        )
+        .group_by(recent.c.model)
+        .order_by(recent.c.model)
+    ).all()
+    hours = window.total_seconds() / 3600
+    return [
+        ModelThroughput(
+            model=model,
+            finished=int(done),
+            failed=int(failed),
+            jobs_per_hour=round(done / hours, 3),
+            mean_run_s=None if mean_run is None else round(float(mean_run), 3),
+            mean_total_s=None if mean_total is None else round(float(mean_total), 3),
+        )
+        for model, done, failed, mean_run, mean_total in rows
+    ]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

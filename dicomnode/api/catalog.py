@@ -1,0 +1,31 @@
+"""/api/studies and /api/models: what the index holds and what the node can run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from dicomnode import admin
+from dicomnode.api.auth import Actor, context
+from dicomnode.db.index import list_studies
+
+router = APIRouter(prefix="/api")
+
+
+@router.get("/studies", tags=["studies"], summary="Studies in the index, newest first")
+def studies(
+    request: Request,
+    _actor: Actor,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    with context(request).sessions() as session:
+        found = list_studies(session, limit=limit, offset=offset)
+    return {"limit": limit, "offset": offset, "studies": [asdict(s) for s in found]}
+
+
+@router.get("/models", tags=["models"], summary="Models: version, demo weights, devices")
+def models(request: Request, _actor: Actor) -> dict[str, Any]:
+    return {"models": [asdict(m) for m in admin.model_summaries(context(request).settings)]}

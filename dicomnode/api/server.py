@@ -1,0 +1,146 @@
+"""The FastAPI application and the uvicorn server ``dicomnode serve`` runs it in.
+
+This module imports neither FastAPI nor uvicorn at import time (the receiver imports it to
+wire the node); they load when the app is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from dicomnode import __version__
+from dicomnode.api.context import ApiContext, Memo, check_exposure
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+#: how long /metrics and the dashboard's throughput reuse a scan of the jobs table
+SCAN_CACHE_S = 5.0
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The API, dashboard and /metrics over ``ctx``; OpenAPI at /openapi.json, docs at /docs."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.staticfiles import StaticFiles
+
+    from dicomnode.api import catalog, dashboard, health, jobs, metrics
+    from dicomnode.errors import DicomNodeError
+
+    app = FastAPI(
+        title="dicomnode",
+        version=__version__,
+        description="Jobs, studies, models, health and metrics of a dicomnode. Every route "
+        "but /api/health needs `Authorization: Bearer <token>` when tokens are configured.",
+    )
+    app.state.context = ctx
+    app.state.echo_cache = health.EchoCache(
+        ctx.settings.api.health_cache_s,
+        ctx.settings.api.echo_timeout_s,
+        ctx.settings.node.ae_title,
+    )
+    app.state.metrics_registry = metrics.make_registry(ctx)
+    app.state.memo = Memo(SCAN_CACHE_S)
+
+    @app.exception_handler(DicomNodeError)
+    async def _error(_request: Request, exc: DicomNodeError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        return JSONResponse(
+            {"error": exc.message, "type": type(exc).__name__},
+            status_code=exc.http_status,
+            headers=headers,
+        )
+
+    for module in (health, jobs, catalog, metrics, dashboard):
+        app.include_router(module.router)
+    static = str(_static_dir())
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    return app
+
+
+def _static_dir() -> Any:
+    from importlib import resources
+
+    return resources.files("dicomnode.api").joinpath("static")
+
+
+class ApiServer:
+    """uvicorn serving :func:`create_app` in a daemon thread, on ``[api] host/port``."""
+
+    def __init__(self, ctx: ApiContext) -> None:
+        check_exposure(ctx.settings.api)
+        self.ctx = ctx
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is real even when 0 was configured."""
+        assert self._socket is not None, "API server is not started"
+        host, port = self._socket.getsockname()[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Bind now (so a busy port fails the start), serve in a thread, wait until ready."""
+        import uvicorn
+
+        api = self.ctx.settings.api
+        family = socket.AF_INET6 if ":" in api.host else socket.AF_INET
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then,
+        # and without it every keep-alive response waits ~40 ms for a delayed ACK
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((api.host, api.port))
+        except OSError as exc:
+            sock.close()
+            from dicomnode.errors import ConfigError
+
+            raise ConfigError(f"[api] {api.host}:{api.port} cannot be bound: {exc}") from exc
+        sock.listen(128)
+        self._socket = sock
+        config = uvicorn.Config(
+            create_app(self.ctx),
+            log_config=None,  # the node's logging stays as configured
+            access_log=False,  # an access line carries query strings: patient IDs, accessions
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="http-api", daemon=True
+        )
+        self._thread.start()
+        ready = threading.Event()
+        while not ready.wait(0.02):
+            if self._server.started or not self._thread.is_alive():
+                break
+            timeout -= 0.02
+            if timeout <= 0:
+                break
+        logger.info(
+            "HTTP API on %s%s",
+            self.url,
+            "" if self.ctx.tokens else " (no token: loopback only)",
+            extra={"action": "api_listen"},
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = None
