@@ -2,7 +2,7 @@
 """Job queue benchmark: claim-and-finish throughput of worker processes, and listing jobs from a
 large table, on PostgreSQL and on SQLite.
 
-    .venv/bin/python benchmarks/queue.py [--jobs 3000] [--workers 4] [--rows 100000] [--runs 50]
+    .venv/bin/python benchmarks/job_queue.py [--jobs 3000] [--workers 4] [--rows 100000] [--runs 50]
                                          [--postgres-url URL] [--skip-sqlite] [--skip-postgres]
 
 1. Throughput: ``--jobs`` queued jobs (all priorities), then ``--workers`` processes, each a
@@ -23,26 +23,20 @@ Prints a markdown report.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import multiprocessing
+import os
+import platform
+import random
+import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-# This file is named like the standard library's ``queue``: keep its folder off the path, before
-# anything (multiprocessing, psycopg) imports the real one.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import multiprocessing  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -366,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("# Job queue benchmark\n")
     print("\n".join(machine()))
-    command = " ".join(["benchmarks/queue.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["benchmarks/job_queue.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"- command: `{command}` (took {time.monotonic() - started:.0f} s)\n")
     print(
         f"## Claim-and-finish throughput: {args.workers} worker processes, {args.jobs} jobs\n\n"

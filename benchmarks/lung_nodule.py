@@ -23,23 +23,17 @@ Prints a markdown report.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import platform
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-# benchmarks/queue.py would shadow the standard library's queue (torch imports it): keep this
-# folder off the path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.api.context import ApiContext
+from dicomnode.api.server import ApiServer
 from dicomnode.config import Settings
 from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.migrate import current_revision, head_revision
@@ -23,8 +25,9 @@ from dicomnode.queue.worker import Worker
 from dicomnode.receive.server import Receiver
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
-from dicomnode.retention import purge_studies
+from dicomnode.retention import purge_results, purge_studies
 from dicomnode.routing import Router
+from dicomnode.send.sender import Sender
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +80,32 @@ class Node:
     intake: Intake
     periodic: Periodic
     workers: list[Worker]
+    sender: Sender | None = None  # the send queue's deliveries (None: no destinations)
+    #: the HTTP API, dashboard and /metrics (None: ``[api] enabled = false``)
+    api: ApiServer | None = None
 
     def start(self, *, background: bool = True) -> None:
         """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
         self.spool.prepare()
         self.receiver.start()
+        if self.api is not None:
+            self.api.start()
         if background:
             self.periodic.start()
             for worker in self.workers:
                 worker.start()
+            if self.sender is not None:
+                self.sender.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop listening, let workers finish the job in hand, then stop the periodic work."""
+        if self.api is not None:
+            self.api.stop()
         self.receiver.stop()
         for worker in self.workers:
             worker.stop(timeout)
+        if self.sender is not None:
+            self.sender.stop(timeout)
         self.periodic.shutdown()
         self.database.engine.dispose()
 
@@ -118,7 +132,10 @@ def build_node(settings: Settings) -> Node:
     if settings.node.retention_days > 0:
         keep = timedelta(days=settings.node.retention_days)
         periodic.add_job(
-            lambda: purge_studies(database.sessions, spool, datetime.now(UTC) - keep),
+            lambda: (
+                purge_studies(database.sessions, spool, datetime.now(UTC) - keep),
+                purge_results(database.sessions, spool.root, datetime.now(UTC) - keep),
+            ),
             RETENTION_EVERY_S,
             RETENTION_JOB,
         )
@@ -126,7 +143,12 @@ def build_node(settings: Settings) -> Node:
     workers = [
         Worker(
             jobs,
-            registry.job_models(worker.models, sessions=database.sessions, routes=settings.routes),
+            registry.job_models(
+                worker.models,
+                sessions=database.sessions,
+                routes=settings.routes,
+                results=settings.results,
+            ),
             device=str(resolve_device(worker.device)),  # a missing GPU fails at start
             lease_s=settings.queue.lease_s,
             heartbeat_s=settings.queue.heartbeat_s,
@@ -135,6 +157,18 @@ def build_node(settings: Settings) -> Node:
         for worker in settings.workers
     ]
     receiver = Receiver(settings, store, database.sessions)
-    node = Node(settings, database, spool, store, receiver, jobs, intake, periodic, workers)
+    sender = Sender(
+        database.sessions,
+        jobs,
+        settings.destinations,
+        spool.root,
+        calling_aet=settings.node.ae_title,
+    )
+    api = None
+    if settings.api.enabled:  # refuses a non-loopback host without a token
+        api = ApiServer(ApiContext(settings, database.sessions, jobs, tuple(workers)))
+    node = Node(
+        settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
+    )
     receiver.on_association_closed = node.wake_intake
     return node

@@ -12,15 +12,19 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dicomnode import __version__
 from dicomnode.errors import DicomNodeError
+
+if TYPE_CHECKING:
+    from dicomnode.admin import ModelSummary
 
 logger = logging.getLogger("dicomnode.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     from dicomnode import log
 
@@ -32,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
     parser.add_argument(
@@ -67,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     jobs_list.add_argument("--state", help="only these states, comma-separated")
     jobs_list.add_argument("--model")
     jobs_list.add_argument("--study", metavar="STUDY_UID")
+    jobs_list.add_argument("--accession", metavar="ACCESSION_NUMBER")
+    jobs_list.add_argument("--patient-id", metavar="PATIENT_ID")
+    jobs_list.add_argument(
+        "--since", metavar="WHEN", help="received since: 2h, 30m, 3d, 1w, or ISO 8601 (UTC)"
+    )
     jobs_list.add_argument("--limit", type=int, default=50)
     jobs_list.add_argument("--offset", type=int, default=0)
     jobs_list.add_argument("--json", action="store_true", help="print JSON")
@@ -82,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(func=_jobs_action, jobs_action=action)
 
+    models = commands.add_parser("models", help="the models this node can run")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_commands.add_parser(
+        "list", help="name, version, demo weights, level, what it accepts, where it runs"
+    )
+    _config_option(models_list)
+    models_list.add_argument("--json", action="store_true", help="print JSON")
+    models_list.set_defaults(func=_models_list)
+
     route = commands.add_parser("route", help="routing rules")
     route_commands = route.add_subparsers(dest="route_command", required=True)
     route_explain = route_commands.add_parser(
@@ -93,9 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     route_explain.add_argument("--json", action="store_true", help="print JSON")
     route_explain.set_defaults(func=_route_explain)
 
-    send = commands.add_parser("send", help="send DICOM files with C-STORE")
-    send.add_argument("files", nargs="+", type=Path, help="files or folders")
-    send.add_argument("--to", required=True, metavar="AET@HOST:PORT")
+    send = commands.add_parser(
+        "send",
+        help="send DICOM files with C-STORE, or a job's results again",
+        description="FILES... --to AET@HOST:PORT sends files now; --job ID queues a job's "
+        "result objects again for its destinations (or --destination NAME), dead sends too",
+    )
+    send.add_argument("files", nargs="*", type=Path, help="files or folders")
+    send.add_argument("--to", metavar="AET@HOST:PORT")
+    send.add_argument("--job", type=int, metavar="ID", help="queue this job's results again")
+    send.add_argument(
+        "--destination", action="append", metavar="NAME", help="with --job: only to this one"
+    )
+    _config_option(send)
     send.add_argument("--calling-aet", default="DICOMNODE")
     send.add_argument("--tls-ca", help="CA file that signed the peer's certificate (enables TLS)")
     send.add_argument("--tls-cert", help="our certificate, for peers that verify senders")
@@ -103,6 +131,21 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=60.0)
     send.add_argument("--json", action="store_true", help="print one JSON result per file")
     send.set_defaults(func=_send)
+
+    demo = commands.add_parser(
+        "demo", help="send phantom studies to a running node and show what it found"
+    )
+    _config_option(demo)
+    demo.add_argument("--to", help="the node as AET@HOST:PORT (default: from the config)")
+    demo.add_argument("--api", help="the node's API URL (default: from the config)")
+    demo.add_argument("--token", help="the API's bearer token (default: from the config)")
+    demo.add_argument(
+        "--studies", default="chest,brain,retina", help="which: chest, brain, retina (default all)"
+    )
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for results")
+    demo.add_argument("--keep", type=Path, help="write the studies here and keep them")
+    demo.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    demo.set_defaults(func=_demo)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -134,7 +177,8 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = node.receiver.address
     print(
         f"dicomnode {__version__}: {settings.node.ae_title} listening on {host}:{port}, "
-        f"storage {node.spool.root}",
+        f"storage {node.spool.root}"
+        + (f", HTTP API on {node.api.url}" if node.api is not None else ""),
         flush=True,
     )
     stopping.wait()
@@ -235,13 +279,20 @@ def _jobs_repository(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _jobs_list(args: argparse.Namespace) -> int:
-    states = [s.strip() for s in args.state.split(",")] if args.state else None
-    try:
-        jobs = _jobs_repository(args).list(
-            state=states, model=args.model, study=args.study, limit=args.limit, offset=args.offset
-        )
-    except ValueError as exc:  # an unknown state
-        raise DicomNodeError(str(exc)) from exc
+    from dicomnode import admin
+
+    jobs, _total = admin.list_jobs(
+        _jobs_repository(args),
+        state=args.state,
+        model=args.model,
+        study=args.study,
+        accession=args.accession,
+        patient_id=args.patient_id,
+        since=args.since,
+        limit=args.limit,
+        offset=args.offset,
+        with_total=False,
+    )
     if args.json:
         print(json.dumps([job.as_json() for job in jobs], indent=2))
         return 0
@@ -264,6 +315,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
 
 
 def _jobs_action(args: argparse.Namespace) -> int:
+    from dicomnode import admin, audit
     from dicomnode.queue import JobNotFound
 
     repository = _jobs_repository(args)
@@ -271,19 +323,78 @@ def _jobs_action(args: argparse.Namespace) -> int:
         job = repository.get(args.job_id)
         if job is None:
             raise JobNotFound(f"no job {args.job_id}")
-    elif args.jobs_action == "retry":
-        job = repository.retry(args.job_id)
+        return _jobs_show(admin.job_detail(repository.sessions, job), as_json=args.json)
+    if args.jobs_action == "retry":
+        job = repository.retry(args.job_id, actor=audit.cli_actor())
     else:
-        job = repository.cancel(args.job_id)
-    values = job.as_json()
+        job = repository.cancel(args.job_id, actor=audit.cli_actor())
     if args.json:
-        print(json.dumps(values, indent=2))
-    elif args.jobs_action == "show":
-        for key, value in values.items():
-            print(f"{key + ':':<20} {'' if value is None else value}")
+        print(json.dumps(job.as_json(), indent=2))
     else:
         print(f"job {job.id} {job.state}")
     return 0
+
+
+def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
+    """One job: its values, then each stage with its time, what was sent where, its audit."""
+    if as_json:
+        print(json.dumps(values, indent=2))
+        return 0
+    stages, sends, events = values["stages"], values["sends"], values["audit"]
+    skip = {"stages", "sends", "audit", "result", *(f"{name}_at" for name in stages)}
+    for key, value in values.items():
+        if key not in skip:
+            print(f"{key + ':':<20} {'' if value is None else value}")
+    print("stages:")
+    for name, at in stages.items():
+        print(f"  {name:<10} {at or '-'}")
+    print("sends:" if sends else "sends:              none")
+    if sends:
+        header = ("DESTINATION", "KIND", "STATE", "ATTEMPTS", "LAST ERROR")
+        rows = [
+            (s["destination"], s["kind"], s["state"], str(s["attempts"]),
+             (s["last_error"] or "").splitlines()[0][:60] if s["last_error"] else "")
+            for s in sends
+        ]  # fmt: skip
+        _print_table(header, rows, indent="  ")
+    print("audit:" if events else "audit:              none")
+    for event in events:
+        detail = f" ({event['detail']})" if event["detail"] else ""
+        print(f"  {event['at']}  {event['action']:<10} {event['actor']}{detail}")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from dicomnode.admin import model_summaries
+    from dicomnode.config import load_settings
+
+    models = model_summaries(load_settings(args.config))
+    if args.json:
+        print(json.dumps([asdict(m) for m in models], indent=2))
+        return 0
+    header = ("NAME", "VERSION", "WEIGHTS", "LEVEL", "ACCEPTS", "DEVICES")
+    rows = [
+        (
+            m.name,
+            m.version,
+            "demo" if m.demo else m.source,
+            m.level,
+            _accepts(m),
+            ",".join(m.devices) or "(no worker)",
+        )
+        for m in models
+    ]
+    _print_table(header, rows)
+    return 0
+
+
+def _accepts(model: ModelSummary) -> str:
+    parts = [",".join(model.modalities) or "any modality"]
+    if model.min_slices > 1:
+        parts.append(f">= {model.min_slices} slices")
+    if model.inputs:
+        parts.append("series " + "+".join(model.inputs))
+    return ", ".join(parts)
 
 
 def _route_explain(args: argparse.Namespace) -> int:
@@ -377,6 +488,12 @@ def _send(args: argparse.Namespace) -> int:
     from dicomnode.receive.tls import client_context
     from dicomnode.send.scu import Destination, send_files
 
+    if args.job is not None:
+        if args.files or args.to:
+            raise DicomNodeError("send: give either --job ID or FILES... --to AET@HOST:PORT")
+        return _send_job(args)
+    if not args.files or not args.to:
+        raise DicomNodeError("send: FILES... and --to AET@HOST:PORT are required (or --job ID)")
     destination = Destination.parse(args.to)
     context = None
     if args.tls_ca or args.tls_cert:
@@ -411,6 +528,59 @@ def _send(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _send_job(args: argparse.Namespace) -> int:
+    from dicomnode import audit
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+    from dicomnode.send.queue import SendQueue
+
+    settings = load_settings(args.config)
+    for name in args.destination or ():
+        settings.destination(name)  # an unknown name fails here, naming the known ones
+    database = open_database(settings, migrate=False)
+    targets = SendQueue(database.sessions).requeue(args.job, args.destination)
+    audit.record_event(
+        database.sessions,
+        audit.cli_actor(),
+        "resend",
+        job_id=args.job,
+        detail=f"to {', '.join(targets)}",
+    )
+    print(f"job {args.job}: results queued again for {', '.join(targets)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+    from dataclasses import asdict
+
+    from dicomnode.config import load_settings
+    from dicomnode.demo import Api, describe, run_demo
+    from dicomnode.send.scu import Destination
+
+    settings = load_settings(args.config)
+    local = "127.0.0.1" if settings.node.host in ("0.0.0.0", "::", "") else settings.node.host
+    destination = Destination.parse(
+        args.to or f"{settings.node.ae_title}@{local}:{settings.node.port}"
+    )
+    api_host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::", "") else settings.api.host
+    token = args.token or settings.api.token or next(iter(settings.api.tokens.values()), "")
+    api = Api(args.api or f"http://{api_host}:{settings.api.port}", token)
+    names = [name.strip() for name in args.studies.split(",") if name.strip()]
+    say = (lambda _text: None) if args.json else print
+    with tempfile.TemporaryDirectory(prefix="dicomnode-demo-") as scratch:
+        folder = args.keep or Path(scratch)
+        outcomes = run_demo(destination, api, folder, names=names, timeout_s=args.timeout, say=say)
+    if args.json:
+        print(json.dumps([asdict(o) for o in outcomes], indent=2, default=_json_default))
+    else:
+        for outcome in outcomes:
+            print()
+            print("\n".join(describe(outcome)))
+    ended = all(job["state"] == "done" for o in outcomes for job in o.jobs)
+    return 0 if ended and all(o.jobs for o in outcomes) else 1
+
+
 def _db_upgrade(args: argparse.Namespace) -> int:
     from dicomnode.app import open_database, restrict_new_files
     from dicomnode.config import load_settings
@@ -422,10 +592,11 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, indent: str = "") -> None:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
     for row in (header, *rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        line = "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+        print(indent + line.rstrip())
 
 
 def _json_default(value: object) -> object:

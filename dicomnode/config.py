@@ -183,12 +183,175 @@ class QueueSettings(_Section):
     retention_days: float = Field(30.0, gt=0)
 
 
-class ApiSettings(_Section):
-    """The HTTP API (served by a later component; read here so one file configures the node)."""
+class ResultsSettings(_Section):
+    """The DICOM objects written from a job's findings (``[results]``): a SEG, a TID 1500 SR
+    and, for a classification's attention map, Secondary Capture images, each a new series in
+    the source study."""
 
+    enabled: bool = True
+    seg: bool = True
+    sr: bool = True
+    sc: bool = True
+    seg_series_number: int = Field(9901, ge=1, le=2**31 - 1)
+    sr_series_number: int = Field(9902, ge=1, le=2**31 - 1)
+    sc_series_number: int = Field(9903, ge=1, le=2**31 - 1)
+    #: Series Description templates: {model}, {version}; " (demo)" is added for demo weights
+    seg_description: str = "{model} segmentation"
+    sr_description: str = "{model} findings"
+    sc_description: str = "{model} attention map"
+    manufacturer: str = Field("dicomnode", min_length=1, max_length=64)
+    institution_name: str = Field("", max_length=64)
+    device_serial_number: str = Field("1", min_length=1, max_length=64)
+    #: "" derives 2.25.<UUID> UIDs; else an organisation's root, e.g. "1.2.826.0.1.3680043.10.9"
+    uid_root: str = ""
+    #: Secondary Capture: at most this many frames (the most attended), heat map opacity
+    sc_max_frames: int = Field(3, ge=1, le=100)
+    sc_opacity: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("seg_description", "sr_description", "sc_description")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        try:
+            value.format(model="m", version="v")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"description template {value!r} may use only {{model}} and {{version}}: {exc}"
+            ) from exc
+        return value
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_root(cls, value: str) -> str:
+        root = value.strip().removesuffix(".")
+        if not root:
+            return ""
+        if not all(p.isdigit() and (p == "0" or p[0] != "0") for p in root.split(".")):
+            raise ValueError(f"UID root {value!r} must be numbers without leading zeros, dotted")
+        if len(root) > 40:  # the rest of a 64-character UID is the derived part
+            raise ValueError(f"UID root {value!r} is {len(root)} characters; at most 40")
+        return root + "."
+
+
+class ClientTLSSettings(_Section):
+    """DICOM TLS towards a destination: ``ca`` verifies its certificate (none: not verified);
+    ``cert`` and ``key`` are ours, for destinations that verify senders."""
+
+    enabled: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> ClientTLSSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("destination tls.cert and tls.key go together")
+        return self
+
+
+class DestinationSettings(_Section):
+    """Where results go (``[[destinations]]``): a C-STORE SCP (``ae_title``, ``host``,
+    ``port``), a STOW-RS service (``url``), or the AE that sent the job's input
+    (``return_to_sender``, at its host on ``port``). Sends retry with exponential backoff
+    (``backoff_s``, doubling up to ``max_backoff_s``) and are given up after ``max_attempts``."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = None  # STOW-RS base: POST {url}/studies
+    return_to_sender: bool = False
+    #: our AE title on associations to this destination (default: node.ae_title)
+    calling_aet: str | None = None
+    tls: ClientTLSSettings = ClientTLSSettings()
+    token: str = ""  # STOW-RS: sent as "Authorization: Bearer <token>"
+    headers: dict[str, str] = {}  # STOW-RS: more HTTP headers
+    max_attempts: int = Field(10, ge=1)
+    backoff_s: float = Field(30.0, ge=0)
+    max_backoff_s: float = Field(3600.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    batch: int = Field(100, ge=1)  # objects per association or STOW-RS request
+
+    @field_validator("ae_title", "calling_aet")
+    @classmethod
+    def _check_aets(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DestinationSettings:
+        dimse = self.ae_title is not None or self.host is not None
+        kinds = [k for k, on in (("C-STORE", dimse), ("url", self.url is not None),
+                                 ("return_to_sender", self.return_to_sender)) if on]  # fmt: skip
+        if len(kinds) != 1:
+            raise ValueError(
+                f"destination {self.name!r} needs exactly one of ae_title/host/port, url or "
+                f"return_to_sender = true (got {', '.join(kinds) or 'none'})"
+            )
+        if dimse and (self.ae_title is None or self.host is None or self.port is None):
+            raise ValueError(f"destination {self.name!r} needs ae_title, host and port together")
+        if self.return_to_sender and self.port is None:
+            raise ValueError(
+                f"destination {self.name!r}: return_to_sender needs the port the sender's "
+                "C-STORE SCP listens on"
+            )
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r}: url {self.url!r} is not http(s)://")
+        return self
+
+    @property
+    def kind(self) -> Literal["dimse", "stow", "return_to_sender"]:
+        if self.url is not None:
+            return "stow"
+        return "return_to_sender" if self.return_to_sender else "dimse"
+
+
+class ApiSettings(_Section):
+    """The HTTP API, dashboard and /metrics that ``serve`` runs (port 0: any free port).
+
+    A bearer token guards everything but /api/health: ``token`` (audited as ``token:admin``) or
+    named ``tokens`` (name -> secret, audited as ``token:<name>``). With none the API is open,
+    which the node allows only on a loopback host.
+    """
+
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str = ""
+    tokens: dict[str, str] = {}
+    #: health: C-ECHO each DIMSE destination with this timeout, at most once per cache period
+    echo_timeout_s: float = Field(2.0, gt=0)
+    health_cache_s: float = Field(30.0, ge=0)
+
+
+#: The four MR sequences of a brain tumor study, as the brain-mri route of the embedded defaults
+#: recognises them (the same patterns as models/brain_tumor/model.toml and the example config).
+BRAIN_SEQUENCES = {
+    "T1c": r"(?i)(t1|mprage|spgr|bravo|tfe).*(\+c|c\+|post|gd|gad|contrast)"
+    r"|(\+c|post|gd|gad).*(t1|mprage|spgr|bravo|tfe)",
+    "T1": r"(?i)t1|mprage|spgr|bravo|tfe",
+    "T2": r"(?i)t2(?!\s*\*)(?!.*(flair|dark.?fluid|tirm|swi|gre|star))",
+    "FLAIR": r"(?i)flair|dark.?fluid|tirm",
+}
+#: With no config, each demo model gets its studies, and the results stay in the node (no
+#: destination is known until one is configured); ``routes = []`` routes nothing.
+DEFAULT_ROUTES = (
+    RouteSettings(
+        name="chest-ct",
+        model="lung_nodule",
+        match={
+            "Modality": "CT",
+            "BodyPartExamined": ["CHEST", "LUNG", "THORAX"],
+            "slices": {"min": 50},
+        },
+    ),
+    RouteSettings(
+        name="brain-mri",
+        model="brain_tumor",
+        level="study",
+        match={"Modality": "MR", "StudyDescription": "re:(?i)brain|head|neuro"},
+        completion=CompletionSettings(required_series=BRAIN_SEQUENCES),
+    ),
+    RouteSettings(name="retina", model="oct_grading", match={"Modality": ["OPT", "OP"]}),
+)
 
 
 class Settings(BaseSettings):
@@ -205,10 +368,12 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     api: ApiSettings = ApiSettings()
     routing: RoutingSettings = RoutingSettings()
-    routes: tuple[RouteSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = DEFAULT_ROUTES
     workers: tuple[WorkerSettings, ...] = (WorkerSettings(),)
     queue: QueueSettings = QueueSettings()
     models: ModelsSettings = ModelsSettings()
+    destinations: tuple[DestinationSettings, ...] = ()
+    results: ResultsSettings = ResultsSettings()
 
     @model_validator(mode="after")
     def _routes_consistent(self) -> Settings:
@@ -220,7 +385,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"routing.fallback {self.routing.fallback!r} names no route (routes: {names})"
             )
+        targets = [destination.name for destination in self.destinations]
+        repeated = sorted({name for name in targets if targets.count(name) > 1})
+        if repeated:
+            raise ValueError(f"destination names must be unique; repeated: {repeated}")
+        for route in self.routes:
+            unknown = [name for name in route.destinations if name not in targets]
+            if unknown:
+                raise ValueError(
+                    f"route {route.name!r} sends to {unknown}, which no [[destinations]] "
+                    f"names (destinations: {targets})"
+                )
         return self
+
+    def destination(self, name: str) -> DestinationSettings:
+        """The destination called ``name``; ConfigError naming the known ones if none is."""
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        known = [d.name for d in self.destinations]
+        raise ConfigError(f"no destination {name!r} is configured (destinations: {known})")
 
     @classmethod
     def settings_customise_sources(

@@ -24,6 +24,7 @@ from pydicom import dcmread
 from sqlalchemy import and_, func, or_, select, true
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import audit
 from dicomnode.completion import (
     SeriesSnapshot,
     StudySeries,
@@ -169,6 +170,7 @@ class Intake:
                 state=JobState.SKIPPED,
                 received_at=first_received,
                 error="no route matched (see `dicomnode route explain`)",
+                actor=audit.NODE,
             )
         for route in decision.routes:
             common = {
@@ -179,6 +181,7 @@ class Intake:
                 "level": route.level,
                 "priority": int(route.priority),
                 "received_at": first_received,
+                "actor": audit.NODE,
             }
             if route.level == "series":
                 self.jobs.enqueue(
@@ -205,7 +208,7 @@ class Intake:
         """A late instance: a job of the earlier generation that has not started yet is moot."""
         for job in self.jobs.list(state=JobState.QUEUED, series=series_uid, limit=1000):
             try:
-                self.jobs.cancel(job.id)
+                self.jobs.cancel(job.id, actor=audit.NODE, reason="superseded by a late instance")
             except JobStateError:
                 continue  # a worker took it meanwhile: it runs, and the new generation too
             logger.info(

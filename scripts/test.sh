@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check dicomnode tests benchmarks
+.venv/bin/ruff check dicomnode tests benchmarks models
+.venv/bin/ruff format --check dicomnode tests benchmarks models
 .venv/bin/python -m pytest "$@"

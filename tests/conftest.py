@@ -24,6 +24,10 @@ def make_settings(storage: Path, **sections: dict[str, Any]) -> Settings:
     # The embedded worker runs the echo test model unless a test asks for more: loading the
     # real models (torch, weights) in every node test would only slow the suite down.
     sections.setdefault("workers", [{"models": ["echo"]}])
+    # No routes unless a test gives them (the embedded defaults route to the demo models).
+    sections.setdefault("routes", [])
+    # The HTTP API only where a test asks for it (api={...}); port 0 when it does.
+    sections["api"] = {"enabled": "api" in sections, "port": 0, **sections.get("api", {})}
     return Settings(node=node, **sections)
 
 

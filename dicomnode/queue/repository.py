@@ -34,11 +34,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import audit
 from dicomnode.config import QueueSettings
-from dicomnode.db.models import Job
+from dicomnode.db.models import Job, Patient, Study
 from dicomnode.db.session import make_session_factory
 from dicomnode.domain import FINAL_STATES, JobState, Priority
 from dicomnode.errors import DicomNodeError
+from dicomnode.send.queue import add_sends
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +195,11 @@ class JobRepository:
         bind = sessions.kw.get("bind")
         self._dialect = bind.dialect.name if bind is not None else ""
 
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory, for reads beside the queue's (an admin's view of a job)."""
+        return self._sessions
+
     def now(self) -> datetime:
         return self._clock().astimezone(UTC)
 
@@ -219,11 +226,13 @@ class JobRepository:
         received_at: datetime | None = None,
         completed_at: datetime | None = None,
         error: str | None = None,
+        actor: str | None = None,
     ) -> JobRecord:
         """Add a job, or return the one that already has ``dedupe_key`` (never a second one).
 
         ``state`` is ``waiting`` (its series is not complete; :meth:`mark_queued` later),
         ``queued`` (runnable now) or ``skipped`` (recorded only, with ``error`` as the reason).
+        With ``actor``, a new job's audit event (``routed``, or ``skipped``) commits with it.
         """
         state = JobState(state)
         if state not in (JobState.WAITING, JobState.QUEUED, JobState.SKIPPED):
@@ -254,6 +263,17 @@ class JobRepository:
         with self._sessions.begin() as session:
             created = self._insert_new(session, values)
             row = session.execute(select(jobs).where(jobs.c.dedupe_key == dedupe_key)).one()
+            if created and actor is not None:
+                skipped = state is JobState.SKIPPED
+                audit.add_event(
+                    session,
+                    actor,
+                    "skipped" if skipped else "routed",
+                    job_id=row.id,
+                    study_instance_uid=study_instance_uid,
+                    detail="no route matched" if skipped else f"route {route}, model {model}",
+                    at=now,
+                )
         record = _record(row)
         if created:
             logger.info(
@@ -460,6 +480,8 @@ class JobRepository:
                         updated_at=now,
                     )
                 )
+                if state is JobState.SENDING:  # in this transaction: a crash loses no send
+                    add_sends(session, job_id, row.destinations, result, now)
         if state is None:
             logger.warning(
                 "job %s: result from %s dropped, it no longer holds the lease",
@@ -543,9 +565,12 @@ class JobRepository:
 
     # -- admin actions -----------------------------------------------------------------------------
 
-    def cancel(self, job_id: int) -> JobRecord:
+    def cancel(
+        self, job_id: int, *, actor: str | None = None, reason: str | None = None
+    ) -> JobRecord:
         """Any unfinished job -> ``cancelled``. A running job's worker sees it at its next
-        heartbeat and drops its result. Raises JobNotFound, or JobStateError when final."""
+        heartbeat and drops its result. Raises JobNotFound, or JobStateError when final.
+        With ``actor``, the ``cancelled`` audit event (detail ``reason``) commits with it."""
         now = self.now()
         return self._admin_transition(
             job_id,
@@ -559,11 +584,13 @@ class JobRepository:
             },
             action="job_cancelled",
             done="cancelled",
+            audit_event=("cancelled", actor, reason),
         )
 
-    def retry(self, job_id: int) -> JobRecord:
+    def retry(self, job_id: int, *, actor: str | None = None) -> JobRecord:
         """A failed or cancelled job -> ``queued`` now, with its attempts reset and its error
-        cleared. Raises JobNotFound, or JobStateError for any other state."""
+        cleared. Raises JobNotFound, or JobStateError for any other state.
+        With ``actor``, the ``retried`` audit event commits with it."""
         now = self.now()
         return self._admin_transition(
             job_id,
@@ -586,6 +613,7 @@ class JobRepository:
             },
             action="job_retried",
             done="queued again by retry",
+            audit_event=("retried", actor, None),
         )
 
     def _admin_transition(
@@ -597,14 +625,27 @@ class JobRepository:
         values: dict[str, Any],
         action: str,
         done: str,
+        audit_event: tuple[str, str | None, str | None] = ("", None, None),
     ) -> JobRecord:
-        """An admin's change of one job's state, decided under the row's lock."""
+        """An admin's change of one job's state, decided under the row's lock; the audit
+        event (action, actor, detail) commits with it when it names an actor."""
         with self._sessions.begin() as session:
             state = self._locked_state(session, job_id)
             if not allowed(state):
                 raise JobStateError(f"job {job_id} is {state}; {refusal}")
             session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
             row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
+            audit_action, actor, detail = audit_event
+            if actor is not None:
+                audit.add_event(
+                    session,
+                    actor,
+                    audit_action,
+                    job_id=job_id,
+                    study_instance_uid=row.study_instance_uid,
+                    detail=detail or f"was {state}",
+                    at=self.now(),
+                )
         logger.info(
             "job %s %s (was %s)", job_id, done, state, extra={"action": action, "job_id": job_id}
         )
@@ -699,25 +740,38 @@ class JobRepository:
         model: str | None = None,
         study: str | None = None,
         series: str | None = None,
+        accession: str | None = None,
+        patient_id: str | None = None,
+        since: datetime | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[JobRecord]:
         """Jobs, newest first, optionally only those in ``state`` (one or several), of
-        ``model``, or of a study or series (by instance UID)."""
-        query = select(jobs)
-        states = _state_values(state)
-        if states is not None:
-            query = query.where(jobs.c.state.in_(states))
-        if model is not None:
-            query = query.where(jobs.c.model == model)
-        if study is not None:
-            query = query.where(jobs.c.study_instance_uid == study)
-        if series is not None:
-            query = query.where(jobs.c.series_instance_uid == series)
+        ``model``, of a study or series (by instance UID), of the studies with an accession
+        number or patient ID (indexed lookups in the index), or received ``since``."""
+        query = select(jobs).where(
+            *_filters(state, model, study, series, accession, patient_id, since)
+        )
         query = query.order_by(jobs.c.id.desc()).limit(limit).offset(offset)
         with self._sessions() as session:
             rows = session.execute(query).all()
         return [_record(row) for row in rows]
+
+    def count(
+        self,
+        *,
+        state: str | Iterable[str] | None = None,
+        model: str | None = None,
+        study: str | None = None,
+        series: str | None = None,
+        accession: str | None = None,
+        patient_id: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        """How many jobs :meth:`list` would page through with the same filters."""
+        where = _filters(state, model, study, series, accession, patient_id, since)
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(jobs).where(*where)) or 0)
 
     def counts_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state, zeros included)."""
@@ -727,6 +781,39 @@ class JobRepository:
         for state, count in rows:
             counts[JobState(state)] = count
         return counts
+
+
+def _filters(
+    state: str | Iterable[str] | None,
+    model: str | None,
+    study: str | None,
+    series: str | None,
+    accession: str | None,
+    patient_id: str | None,
+    since: datetime | None,
+) -> list[Any]:
+    """The WHERE clauses of a job listing."""
+    where: list[Any] = []
+    states = _state_values(state)
+    if states is not None:
+        where.append(jobs.c.state.in_(states))
+    if model is not None:
+        where.append(jobs.c.model == model)
+    if study is not None:
+        where.append(jobs.c.study_instance_uid == study)
+    if series is not None:
+        where.append(jobs.c.series_instance_uid == series)
+    if accession is not None or patient_id is not None:
+        studies = select(Study.study_instance_uid)
+        if accession is not None:
+            studies = studies.where(Study.accession_number == accession)
+        if patient_id is not None:
+            patients = select(Patient.id).where(Patient.patient_id == patient_id)
+            studies = studies.where(Study.patient_pk.in_(patients))
+        where.append(jobs.c.study_instance_uid.in_(studies))
+    if since is not None:
+        where.append(jobs.c.received_at >= since.astimezone(UTC))
+    return where
 
 
 def _clip(error: str | None) -> str | None:

@@ -15,6 +15,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import audit
 from dicomnode.config import Settings
 from dicomnode.db import index
 from dicomnode.receive.association import AssociationHandler
@@ -147,14 +148,25 @@ class Receiver:
         if handler.pk is not None:
             try:
                 with self.sessions.begin() as session:
+                    closed_at = datetime.now(UTC)
                     index.close_association(
                         session,
                         handler.pk,
                         outcome=outcome,
-                        closed_at=datetime.now(UTC),
+                        closed_at=closed_at,
                         stored=handler.stored,
                         refused=handler.refused,
                     )
+                    if (handler.stored or handler.refused) and handler.peer is not None:
+                        # One audit row per association, in the same commit: off the
+                        # per-instance path.
+                        audit.add_event(
+                            session,
+                            audit.aet_actor(handler.peer.calling_aet, handler.host),
+                            "received",
+                            detail=_received_detail(handler.stored, handler.refused),
+                            at=closed_at,
+                        )
             except Exception:
                 logger.exception(
                     "Could not record association end", extra={"action": "association_close"}
@@ -169,3 +181,7 @@ class Receiver:
             handler.refused,
             extra={"action": "association_close"},
         )
+
+
+def _received_detail(stored: int, refused: int) -> str:
+    return f"{stored} instances" + (f", {refused} refused" if refused else "")

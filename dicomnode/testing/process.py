@@ -21,6 +21,7 @@ def node_env(storage: Path, port: int, **settings: str) -> dict[str, str]:
         "DICOMNODE_NODE__PORT": str(port),
         "DICOMNODE_NODE__STORAGE_DIR": str(storage),
         "DICOMNODE_NODE__MIN_FREE_DISK_MB": "1",
+        "DICOMNODE_API__PORT": "0",  # the HTTP API on any free port, never a fixed one
     }
     env.pop("DICOMNODE_CONFIG", None)
     env.update({f"DICOMNODE_NODE__{key.upper()}": value for key, value in settings.items()})

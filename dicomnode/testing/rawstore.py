@@ -190,7 +190,10 @@ class RawAssociation:
         for index, chunk in enumerate(chunks or [b""]):
             last = index == len(chunks or [b""]) - 1
             self.sock.sendall(pdu.encode_p_data(1, 0x02 if last else 0x00, chunk))
-        return read_status(self.sock)
+        try:
+            return read_status(self.sock)
+        except pdu.PeerClosed as exc:
+            raise ConnectionError("the node closed the connection instead of answering") from exc
 
     def release(self) -> None:
         from dicomnode.receive import pdu

@@ -564,7 +564,7 @@ class LungNoduleModel(Model):
         if floor is not None:
             found = [c for c in found if c.detector_score >= floor]
         self.classify(volume, found)
-        return sorted(found, key=lambda c: -c.probability)
+        return _distinct(sorted(found, key=lambda c: -c.probability))
 
     def to_findings(self, volume: Any, candidates: Sequence[Candidate]) -> Findings:
         """Measure each candidate on the source grid; findings with the ``nodules`` mask."""
@@ -615,6 +615,21 @@ class LungNoduleModel(Model):
                 "false_positive_reduction": self.classifier is not None,
             },
         )
+
+
+def _distinct(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Best first, without candidates whose centre lies inside a better one: a second box on
+    one nodule (offset, or of another size) can overlap it too little for the detector's
+    non-maximum suppression, yet no other nodule can have its centre inside this one."""
+    kept: list[Candidate] = []
+    for candidate in candidates:
+        inside = any(
+            np.linalg.norm(candidate.centre_mm - other.centre_mm) < float(np.max(other.size_mm)) / 2
+            for other in kept
+        )
+        if not inside:
+            kept.append(candidate)
+    return kept
 
 
 class DemoNetworks(nn.Module):

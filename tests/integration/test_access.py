@@ -382,6 +382,10 @@ def test_plain_tcp_to_tls_port_is_refused(
         assert _refused(echo), _output(echo)
         stored = peers.storescu(port_of(tls_node), _ct_files(tmp_path / "series"))
         assert _refused(stored), _output(stored)
+        # the node logs a refusal in the connection's thread, which may end after the peer exits
+        deadline = time.monotonic() + 10
+        while len(_actions(caplog, TLS_REFUSED)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert instance_count(tls_node) == 0
     assert len(_actions(caplog, TLS_REFUSED)) == 2
 

@@ -26,6 +26,12 @@ CONFIG = """
 mode = "first"
 fallback = "other"
 
+[[destinations]]
+name = "PACS"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 104
+
 [[routes]]
 name = "er-ct"
 model = "triage_ct"

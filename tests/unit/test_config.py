@@ -67,7 +67,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "deploy" / "dicomnode.example.toml"
     settings = load_settings(example)
-    assert [route.name for route in settings.routes] == ["chest-ct", "brain-mri"]
+    assert [route.name for route in settings.routes] == ["chest-ct", "brain-mri", "retina"]
     brain = settings.routes[1]
     assert brain.level == "study" and list(brain.completion.required_series) == [
         "T1c", "T1", "T2", "FLAIR"]  # fmt: skip
@@ -79,3 +79,24 @@ def test_fallback_must_name_a_route(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(config)
     assert "'nowhere' names no route" in str(raised.value) and "{" not in str(raised.value)
+
+
+def test_embedded_defaults_route_each_demo_model() -> None:
+    import tomllib
+
+    from dicomnode.config import BRAIN_SEQUENCES, Settings
+
+    settings = Settings()
+    assert {route.name: route.model for route in settings.routes} == {
+        "chest-ct": "lung_nodule",
+        "brain-mri": "brain_tumor",
+        "retina": "oct_grading",
+    }
+    assert all(not route.destinations for route in settings.routes)  # no PACS known yet
+    # the brain route's sequences are the model's and the example config's, word for word
+    repo = Path(__file__).resolve().parents[2]
+    model = tomllib.loads((repo / "models/brain_tumor/model.toml").read_text())
+    assert model["accepts"]["inputs"] == BRAIN_SEQUENCES
+    example = tomllib.loads((repo / "deploy/dicomnode.example.toml").read_text())
+    (brain,) = [route for route in example["routes"] if route["name"] == "brain-mri"]
+    assert brain["completion"]["required_series"] == BRAIN_SEQUENCES

@@ -43,7 +43,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         engine = make_engine(request.getfixturevalue("postgres_url"))
         upgrade(engine)
         with engine.begin() as connection:
-            connection.execute(text("truncate jobs restart identity"))
+            connection.execute(text("truncate jobs restart identity cascade"))
     else:
         engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
         upgrade(engine)

@@ -162,6 +162,9 @@ def test_config_file_values_compile(tmp_path: Path) -> None:
     config.write_text(
         "[routing]\n"
         'fallback = "other"\n'
+        "[[destinations]]\n"
+        'name = "PACS"\n'
+        'url = "http://127.0.0.1:8042/dicom-web"\n'
         "[[routes]]\n"
         'name = "chest-ct"\n'
         'model = "lung_nodule_ct"\n'
