@@ -253,6 +253,7 @@ def pacs_outage(root: Path, jobs: int, outage_s: float) -> dict[str, Any]:
             f'[node]\nstorage_dir = "{storage}"\n'
             f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
             f"port = {pacs.dicom_port}\nbackoff_s = 1\nmax_backoff_s = 5\ntimeout_s = 5\n"
+            "max_attempts = 1000\n"  # retried through the whole outage, never given up
             f'[[destinations]]\nname = "archive"\nae_title = "STORESCP"\nhost = "127.0.0.1"\n'
             f"port = {archive_port}\nbackoff_s = 1\nmax_backoff_s = 5\n"
         )
@@ -287,7 +288,7 @@ def pacs_outage(root: Path, jobs: int, outage_s: float) -> dict[str, Any]:
             back_at = time.monotonic()
             deadline = back_at + 600
             while time.monotonic() < deadline:
-                if all(repo.get(i).state is JobState.DONE for i in ids):  # type: ignore[union-attr]
+                if all(repo.get(i).final for i in ids):  # type: ignore[union-attr]
                     break
                 time.sleep(0.2)
             catch_up = time.monotonic() - back_at

@@ -13,6 +13,14 @@ Importing this package imports neither torch nor MONAI: they load when a model i
 - :func:`load_bundle`: a bundle directory's network with its weights.
 """
 
+import os
+
+# torch's OpenMP threads spin after each parallel region by default; on a CPU worker that spin
+# takes a core from the loading, preprocessing and writing around the network (measured: series
+# load 0.76 -> 0.55 s, mask writing 0.21 -> 0.12 s for a 512x512x300 CT on 2 cores). It only
+# takes effect before torch is first imported, which this package never does itself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from dicomnode.inference.bundle import Bundle, bundle_layout, load_bundle
 from dicomnode.inference.device import (
     CPU,
