@@ -4,8 +4,9 @@ A series is complete, in this order of evidence:
 
 1. its expected count arrived: Images in Acquisition instances, or one multi-frame instance of an
    enhanced or ophthalmic class (its frames are the whole series);
-2. it came whole in one association, that association was released, and its slices form one
-   gapless stack by the rules that later load it (:mod:`dicomnode.imaging`): complete at once;
+2. it came whole in one association, that association was released, and its slices (more than
+   one) form one gapless stack by the rules that later load it (:mod:`dicomnode.imaging`):
+   complete at once;
 3. the association that last delivered to it was released ``release_grace_s`` ago (senders that
    open one association per instance keep extending this);
 4. nothing arrived for ``quiet_s``.
@@ -67,10 +68,13 @@ def series_verdict(series: SeriesSnapshot, rules: CompletionSettings, now: datet
             return Verdict(True, f"all {expected} instances of Images in Acquisition arrived")
         if series.single_multiframe:
             return Verdict(True, "one multi-frame instance holds the whole series")
+        # One instance is a gapless "stack" of one, which proves nothing: a sender that opens an
+        # association per instance (or splits a series) would have it complete after the first.
         if (
             series.released_at is not None
             and series.whole_in_last_association
-            and (series.contiguous)
+            and series.instances > 1
+            and series.contiguous
         ):
             return Verdict(True, "sent whole in one released association, slices contiguous")
     due = [series.last_received_at + timedelta(seconds=rules.quiet_s)]

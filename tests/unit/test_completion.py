@@ -59,6 +59,13 @@ def test_whole_contiguous_series_in_one_released_association_completes_at_once()
     assert not series_verdict(gappy, RULES, _at(0.1)).complete
     split = _series(released_at=_at(0.1), whole_in_last_association=False, contiguous=True)
     assert not series_verdict(split, RULES, _at(0.1)).complete
+    # one instance in its own association (a sender that opens one per instance) proves
+    # nothing: it waits for the release grace like any other
+    lone = _series(
+        instances=1, released_at=_at(0.1), whole_in_last_association=True, contiguous=True
+    )
+    assert not series_verdict(lone, RULES, _at(0.1)).complete
+    assert series_verdict(lone, RULES, _at(2.1)).complete
 
 
 def test_expected_counts() -> None:
