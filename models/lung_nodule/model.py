@@ -618,13 +618,15 @@ class LungNoduleModel(Model):
 
 
 def _distinct(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Best first, without candidates whose centre lies inside a better one: a second box on
-    one nodule (offset, or of another size) can overlap it too little for the detector's
-    non-maximum suppression, yet no other nodule can have its centre inside this one."""
+    """Best first, without candidates that overlap a better one deeply (centres closer than
+    0.6 of their radii's sum): a second box on one nodule, offset or of another size, can
+    overlap it too little for the detector's non-maximum suppression; two real nodules that
+    touch are a radii's sum apart."""
     kept: list[Candidate] = []
     for candidate in candidates:
         inside = any(
-            np.linalg.norm(candidate.centre_mm - other.centre_mm) < float(np.max(other.size_mm)) / 2
+            np.linalg.norm(candidate.centre_mm - other.centre_mm)
+            < 0.6 * (float(np.max(other.size_mm)) + float(np.max(candidate.size_mm))) / 2
             for other in kept
         )
         if not inside:
