@@ -53,11 +53,13 @@ def _train_module() -> Any:
 
 def load_model(device: str, bundle: Path | None) -> Any:
     from dicomnode.inference import ModelSpec
+    from dicomnode.inference.device import settle_heap
     from dicomnode.inference.registry import import_entry
 
     spec = ModelSpec.from_directory(MODEL_DIR, bundle=bundle)
     model = import_entry(spec)(spec)
     model.load(device)
+    settle_heap()  # as the worker does once its models are loaded
     return model
 
 

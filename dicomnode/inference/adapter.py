@@ -83,7 +83,7 @@ class InferenceJobModel:
     # -- JobModel --------------------------------------------------------------------------
 
     def load(self, device: str | Device) -> None:
-        from dicomnode.inference.device import configure_torch, resolve_device
+        from dicomnode.inference.device import configure_torch, resolve_device, settle_heap
 
         started = time.perf_counter()
         self.load_error = None
@@ -107,6 +107,7 @@ class InferenceJobModel:
             )
             return
         self.model, self.device = model, resolved
+        settle_heap()  # the model stays for the worker's life: keep the collector off it
         self.load_s = time.perf_counter() - started
         self._warm_results()
 

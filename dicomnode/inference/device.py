@@ -124,3 +124,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def settle_heap() -> None:
+    """Put everything loaded so far (torch, MONAI, the networks: hundreds of thousands of
+    objects) out of the garbage collector's reach. Otherwise every full collection walks them
+    all, and a job that allocates many small objects (pydicom reading 300 headers) pays for
+    it: loading a 512x512x300 CT series in a worker, 0.46 -> 0.35 s."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
