@@ -80,3 +80,21 @@ def clean_postgres_url(postgres_url: str) -> str:
 def node(start_node: Callable[..., Node]) -> Node:
     """A node on the defaults (any calling AE, keep-first duplicates)."""
     return start_node()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An engine on a migrated, empty database: SQLite in the test's folder, or the session's
+    PostgreSQL emptied of every dicomnode row (the repository tests run on both)."""
+    from dicomnode.db import make_engine, upgrade
+
+    if request.param == "postgresql":
+        request.applymarker(pytest.mark.postgres)
+        engine = make_engine(request.getfixturevalue("postgres_url"))
+        upgrade(engine)
+        request.getfixturevalue("clean_postgres_url")
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'repository.db'}")
+        upgrade(engine)
+    yield engine
+    engine.dispose()

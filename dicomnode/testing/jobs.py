@@ -39,6 +39,9 @@ class Clock:
         self.now = T0 + timedelta(seconds=seconds)
         return self
 
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
 
 @dataclass(frozen=True)
 class History:

@@ -7,53 +7,25 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select
 
 from dicomnode.config import QueueSettings
-from dicomnode.db import make_engine, upgrade
 from dicomnode.db.models import Job
 from dicomnode.domain import JobState, Priority
 from dicomnode.queue import JobNotFound, JobRecord, JobRepository, JobStateError
 from dicomnode.queue.repository import LEASE_EXPIRED
+from dicomnode.testing.jobs import Clock
 
 STUDY = "1.2.826.0.1.3680043.99.100"
 _keys = itertools.count()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "postgresql":
-        request.applymarker(pytest.mark.postgres)
-        engine = make_engine(request.getfixturevalue("postgres_url"))
-        upgrade(engine)
-        with engine.begin() as connection:
-            connection.execute(text("truncate jobs restart identity cascade"))
-    else:
-        engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
-        upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(datetime(2026, 3, 1, 8, 0, tzinfo=UTC))
 
 
 @pytest.fixture

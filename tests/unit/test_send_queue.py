@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,40 +26,15 @@ from dicomnode.queue import JobNotFound, JobRepository, JobStateError
 from dicomnode.retention import purge_results
 from dicomnode.send.queue import DEAD, PENDING, SENT, NoResults, SendQueue
 from dicomnode.send.sender import Sender, backoff_s
+from dicomnode.testing.jobs import Clock
 
 STUDY = "1.2.826.0.1.3680043.99.200"
 _keys = itertools.count()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "postgresql":
-        request.applymarker(pytest.mark.postgres)
-        url = request.getfixturevalue("postgres_url")
-        engine = make_engine(url)
-        upgrade(engine)
-        request.getfixturevalue("clean_postgres_url")
-    else:
-        engine = make_engine(f"sqlite:///{tmp_path / 'send.db'}")
-        upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(datetime(2026, 11, 21, 8, 0, tzinfo=UTC))
 
 
 @pytest.fixture
