@@ -50,14 +50,14 @@ def load_model(device: str) -> Any:
 
 
 def quadratic_kappa(truth: Any, predicted: Any, classes: int = 5) -> float:
-    truth, predicted = np.asarray(truth, int), np.asarray(predicted, int)
-    observed = np.zeros((classes, classes))
-    np.add.at(observed, (truth, predicted), 1)
-    expected = np.outer(observed.sum(1), observed.sum(0)) / max(observed.sum(), 1)
-    i, j = np.indices((classes, classes))
-    weights = (i - j) ** 2 / (classes - 1) ** 2
-    denominator = (weights * expected).sum()
-    return 1.0 if denominator == 0 else float(1 - (weights * observed).sum() / denominator)
+    """Cohen's kappa with quadratic weights: the one train.py validates with."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("oct_grading_train", MODEL_DIR / "train.py")
+    assert spec is not None and spec.loader is not None
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return float(train.quadratic_kappa(truth, predicted, classes))
 
 
 def roc_auc(scores: Any, labels: Any) -> float | None:
