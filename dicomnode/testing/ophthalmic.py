@@ -40,13 +40,6 @@ from dicomnode.testing.series import (
     OPHTHALMIC_TOMOGRAPHY_STORAGE,
 )
 
-GRADE_MEANINGS = (
-    "No apparent retinopathy",
-    "Mild non-proliferative diabetic retinopathy",
-    "Moderate non-proliferative diabetic retinopathy",
-    "Severe non-proliferative diabetic retinopathy",
-    "Proliferative diabetic retinopathy",
-)
 FUNDUS_LESIONS = ("microaneurysms", "haemorrhages", "hard_exudates", "cotton_wool_spots")
 OCT_LESIONS = ("intraretinal_fluid", "exudates", "retinal_thickening")
 #: drawn and boxed in the truth, but not a lesion type the model reports
@@ -575,7 +568,6 @@ def write_ophthalmic(
 
 __all__ = [
     "FUNDUS_LESIONS",
-    "GRADE_MEANINGS",
     "OCT_LESIONS",
     "OTHER_SIGNS",
     "Lesion",
