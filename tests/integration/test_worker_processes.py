@@ -95,6 +95,26 @@ def until(predicate: Callable[[], object], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+def echo_jobs(
+    repo: JobRepository, count: int, route: str, *, mixed_priorities: bool = False
+) -> set[int]:
+    """``count`` queued jobs for the echo model, one series each; their ids."""
+    priorities = (Priority.ROUTINE, Priority.URGENT, Priority.STAT)
+    return {
+        repo.enqueue(
+            dedupe_key=f"{route}/{i}",
+            route=route,
+            model="echo",
+            study_instance_uid=STUDY,
+            series_instance_uid=f"{STUDY}.{i}",
+            inputs=[f"{STUDY}.{i}"],
+            priority=priorities[i % 3] if mixed_priorities else Priority.ROUTINE,
+            state=JobState.QUEUED,
+        ).id
+        for i in range(count)
+    }
+
+
 @pytest.fixture
 def queue_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Engine]]:
     kind = getattr(request, "param", "postgresql")
@@ -127,19 +147,7 @@ def test_three_workers_drain_1000_jobs_each_exactly_once(
         workers.start(name)
     workers.wait_ready(*names)
     repo = JobRepository(queue_database[1])
-    ids = {
-        repo.enqueue(
-            dedupe_key=f"drain/{i}",
-            route="drain",
-            model="echo",
-            study_instance_uid=STUDY,
-            series_instance_uid=f"{STUDY}.{i}",
-            inputs=[f"{STUDY}.{i}"],
-            priority=(Priority.ROUTINE, Priority.URGENT, Priority.STAT)[i % 3],
-            state=JobState.QUEUED,
-        ).id
-        for i in range(JOBS)
-    }
+    ids = echo_jobs(repo, JOBS, "drain", mixed_priorities=True)
     until(lambda: repo.counts_by_state()[JobState.DONE] == JOBS, timeout=240, interval=0.2)
     assert workers.stop_all() == dict.fromkeys(names, 0)  # SIGTERM: a clean stop
 
@@ -216,18 +224,7 @@ def test_a_database_restart_loses_no_job(tmp_path: Path) -> None:
             workers.start(name, **short_lease)
         workers.wait_ready("w1", "w2")
         repo = JobRepository(engine)
-        ids = {
-            repo.enqueue(
-                dedupe_key=f"outage/{i}",
-                route="outage?sleep=0.05",
-                model="echo",
-                study_instance_uid=STUDY,
-                series_instance_uid=f"{STUDY}.{i}",
-                inputs=[f"{STUDY}.{i}"],
-                state=JobState.QUEUED,
-            ).id
-            for i in range(200)
-        }
+        ids = echo_jobs(repo, 200, "outage?sleep=0.05")
         until(lambda: repo.counts_by_state()[JobState.DONE] >= 40, timeout=60, interval=0.1)
         server.stop()  # the database goes away mid-run, connections cut...
         time.sleep(3)
