@@ -124,8 +124,8 @@ class Intake:
                     or_(
                         SeriesIntake.id.is_(None),
                         and_(
-                            SeriesIntake.completed_at.is_not(None),
-                            Series.last_received_at > SeriesIntake.completed_at,
+                            SeriesIntake.covered_until.is_not(None),
+                            Series.last_received_at > SeriesIntake.covered_until,
                         ),
                     ),
                 )
@@ -203,6 +203,7 @@ class Intake:
                 session.add(intake)
             intake.generation, intake.rules_route = generation, rules_route
             intake.routed_at, intake.completed_at, intake.complete_reason = now, None, None
+            intake.covered_until = None
 
     def _supersede(self, series_uid: str) -> None:
         """A late instance: a job of the earlier generation that has not started yet is moot."""
@@ -258,6 +259,7 @@ class Intake:
                 if intake is None or intake.completed_at is not None:
                     continue  # another process got there first
                 intake.completed_at, intake.complete_reason = now, verdict.reason[:255]
+                intake.covered_until = snapshot.last_received_at
             logger.info(
                 "series complete (%s): %s",
                 series.rules_route or "no route",

@@ -178,6 +178,10 @@ class SeriesIntake(Base):
     routed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     complete_reason: Mapped[str | None] = mapped_column(String(255))
+    #: the newest receive time the completing verdict saw: an instance received after it is late.
+    #: Not ``completed_at``: a sweep reads its clock before it reads the series, so instances
+    #: stored in between were seen, yet received after that clock.
+    covered_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Send(Base):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,26 @@ def test_late_instance_opens_a_new_generation(
     assert [job.dedupe_key.rsplit("|", 1)[1] for job in found if job.state is JobState.QUEUED] == [
         "2"
     ]
+
+
+def test_instances_stored_while_a_sweep_ran_are_not_late(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    # A sweep reads its clock, then the series: the slices stored in between were seen by the
+    # verdict although received after that clock. They must not open a second generation.
+    node = start_node(background=False, routes=[CHEST])
+    jobs = JobRepository(node.database.sessions, node.settings.queue)
+    started = datetime.now(UTC)
+    intake = Intake(
+        node.database.sessions, node.spool.root, Router.from_settings(node.settings), jobs,
+        clock=lambda: started,
+    )  # fmt: skip
+    assert peers.storescu(port_of(node), _ct(tmp_path, "ct")).returncode == 0
+    _sweep_until(intake, jobs, _queued)
+    for _ in range(3):
+        assert intake.sweep().routed == 0
+    (job,) = jobs.list()
+    assert job.state is JobState.QUEUED and job.dedupe_key.endswith("|1")
 
 
 def test_a_restarted_intake_picks_up_what_was_stored(
