@@ -127,11 +127,43 @@ def seed_everything(seed: int) -> None:
 
 
 def settle_heap() -> None:
-    """Put everything loaded so far (torch, MONAI, the networks: hundreds of thousands of
-    objects) out of the garbage collector's reach. Otherwise every full collection walks them
-    all, and a job that allocates many small objects (pydicom reading 300 headers) pays for
-    it: loading a 512x512x300 CT series in a worker, 0.46 -> 0.35 s."""
+    """Settle the worker's memory once its models are loaded, for every job after.
+
+    - Everything loaded so far (torch, MONAI, the networks: hundreds of thousands of objects) is
+      put out of the garbage collector's reach. Otherwise every full collection walks them all,
+      and a job that allocates many small objects (pydicom reading 300 headers) pays for it:
+      loading a 512x512x300 CT series in a worker, 0.46 -> 0.35 s.
+    - Memory freed by a job stays with the process (see :func:`keep_freed_memory`).
+    """
     import gc
 
     gc.collect()
     gc.freeze()
+    keep_freed_memory()
+
+
+#: glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory mapped for the next allocation rather than give it back.
+
+    By default glibc serves every block over 128 KB to 32 MB (pixel data, volumes, feature
+    maps) with its own ``mmap`` and unmaps it when freed, so each job faults its gigabytes in
+    again, page by page, each page zeroed by the kernel: about 600,000 page faults per lung
+    prediction on a 512x512x300 CT. Served from the heap and never trimmed, the next job reuses
+    the pages: predict 2.9 -> 2.15 s, and the series load stops varying with how fragmented
+    the machine's memory is. The price: the worker's resident memory stays at its largest
+    job's (which it needs anyway each time such a job comes). False where the C library is not
+    glibc (nothing changes there).
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    no_mmap = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    no_trim = libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1  # -1: never trim the heap's top
+    return no_mmap and no_trim

@@ -37,6 +37,7 @@ import numpy as np
 from dicomnode.domain import Findings, MaskRef
 from dicomnode.errors import InputsRejected
 from dicomnode.inference import Model
+from dicomnode.inference.regions import bounding_box
 
 from .network import ZOO_CHANNELS, ZOO_NETWORK, ZOO_ROI, ZOO_SPACING, build_segresnet
 
@@ -82,20 +83,6 @@ def head_mask(arrays: Sequence[np.ndarray]) -> np.ndarray:
         if positive.size:
             mask |= array > 0.1 * float(np.percentile(positive, 99))
     return mask
-
-
-def head_box(mask: np.ndarray, margin: int = 4) -> tuple[slice, slice, slice]:
-    """The ``[k, j, i]`` box of ``mask``, grown by ``margin`` voxels (all of it when empty)."""
-    shape = mask.shape
-    if not mask.any():
-        return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-    box = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(
-            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, shape[axis]))
-        )
-    return (box[0], box[1], box[2])
 
 
 def with_core(tumor: np.ndarray, core: np.ndarray) -> np.ndarray:
@@ -177,7 +164,7 @@ class BrainTumorModel(Model):
         head = head_mask(list(arrays.values()))
         for array in arrays.values():
             array[~head] = 0.0
-        box = head_box(head, self.margin)
+        box = bounding_box(head, self.margin) or tuple(slice(0, n) for n in head.shape)
         # grow the box to multiples of 8 (SegResNet halves the grid three times)
         starts, sizes = [], []
         for part in box:

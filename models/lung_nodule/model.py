@@ -35,6 +35,7 @@ from torch import nn
 
 from dicomnode.domain import Findings, MaskRef
 from dicomnode.inference import Model
+from dicomnode.inference.regions import bounding_box
 
 from .network import (
     ZOO_ANCHORS,
@@ -131,21 +132,24 @@ def _sample_axis(t: Any, axis: int, pos: np.ndarray) -> Any:
 
 
 def _sample_plane(t: Any, axes: tuple[int, int], pos: tuple[np.ndarray, np.ndarray]) -> Any:
-    """Bilinear interpolation of two axes at once (``grid_sample`` over the third axis as
-    channels: one small grid, and torch's threads)."""
+    """Bilinear interpolation of two axes at once: ``grid_sample`` over the planes along the
+    third axis, each plane its own batch item of one channel, all sharing one small grid.
+    (The planes as channels of one item give the same values 5 times slower: each output
+    pixel then strides across every plane.)"""
     import torch
     import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 
     (a, b), (pa, pb) = axes, pos
     other = 3 - a - b
-    planes = t.permute(other, a, b)[None]
+    planes = t.permute(other, a, b)[:, None]
     ga = torch.from_numpy(pa * (2.0 / max(t.shape[a] - 1, 1)) - 1.0).float()
     gb = torch.from_numpy(pb * (2.0 / max(t.shape[b] - 1, 1)) - 1.0).float()
     rows, columns = torch.meshgrid(ga, gb, indexing="ij")
     grid = torch.stack((columns, rows), dim=-1)[None]  # grid_sample's (x, y) = (b, a)
+    grid = grid.expand(planes.shape[0], -1, -1, -1)
     out = F.grid_sample(planes, grid, mode="bilinear", padding_mode="border", align_corners=True)
     inverse = np.argsort([other, a, b])
-    return out[0].permute(*[int(v) for v in inverse])
+    return out[:, 0].permute(*[int(v) for v in inverse])
 
 
 def to_model_space(
@@ -307,6 +311,21 @@ def _grow(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.isin(labels, ids[ids > 0])
 
 
+def _open_by_reconstruction(region: np.ndarray, seed: np.ndarray, steps: int) -> np.ndarray:
+    """``region`` opened by a ball of ``steps`` voxels, then grown back within itself from
+    ``seed``: what a thin vessel joined to the nodule leaves out. Computed on the region's own
+    box plus one voxel (all outside it is background either way, so the result is the same),
+    a few times smaller than the measuring box."""
+    inner = bounding_box(region, margin=1)
+    assert inner is not None
+    kept = _grow(seed[inner], _morph(region[inner], steps, erode=True))
+    if not kept.any():
+        return region
+    opened = np.zeros_like(region)
+    opened[inner] = _morph(kept, steps, erode=False) & region[inner]
+    return opened
+
+
 @dataclass
 class Measurement:
     volume_mm3: float
@@ -364,9 +383,7 @@ def measure_nodule(
     # cut vessels off: an opening by reconstruction, its size a third of the nodule's radius
     steps = int(0.3 * float(np.min(size_mm)) / 2 / float(spacing.max()))
     if steps >= 1 and region.any():
-        kept = _grow(seed, _morph(region, steps, erode=True))
-        if kept.any():
-            region = _morph(kept, steps, erode=False) & region
+        region = _open_by_reconstruction(region, seed, steps)
     voxels = int(region.sum())
     if voxels == 0:
         return None

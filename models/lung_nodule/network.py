@@ -10,6 +10,7 @@ The false-positive reduction stage is a small 3D patch classifier on crops aroun
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,9 +103,7 @@ def build_detector(
     overlap: float = 0.25,
 ) -> Any:
     """MONAI's RetinaNetDetector around a network, set up for inference as the zoo sets it."""
-    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
-
-    detector = RetinaNetDetector(network, build_anchor_generator(anchors), debug=False)
+    detector = _selecting_detector()(network, build_anchor_generator(anchors), debug=False)
     detector.set_target_keys(box_key="box", label_key="label")
     detector.set_box_selector_parameters(
         score_thresh=float(box_selector["score_thresh"]),
@@ -118,6 +117,63 @@ def build_detector(
             device="cpu",
         )  # fmt: skip
     return detector
+
+
+@functools.cache
+def _selecting_detector() -> type:
+    """MONAI's RetinaNetDetector, decoding only the boxes its selector keeps.
+
+    MONAI decodes the box of every anchor (a million on a chest CT), then keeps the best
+    ``topk_candidates_per_level`` above ``score_thresh``: 0.05 s of a job on this CPU. Decoding
+    is per box, so selecting first gives the same boxes (a test compares the two).
+    """
+    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+    from monai.data.box_utils import batched_nms, clip_boxes_to_image
+
+    class SelectingRetinaNetDetector(RetinaNetDetector):  # type: ignore[misc]
+        def postprocess_detections(
+            self,
+            head_outputs_reshape: dict[str, torch.Tensor],
+            anchors: list[torch.Tensor],
+            image_sizes: list[list[int]],
+            num_anchor_locs_per_level: Sequence[int],
+            need_sigmoid: bool = True,
+        ) -> list[dict[str, torch.Tensor]]:
+            per_level = [n * self.num_anchors_per_loc for n in num_anchor_locs_per_level]
+            logits = head_outputs_reshape[self.cls_key].split(per_level, dim=1)
+            regression = head_outputs_reshape[self.box_reg_key].split(per_level, dim=1)
+            selector, dtype = self.box_selector, head_outputs_reshape[self.cls_key].dtype
+            detections = []
+            for index, (image_anchors, size) in enumerate(zip(anchors, image_sizes, strict=True)):
+                boxes, scores, labels = [], [], []
+                for level_logits, level_regression, level_anchors in zip(
+                    logits, regression, image_anchors.split(per_level), strict=True
+                ):
+                    chosen, level_scores, level_labels = selector.select_top_score_idx_per_level(
+                        level_logits[index]
+                    )
+                    decoded = self.box_coder.decode_single(
+                        level_regression[index][chosen].to(torch.float32), level_anchors[chosen]
+                    ).to(dtype)
+                    decoded, keep = clip_boxes_to_image(decoded, size, remove_empty=True)
+                    boxes.append(decoded)
+                    scores.append(level_scores[keep])
+                    labels.append(level_labels[keep])
+                all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
+                all_labels = torch.cat(labels)
+                kept = batched_nms(
+                    all_boxes, all_scores, all_labels, selector.nms_thresh,
+                    box_overlap_metric=selector.box_overlap_metric,
+                    max_proposals=selector.detections_per_img,
+                )  # fmt: skip
+                detections.append({
+                    self.target_box_key: all_boxes[kept],
+                    self.pred_score_key: all_scores[kept].to(dtype),
+                    self.target_label_key: all_labels[kept],
+                })  # fmt: skip
+            return detections
+
+    return SelectingRetinaNetDetector
 
 
 class PatchClassifier(nn.Module):

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -16,6 +15,7 @@ pytest.importorskip("monai")
 
 from dicomnode.app import Node
 from dicomnode.domain import JobState
+from dicomnode.inference.findings import read_mask
 from dicomnode.send.scu import Destination, send_files
 from dicomnode.testing import peers
 from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
@@ -72,8 +72,7 @@ def test_oct_and_fundus_series_are_graded_by_the_nodes_worker(
         assert described["shape"][:3] == list(shape)
         mask = result["masks"]["attention"]
         assert mask["shape"] == list(shape) and mask["dtype"] == "uint8"
-        with np.load(node.spool.root / mask["path"]) as saved:
-            assert saved["mask"].shape == shape
+        assert read_mask(node.spool.root / mask["path"]).shape == shape
         # the results package turned the map into a Secondary Capture overlay (and an SR)
         objects = {o["kind"]: o for o in result.get("objects", [])}
         assert "SC" in objects, result.get("objects")

@@ -392,3 +392,49 @@ def test_gantry_tilt_is_kept_exact(tmp_path: Path) -> None:
     paths = write_volume(marked(tilted), tilted, tmp_path, slice_order="shuffled")
     volume = load_series(paths)
     assert_round_trip(volume, tilted)
+
+
+def _pydicom_images() -> list[Path]:
+    """pydicom's own single-frame test files, every one that opens as DICOM."""
+    found = []
+    for path in sorted(TEST_FILES.glob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        try:
+            if "Rows" in ds and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+                found.append(path)
+        except ValueError:
+            continue  # a value pydicom refuses (this session validates strictly)
+    return found
+
+
+def test_attributes_read_raw_equal_pydicom_s(tmp_path: Path) -> None:
+    # frames.py reads attributes from the raw elements, not through pydicom's conversion:
+    # the records must equal those of the same files with every element converted
+    from dicomnode.imaging.frames import decode, frames_of, read_dataset
+
+    compared = 0
+    for path in _pydicom_images():
+        try:
+            raw = read_dataset(path)
+            records = frames_of(raw, str(path), 0)
+        except SeriesNotVolume:
+            continue
+        converted = read_dataset(path)
+        try:
+            for element in converted.iterall():
+                _ = element.value  # converts each element in place
+        except ValueError:
+            continue  # a value pydicom refuses (this session validates strictly)
+        assert frames_of(converted, str(path), 0) == records, path.name
+        if records[0].rows and int(raw.get("SamplesPerPixel", 1)) == 1:
+            try:
+                expected = converted.pixel_array
+            except Exception:
+                continue  # no decoder here: decode() names the transfer syntax
+            rescaled = expected * records[0].slope + records[0].intercept
+            np.testing.assert_allclose(decode([raw], records), rescaled[None], err_msg=path.name)
+        compared += 1
+    assert compared >= 20

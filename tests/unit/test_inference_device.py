@@ -89,3 +89,40 @@ def test_configure_torch_sets_determinism_and_threads() -> None:
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
+
+
+_FAULTS_OF_REUSE = """
+import resource, sys
+import numpy as np
+from dicomnode.inference.device import keep_freed_memory
+
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+np.ones((64, 1024, 1024), np.uint8)  # 64 MB, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones((64, 1024, 1024), np.uint8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc settings"
+)
+def test_freed_memory_is_reused_without_faulting_it_in_again() -> None:
+    # A fresh process each: the setting is process-wide and cannot be taken back.
+    import os
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> int:
+        # 4 KB pages, so that faults count the pages (numpy asks for huge pages otherwise)
+        env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"}
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS_OF_REUSE, mode],
+            capture_output=True, text=True, check=True, env=env,
+        )  # fmt: skip
+        return int(run.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 64 * 1024 // 4 // 2  # 64 MB unmapped and faulted in again, page by page
+    assert kept < default // 20

@@ -121,3 +121,30 @@ def test_bundle_settings_come_from_its_inference_config(lung: Any) -> None:
     model._settings_from_bundle(SimpleNamespace(parser=SimpleNamespace(get=lambda key="": {})))
     assert model.spacing == lung.ZOO_SPACING
     assert model.roi_size == (512, 512, 192)
+
+
+def test_detector_that_selects_before_decoding_finds_monai_s_boxes(lung: Any) -> None:
+    # The detector decodes only the boxes its selector keeps; MONAI's decodes every anchor's.
+    import torch
+    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+
+    network_module = importlib.import_module(lung.__name__.rsplit(".", 1)[0] + ".network")
+    spec = read_model_toml(MODEL_DIR / "model.toml").params
+    torch.manual_seed(3)
+    network = network_module.build_retinanet(spec["network"]).eval()
+    # an untrained head scores about 0.01 (RetinaNet's prior): a threshold below it keeps many
+    selector = {**network_module.ZOO_BOX_SELECTOR, "score_thresh": 0.005,
+                "topk_candidates_per_level": 200}  # fmt: skip
+    ours = network_module.build_detector(network, network_module.ZOO_ANCHORS, selector).eval()
+    theirs = RetinaNetDetector(
+        network, network_module.build_anchor_generator(network_module.ZOO_ANCHORS)
+    )
+    theirs.set_target_keys(box_key="box", label_key="label")
+    theirs.set_box_selector_parameters(**selector)
+    assert type(ours) is not RetinaNetDetector and isinstance(ours, RetinaNetDetector)
+    image = torch.rand(1, 64, 64, 32)
+    with torch.no_grad():
+        (found,), (expected,) = ours([image]), theirs.eval()([image])
+    assert len(expected["box"]) > 10
+    for key in ("box", "label_scores", "label"):
+        assert torch.equal(found[key], expected[key]), key
