@@ -17,10 +17,10 @@ agent is recorded), each complete, until ``study_timeout_s`` after the study's f
 then it runs with what is there or fails naming what is missing, as the route says.
 
 Late instances: an instance received after the newest one the completing verdict saw (the
-series then already declared complete) opens a new generation of that series; the next sweep creates a new job for it, which waits for
-completion again and runs on the whole series. Its result UIDs differ (they derive from the
-input), so the PACS keeps both results; an earlier job still ``queued`` is cancelled as
-superseded.
+series then already declared complete) opens a new generation of that series; the next sweep
+creates a new job for it, which waits for completion again and runs on the whole series. Its
+result UIDs differ (they derive from the input), so the PACS keeps both results; an earlier job
+still ``queued`` is cancelled as superseded.
 """
 
 from __future__ import annotations
