@@ -41,13 +41,11 @@ STAGES = ("load", "resample", "predict", "post")
 
 
 def load_model(device: str, bundle: Path | None) -> Any:
-    from dicomnode.inference import ModelSpec
-    from dicomnode.inference.registry import import_entry
+    """The model as a worker loads it (torch settings, then the process settled)."""
+    from dicomnode.inference import ModelRegistry
 
-    spec = ModelSpec.from_directory(MODEL_DIR, bundle=bundle)
-    model = import_entry(spec)(spec)
-    model.load(device)
-    return model
+    bundles = {MODEL_DIR.name: bundle} if bundle else {}
+    return ModelRegistry([MODEL_DIR.parent], bundles).load(MODEL_DIR.name, device)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -53,15 +53,11 @@ def _train_module() -> Any:
 
 
 def load_model(device: str, bundle: Path | None) -> Any:
-    from dicomnode.inference import ModelSpec
-    from dicomnode.inference.device import settle_heap
-    from dicomnode.inference.registry import import_entry
+    """The model as a worker loads it (torch settings, then the process settled)."""
+    from dicomnode.inference import ModelRegistry
 
-    spec = ModelSpec.from_directory(MODEL_DIR, bundle=bundle)
-    model = import_entry(spec)(spec)
-    model.load(device)
-    settle_heap()  # as the worker does once its models are loaded
-    return model
+    bundles = {MODEL_DIR.name: bundle} if bundle else {}
+    return ModelRegistry([MODEL_DIR.parent], bundles).load(MODEL_DIR.name, device)
 
 
 def froc(scans: list[tuple[list[tuple[float, bool, int]], int]], key: int = 0) -> dict[str, Any]:

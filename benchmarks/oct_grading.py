@@ -40,13 +40,10 @@ OCT_SEED, FUNDUS_SEED = 9000, 9500
 
 
 def load_model(device: str) -> Any:
-    from dicomnode.inference import ModelSpec
-    from dicomnode.inference.registry import import_entry
+    """The model as a worker loads it (torch settings, then the process settled)."""
+    from dicomnode.inference import ModelRegistry
 
-    spec = ModelSpec.from_directory(MODEL_DIR)
-    model = import_entry(spec)(spec)
-    model.load(device)
-    return model
+    return ModelRegistry([MODEL_DIR.parent]).load(MODEL_DIR.name, device)
 
 
 def quadratic_kappa(truth: Any, predicted: Any, classes: int = 5) -> float:
