@@ -38,6 +38,27 @@ def verify_weights(path: Path, sha256: str, *, model: str = "") -> None:
         )
 
 
+def save_weights(state: Mapping[str, Any], path: Path, model_toml: Path) -> str:
+    """Save a state dict as a package's weights file and put its sha256 into the package's
+    ``model.toml`` (its ``[weights]`` table), so the registry's check accepts the new file.
+    What each model's ``train.py`` ends with; returns the sha256."""
+    import re
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(state), path)
+    digest = sha256_of(path)
+    text, replaced = re.subn(
+        r'(\[weights\][^\[]*?sha256 = ")[0-9a-fA-F]{64}(")', rf"\g<1>{digest}\g<2>",
+        model_toml.read_text(), count=1, flags=re.S,
+    )  # fmt: skip
+    if not replaced:
+        raise ModelError(f"{model_toml} has no [weights] sha256 to update")
+    model_toml.write_text(text)
+    return digest
+
+
 def load_state_dict(path: Path) -> dict[str, Any]:
     """A network's state dict from a ``torch.save`` file, on the CPU.
 

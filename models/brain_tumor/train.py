@@ -25,9 +25,7 @@ tests and benchmarks use others.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
-import re
 import sys
 import time
 from pathlib import Path
@@ -146,13 +144,10 @@ def train(args: argparse.Namespace) -> None:
 
     network.eval()
     out = HERE / "weights" / "demo.pt"
-    out.parent.mkdir(exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
-    torch.save(state, out)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    toml = HERE / "model.toml"
-    text = re.sub(r'sha256 = "[0-9a-f]{64}"', f'sha256 = "{digest}"', toml.read_text(), count=1)
-    toml.write_text(text)
+    from dicomnode.inference.weights import save_weights
+
+    digest = save_weights(state, out, HERE / "model.toml")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), sha256 {digest}", flush=True)
 
     # a quick check on phantoms training never saw (benchmarks/brain_tumor.py does it properly)

@@ -20,10 +20,8 @@ minutes on 2 CPU cores. Seeds 1000-1999 are training's; tests and benchmarks use
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -252,19 +250,6 @@ def _volume(phantom: Any) -> Any:
     return Volume(phantom.array, phantom.geometry, frames, "CT", "1.2.3")
 
 
-def write_weights(state: dict[str, Any], toml: Path, weights: Path) -> str:
-    import torch
-
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    text = toml.read_text()
-    text = re.sub(r'(\[weights\][^\[]*?sha256 = ")[0-9a-fA-F]{64}(")', rf"\g<1>{digest}\g<2>",
-                  text, count=1, flags=re.S)  # fmt: skip
-    toml.write_text(text)
-    return digest
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phantoms", type=int, default=20)
@@ -334,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     networks.detector.load_state_dict(detector.state_dict())
     networks.classifier.load_state_dict(classifier.state_dict())
     state = {k: v.detach().clone().contiguous() for k, v in networks.state_dict().items()}
+    from dicomnode.inference.weights import save_weights, sha256_of
+
     if args.out.resolve() == (HERE / "weights" / "demo.pt").resolve():
-        digest = write_weights(state, HERE / "model.toml", args.out)
+        digest = save_weights(state, args.out, HERE / "model.toml")
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, args.out)
-        digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
+        digest = sha256_of(args.out)
     size = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB, sha256 {digest}) in "
           f"{time.monotonic() - began:.0f} s")  # fmt: skip

@@ -23,9 +23,7 @@ minutes on 2 shared CPU cores. Seeds 1000-3999 are training's; tests and benchma
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
-import re
 import sys
 import time
 from pathlib import Path
@@ -146,19 +144,6 @@ def evaluate(
     return result
 
 
-def write_weights(state: dict[str, Any], toml: Path, weights: Path) -> str:
-    import torch
-
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    text = toml.read_text()
-    text = re.sub(r'(\[weights\][^\[]*?sha256 = ")[0-9a-fA-F]{64}(")', rf"\g<1>{digest}\g<2>",
-                  text, count=1, flags=re.S)  # fmt: skip
-    toml.write_text(text)
-    return digest
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--oct", type=int, default=200, help="OCT volumes (8 B-scans used each)")
@@ -223,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{elapsed / (step + 1) * args.steps:.0f} s expected)", flush=True)  # fmt: skip
     network.eval()
     state = network.state_dict()
-    digest = write_weights(state, HERE / "model.toml", args.out)
+    from dicomnode.inference.weights import save_weights
+
+    digest = save_weights(state, args.out, HERE / "model.toml")
     size = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB, sha256 {digest}) in "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip

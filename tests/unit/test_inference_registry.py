@@ -122,6 +122,25 @@ def test_wrong_sha256_is_refused_with_both_digests(tmp_path: Path) -> None:
     assert wrong in message and sha256_hex(WEIGHTS) in message
 
 
+def test_saved_weights_are_what_model_toml_then_expects(tmp_path: Path) -> None:
+    # what each train.py ends with: the weights file written, its sha256 put into model.toml
+    torch = pytest.importorskip("torch")
+    from dicomnode.inference.weights import save_weights, sha256_of
+
+    folder = split_package(tmp_path / "models", sha="0" * 64)
+    toml = folder / "model.toml"
+    toml.write_text(toml.read_text() + '\n[params.other]\nsha256 = "' + "1" * 64 + '"\n')
+    weights = folder / "weights" / "demo.bin"
+    digest = save_weights({"w": torch.ones(3)}, weights, toml)
+    assert digest == sha256_of(weights) and torch.load(weights)["w"].tolist() == [1.0] * 3
+    assert read_model_toml(toml).weights["network"].sha256 == digest
+    assert toml.read_text().count("1" * 64) == 1  # another table's sha256 is left alone
+    ModelRegistry([tmp_path / "models"]).create("split")  # its check now passes
+    toml.write_text('name = "x"\n')
+    with pytest.raises(ModelError, match=r"no \[weights\] sha256"):
+        save_weights({}, weights, toml)
+
+
 def test_missing_weights_are_named(tmp_path: Path) -> None:
     folder = split_package(tmp_path / "models")
     (folder / "weights" / "demo.bin").unlink()
