@@ -21,9 +21,8 @@ pytest.importorskip("monai")
 from dicomnode.app import Node
 from dicomnode.domain import Findings, JobState
 from dicomnode.imaging import load_series
-from dicomnode.inference import ModelSpec, read_model_toml
+from dicomnode.inference import ModelRegistry, read_model_toml
 from dicomnode.inference.findings import read_mask
-from dicomnode.inference.registry import import_entry
 from dicomnode.testing import peers
 from dicomnode.testing.brain import STUDY, BrainPhantom, BrainStudy, brain_phantom
 from tests.helpers import port_of
@@ -36,10 +35,9 @@ pytestmark = pytest.mark.slow
 
 
 def _model(bundle: Path | None = None) -> Any:
-    spec = ModelSpec.from_directory(MODEL_DIR, bundle=bundle)
-    model = import_entry(spec)(spec)
-    model.load("cpu")
-    return model
+    """The model as a worker loads it."""
+    bundles = {MODEL_DIR.name: bundle} if bundle else {}
+    return ModelRegistry([MODEL_DIR.parent], bundles).load(MODEL_DIR.name)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,8 +14,7 @@ pytest.importorskip("monai")
 
 from dicomnode.domain import Findings
 from dicomnode.imaging import load_series
-from dicomnode.inference import ModelSpec
-from dicomnode.inference.registry import import_entry
+from dicomnode.inference import ModelRegistry
 from dicomnode.testing.phantoms import Nodule, chest_ct
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "lung_nodule"
@@ -24,10 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def _model(bundle: Path | None = None) -> Any:
-    spec = ModelSpec.from_directory(MODEL_DIR, bundle=bundle)
-    model = import_entry(spec)(spec)
-    model.load("cpu")
-    return model
+    """The model as a worker loads it."""
+    bundles = {MODEL_DIR.name: bundle} if bundle else {}
+    return ModelRegistry([MODEL_DIR.parent], bundles).load(MODEL_DIR.name)
 
 
 @pytest.fixture(scope="module")

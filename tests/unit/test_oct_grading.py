@@ -15,8 +15,7 @@ pytest.importorskip("monai")
 
 from dicomnode.domain import Findings
 from dicomnode.imaging import load_planar
-from dicomnode.inference import ModelSpec
-from dicomnode.inference.registry import import_entry, verify_package_weights
+from dicomnode.inference import ModelRegistry
 from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "oct_grading"
@@ -24,11 +23,8 @@ MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "oct_grading"
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    spec = ModelSpec.from_directory(MODEL_DIR)
-    verify_package_weights(spec)  # the shipped weights are the ones model.toml names
-    loaded = import_entry(spec)(spec)
-    loaded.load("cpu")
-    return loaded
+    # as a worker loads it; the shipped weights must be the ones model.toml names
+    return ModelRegistry([MODEL_DIR.parent]).load(MODEL_DIR.name)
 
 
 def check_grade_finding(findings: Findings, expected_grade: int | None) -> None:
