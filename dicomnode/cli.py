@@ -316,7 +316,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
 
 def _jobs_action(args: argparse.Namespace) -> int:
     from dicomnode import admin, audit
-    from dicomnode.queue import JobNotFound
+    from dicomnode.errors import JobNotFound
 
     repository = _jobs_repository(args)
     if args.jobs_action == "show":

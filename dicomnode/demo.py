@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DemoFailed
 
 FINAL = frozenset({"done", "failed", "cancelled", "skipped"})
-
-
-class DemoFailed(DicomNodeError):
-    """The demo could not run to its end."""
 
 
 @dataclass

@@ -102,12 +102,31 @@ class StoreFailed(StoreRefused):
     dicom_status = 0xA701
 
 
+class PeerClosed(DicomNodeError):
+    """The peer closed the connection."""
+
+
+class ProtocolError(DicomNodeError):
+    """The peer broke the Upper Layer protocol; the association is aborted."""
+
+    #: the A-ABORT reason (PS3.8 9.3.8): 6, invalid PDU parameter value, unless given
+    def __init__(self, message: str | None = None, reason: int = 6) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class SendError(DicomNodeError):
     """Sending to a destination failed."""
 
 
 class AssociationFailed(SendError):
     """The destination could not be reached or refused the association."""
+
+
+class NoResults(SendError):
+    """The job has no result objects to send."""
+
+    http_status = 409
 
 
 class SeriesNotVolume(DicomNodeError):
@@ -202,6 +221,22 @@ class DestinationUnavailable(SendError):
 
 class ResultsError(DicomNodeError):
     """The job's findings could not be written as DICOM objects (SEG, SR, SC)."""
+
+
+class JobNotFound(DicomNodeError):
+    """No job has this id."""
+
+    http_status = 404
+
+
+class JobStateError(DicomNodeError):
+    """The job is not in a state that allows this."""
+
+    http_status = 409
+
+
+class DemoFailed(DicomNodeError):
+    """The demo could not run to its end."""
 
 
 class InvalidQuery(DicomNodeError):

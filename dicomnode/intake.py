@@ -35,8 +35,8 @@ from dicomnode.completion import (
 from dicomnode.config import CompletionSettings
 from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake, Study
 from dicomnode.domain import JobState
-from dicomnode.errors import SeriesNotVolume
-from dicomnode.queue.repository import JobRepository, JobStateError
+from dicomnode.errors import JobStateError, SeriesNotVolume
+from dicomnode.queue.repository import JobRepository
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
 logger = logging.getLogger(__name__)

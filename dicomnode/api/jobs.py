@@ -13,7 +13,7 @@ from dicomnode import admin
 from dicomnode.api.auth import Actor, context
 from dicomnode.api.context import Memo
 from dicomnode.audit import list_events
-from dicomnode.queue.repository import JobNotFound
+from dicomnode.errors import JobNotFound
 
 router = APIRouter(prefix="/api", tags=["jobs"])
 

@@ -5,12 +5,6 @@
 enqueues (the receiver, completion, routing) loads neither threads' machinery nor APScheduler.
 """
 
-from dicomnode.queue.repository import (
-    ClaimedJob,
-    JobNotFound,
-    JobRecord,
-    JobRepository,
-    JobStateError,
-)
+from dicomnode.queue.repository import ClaimedJob, JobRecord, JobRepository
 
-__all__ = ["ClaimedJob", "JobNotFound", "JobRecord", "JobRepository", "JobStateError"]
+__all__ = ["ClaimedJob", "JobRecord", "JobRepository"]

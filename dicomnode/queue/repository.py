@@ -39,7 +39,7 @@ from dicomnode.config import QueueSettings
 from dicomnode.db.models import Job, Patient, Study
 from dicomnode.db.session import make_session_factory
 from dicomnode.domain import FINAL_STATES, JobState, Priority
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import JobNotFound, JobStateError
 from dicomnode.send.queue import add_sends
 
 logger = logging.getLogger(__name__)
@@ -49,18 +49,6 @@ LEASE_EXPIRED = "worker lost (lease expired)"
 #: Longest error text kept on a job (a traceback's last line is what admins need).
 MAX_ERROR_CHARS = 8000
 _PURGE_BATCH = 5000
-
-
-class JobNotFound(DicomNodeError):
-    """No job has this id."""
-
-    http_status = 404
-
-
-class JobStateError(DicomNodeError):
-    """The job is not in a state that allows this."""
-
-    http_status = 409
 
 
 def utc_now() -> datetime:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from dicomnode.domain import Peer
-from dicomnode.errors import StoreRefused
+from dicomnode.errors import PeerClosed, ProtocolError, StoreRefused
 from dicomnode.receive import dimse, pdu
 from dicomnode.receive.policy import Rejection
 from dicomnode.receive.spool import file_meta
@@ -73,7 +73,7 @@ class AssociationHandler:
             if not self._associate():
                 return
             outcome = self._data_phase()
-        except pdu.ProtocolError as exc:
+        except ProtocolError as exc:
             logger.warning(
                 "Aborting association %s from %s: %s",
                 self.pk,
@@ -83,7 +83,7 @@ class AssociationHandler:
             )
             self._send(pdu.encode_abort(exc.reason))
             self._linger()
-        except (pdu.PeerClosed, TimeoutError, ConnectionError, ssl.SSLError) as exc:
+        except (PeerClosed, TimeoutError, ConnectionError, ssl.SSLError) as exc:
             if self.peer is not None:
                 logger.warning(
                     "Association %s from %s ended without release: %s",
@@ -119,7 +119,7 @@ class AssociationHandler:
         self.sock.settimeout(node.acse_timeout_s)
         try:
             pdu_type, length = pdu.read_header(self.sock)
-        except (pdu.PeerClosed, TimeoutError, ConnectionError):
+        except (PeerClosed, TimeoutError, ConnectionError):
             return False
         if pdu_type != pdu.ASSOCIATE_RQ or length > pdu.MAX_ASSOCIATE_RQ:
             logger.warning(
@@ -174,7 +174,7 @@ class AssociationHandler:
             pdu_type, length = pdu.read_header(self.sock)
             if pdu_type == pdu.P_DATA_TF:
                 if self.max_pdu and length > self.max_pdu:
-                    raise pdu.ProtocolError(
+                    raise ProtocolError(
                         f"P-DATA-TF of {length} bytes exceeds the agreed maximum of {self.max_pdu}"
                     )
                 self._p_data(length)
@@ -186,7 +186,7 @@ class AssociationHandler:
             elif pdu_type == pdu.ABORT:
                 return "aborted"
             else:
-                raise pdu.ProtocolError(
+                raise ProtocolError(
                     f"unexpected PDU type 0x{pdu_type:02X}", pdu.ABORT_UNEXPECTED_PDU
                 )
 
@@ -194,13 +194,13 @@ class AssociationHandler:
         remaining = length
         while remaining:
             if remaining < 6:
-                raise pdu.ProtocolError("P-DATA-TF ends inside a presentation data value")
+                raise ProtocolError("P-DATA-TF ends inside a presentation data value")
             size, context_id, control = pdu.read_pdv_header(self.sock)
             remaining -= 6
             if size > remaining:
-                raise pdu.ProtocolError("presentation data value is longer than its PDU")
+                raise ProtocolError("presentation data value is longer than its PDU")
             if context_id not in self.contexts:
-                raise pdu.ProtocolError(f"presentation context {context_id} was not accepted")
+                raise ProtocolError(f"presentation context {context_id} was not accepted")
             if control & 0x01:
                 self._command_fragment(size, context_id, last=bool(control & 0x02))
             else:
@@ -209,16 +209,16 @@ class AssociationHandler:
 
     def _command_fragment(self, size: int, context_id: int, *, last: bool) -> None:
         if self.transfer is not None:
-            raise pdu.ProtocolError("a command arrived before the previous dataset ended")
+            raise ProtocolError("a command arrived before the previous dataset ended")
         if len(self.command) + size > MAX_COMMAND_SET:
-            raise pdu.ProtocolError("command set is larger than 64 KiB")
+            raise ProtocolError("command set is larger than 64 KiB")
         self.command += pdu.read_exact(self.sock, size)
         if not last:
             return
         try:
             command = dimse.decode_command(bytes(self.command))
         except ValueError as exc:
-            raise pdu.ProtocolError(str(exc)) from exc
+            raise ProtocolError(str(exc)) from exc
         finally:
             self.command.clear()
         self._start(command, context_id)
@@ -269,7 +269,7 @@ class AssociationHandler:
     def _dataset_fragment(self, size: int, context_id: int, *, last: bool) -> None:
         transfer = self.transfer
         if transfer is None or transfer.context_id != context_id:
-            raise pdu.ProtocolError("dataset fragment without a command in its context")
+            raise ProtocolError("dataset fragment without a command in its context")
         while size:
             chunk = self.buffer[: min(size, BUFFER_SIZE)]
             pdu.read_into(self.sock, chunk)

@@ -21,6 +21,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from dicomnode.errors import PeerClosed, ProtocolError
+
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -28,25 +30,13 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.12273546044512710602301282
 IMPLEMENTATION_VERSION = "DICOMNODE_010"
 MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ with 128 contexts is some tens of KB
 
-# A-ABORT source 2 (service provider) reasons, PS3.8 9.3.8
+# A-ABORT source 2 (service provider) reasons, PS3.8 9.3.8; ProtocolError's default is 6,
+# invalid parameter value
 ABORT_UNEXPECTED_PDU = 2
-ABORT_INVALID_PARAMETER = 6
 
 _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 RELEASE_RP_PDU = _HEADER.pack(RELEASE_RP, 4) + b"\0" * 4
-
-
-class PeerClosed(Exception):
-    """The peer closed the connection."""
-
-
-class ProtocolError(Exception):
-    """The peer broke the Upper Layer protocol; the association is aborted."""
-
-    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def read_exact(sock: socket.socket, size: int) -> bytes:

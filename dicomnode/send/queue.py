@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Send, Series
 from dicomnode.domain import JobState
-from dicomnode.errors import SendError
+from dicomnode.errors import JobNotFound, JobStateError, NoResults, SendError
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,6 @@ MAX_ERROR_CHARS = 2000
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class NoResults(SendError):
-    """The job has no result objects to send."""
-
-    http_status = 409
 
 
 @dataclass(frozen=True)
@@ -396,8 +390,6 @@ class SendQueue:
         Returns the destinations. Raises JobNotFound, JobStateError for a job that is not
         done, failed or sending, and NoResults when its result lists no objects.
         """
-        from dicomnode.queue.repository import JobNotFound, JobStateError
-
         now = self.now()
         with self._sessions.begin() as session:
             job = session.execute(

@@ -18,6 +18,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 
+from dicomnode.errors import PeerClosed
+
 
 def encode_dataset(ds: Dataset, transfer_syntax: UID = ExplicitVRLittleEndian) -> bytes:
     """Encode a dataset (without file meta) as it would travel in P-DATA."""
@@ -192,7 +194,7 @@ class RawAssociation:
             self.sock.sendall(pdu.encode_p_data(1, 0x02 if last else 0x00, chunk))
         try:
             return read_status(self.sock)
-        except pdu.PeerClosed as exc:
+        except PeerClosed as exc:
             raise ConnectionError("the node closed the connection instead of answering") from exc
 
     def release(self) -> None:

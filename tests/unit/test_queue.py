@@ -15,7 +15,8 @@ from sqlalchemy import Engine, func, select
 from dicomnode.config import QueueSettings
 from dicomnode.db.models import Job
 from dicomnode.domain import JobState, Priority
-from dicomnode.queue import JobNotFound, JobRecord, JobRepository, JobStateError
+from dicomnode.errors import JobNotFound, JobStateError
+from dicomnode.queue import JobRecord, JobRepository
 from dicomnode.queue.repository import LEASE_EXPIRED
 from dicomnode.testing.jobs import Clock
 

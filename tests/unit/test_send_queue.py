@@ -21,10 +21,10 @@ from dicomnode.config import DestinationSettings, QueueSettings, Settings, load_
 from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.models import Send
 from dicomnode.domain import JobState
-from dicomnode.errors import ConfigError
-from dicomnode.queue import JobNotFound, JobRepository, JobStateError
+from dicomnode.errors import ConfigError, JobNotFound, JobStateError, NoResults
+from dicomnode.queue import JobRepository
 from dicomnode.retention import purge_results
-from dicomnode.send.queue import DEAD, PENDING, SENT, NoResults, SendQueue
+from dicomnode.send.queue import DEAD, PENDING, SENT, SendQueue
 from dicomnode.send.sender import Sender, backoff_s
 from dicomnode.testing.jobs import Clock
 
