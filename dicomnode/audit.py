@@ -148,7 +148,7 @@ def list_events(
     return [
         AuditRecord(
             id=row.id,
-            at=row.at if row.at.tzinfo else row.at.replace(tzinfo=UTC),
+            at=row.at,
             actor=row.actor,
             action=row.action,
             job_id=row.job_id,

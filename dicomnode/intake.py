@@ -324,7 +324,7 @@ class Intake:
             if last.association_pk is not None:
                 association = session.get(Association, last.association_pk)
                 if association is not None and association.outcome == "released":
-                    released_at = _aware(association.closed_at)
+                    released_at = association.closed_at
                 from_last = session.scalar(
                     select(func.count(Instance.id)).where(
                         Instance.series_pk == series_pk,
@@ -341,8 +341,8 @@ class Intake:
         return SeriesSnapshot(
             series_instance_uid=series_uid,
             instances=int(count),
-            first_received_at=_aware(first_at),
-            last_received_at=_aware(last_at),
+            first_received_at=first_at,
+            last_received_at=last_at,
             released_at=released_at,
             whole_in_last_association=whole,
             expected_instances=expected,
@@ -413,8 +413,8 @@ class Intake:
                 contrast=bool(str(ds.get("ContrastBolusAgent", "")).strip()),
             )
             result.append(StudySeries(series.series_instance_uid, text, completed_at is not None,
-                                      _aware(series.last_received_at)))  # fmt: skip
-        first = min((_aware(series.first_received_at) for series, _ in rows), default=self._clock())
+                                      series.last_received_at))  # fmt: skip
+        first = min((series.first_received_at for series, _ in rows), default=self._clock())
         return result, first
 
     def _first_instance(self, series_pk: int, session: Session | None = None) -> Instance:
@@ -429,12 +429,6 @@ class Intake:
             raise LookupError(f"series row {series_pk} has no instances")
         session.expunge(instance)
         return instance
-
-
-def _aware(value: datetime | None) -> datetime:
-    """SQLite gives back naive UTC times."""
-    assert value is not None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _int(value: object) -> int | None:

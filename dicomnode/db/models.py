@@ -8,7 +8,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -18,6 +17,8 @@ from sqlalchemy import (
     desc,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from dicomnode.db.types import UTCDateTime
 
 UID = String(64)
 
@@ -36,8 +37,8 @@ class Association(Base):
     called_aet: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(64))
     port: Mapped[int] = mapped_column(Integer)
-    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: "released", "aborted" or null while open (or when the process died).
     outcome: Mapped[str | None] = mapped_column(String(16))
     stored: Mapped[int] = mapped_column(Integer, default=0)
@@ -70,8 +71,8 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String(16), index=True)
     study_description: Mapped[str] = mapped_column(String(64))
     referring_physician_name: Mapped[str] = mapped_column(String(324))
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -88,8 +89,8 @@ class Series(Base):
     series_description: Mapped[str] = mapped_column(String(64))
     body_part_examined: Mapped[str] = mapped_column(String(16))
     frame_of_reference_uid: Mapped[str] = mapped_column(UID)
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -113,7 +114,7 @@ class Instance(Base):
     association_pk: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
     calling_aet: Mapped[str] = mapped_column(String(16))
     calling_host: Mapped[str] = mapped_column(String(64))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -145,19 +146,19 @@ class Job(Base):
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    run_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    run_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # stage times (issue: latency broken down by stage)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # first instance
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)  # first instance
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class SeriesIntake(Base):
@@ -175,13 +176,13 @@ class SeriesIntake(Base):
     generation: Mapped[int] = mapped_column(Integer)
     #: the route whose completion settings decide when the series is complete (None: defaults)
     rules_route: Mapped[str | None] = mapped_column(String(64))
-    routed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    routed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     complete_reason: Mapped[str | None] = mapped_column(String(255))
     #: the newest receive time the completing verdict saw: an instance received after it is late.
     #: Not ``completed_at``: a sweep reads its clock before it reads the series, so instances
     #: stored in between were seen, yet received after that clock.
-    covered_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    covered_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Send(Base):
@@ -204,11 +205,11 @@ class Send(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     state: Mapped[str] = mapped_column(String(16))  # pending, sent, dead
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class AuditEvent(Base):
@@ -217,7 +218,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     actor: Mapped[str] = mapped_column(String(128))  # "aet:CT1@10.0.0.5", "token:admin", "node"
     action: Mapped[str] = mapped_column(String(32), index=True)
     job_id: Mapped[int | None] = mapped_column(Integer, index=True)

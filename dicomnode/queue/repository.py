@@ -117,15 +117,6 @@ def _priority_name(value: int) -> str:
         return str(value)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL, aware ones."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
 def _record(row: Row[Any], cls: type[JobRecord] = JobRecord) -> JobRecord:
     m = row._mapping
     return cls(
@@ -142,18 +133,18 @@ def _record(row: Row[Any], cls: type[JobRecord] = JobRecord) -> JobRecord:
         destinations=tuple(m["destinations"] or ()),
         attempts=m["attempts"],
         max_attempts=m["max_attempts"],
-        run_after=_utc(m["run_after"]),
+        run_after=m["run_after"],
         lease_owner=m["lease_owner"],
-        lease_expires_at=_utc(m["lease_expires_at"]),
+        lease_expires_at=m["lease_expires_at"],
         error=m["error"],
         result=m["result"],
-        received_at=_utc(m["received_at"]),  # type: ignore[arg-type]
-        completed_at=_utc(m["completed_at"]),
-        queued_at=_utc(m["queued_at"]),
-        started_at=_utc(m["started_at"]),
-        finished_at=_utc(m["finished_at"]),
-        sent_at=_utc(m["sent_at"]),
-        updated_at=_utc(m["updated_at"]),  # type: ignore[arg-type]
+        received_at=m["received_at"],
+        completed_at=m["completed_at"],
+        queued_at=m["queued_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        sent_at=m["sent_at"],
+        updated_at=m["updated_at"],
     )
 
 

@@ -96,13 +96,6 @@ class SendRecord:
     sent_at: datetime | None
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL, aware ones."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _record(row: Row[Any]) -> SendRecord:
     m = row._mapping
     return SendRecord(
@@ -115,10 +108,10 @@ def _record(row: Row[Any]) -> SendRecord:
         sop_instance_uid=m["sop_instance_uid"],
         state=m["state"],
         attempts=m["attempts"],
-        next_attempt_at=_utc(m["next_attempt_at"]),
+        next_attempt_at=m["next_attempt_at"],
         last_error=m["last_error"],
-        created_at=_utc(m["created_at"]),  # type: ignore[arg-type]
-        sent_at=_utc(m["sent_at"]),
+        created_at=m["created_at"],
+        sent_at=m["sent_at"],
     )
 
 
