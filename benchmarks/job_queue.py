@@ -48,6 +48,7 @@ from dicomnode.db import make_engine, upgrade  # noqa: E402
 from dicomnode.db.models import Job  # noqa: E402
 from dicomnode.domain import JobState  # noqa: E402
 from dicomnode.queue import JobRepository  # noqa: E402
+from dicomnode.queue.listing import JobFilter  # noqa: E402
 
 STUDY_ROOT = "1.2.826.0.1.3680043.99.9"
 MODELS = ("lung_nodule_ct_detection", "brats_mri_segmentation", "retina_oct", "echo", "spine_ct")
@@ -214,12 +215,18 @@ def listing(url: str, rows: int, runs: int) -> list[tuple[str, float, float, int
     cases: list[tuple[str, Callable[[], object]]] = [
         ("list(limit=50) newest first", lambda: repo.list(limit=50)),
         ("list(limit=50, offset=1000)", lambda: repo.list(limit=50, offset=1000)),
-        ("list(state=failed)", lambda: repo.list(state="failed", limit=50)),
-        ("list(state=cancelled) (rare)", lambda: repo.list(state="cancelled", limit=50)),
-        ("list(state=queued,waiting)", lambda: repo.list(state=["queued", "waiting"], limit=50)),
-        ("list(model=retina_oct)", lambda: repo.list(model="retina_oct", limit=50)),
-        ("list(state=failed, model=echo)", lambda: repo.list(state="failed", model="echo")),
-        ("list(study=UID)", lambda: repo.list(study=study, limit=50)),
+        ("list(state=failed)", lambda: repo.list(JobFilter(state="failed"), limit=50)),
+        ("list(state=cancelled) (rare)", lambda: repo.list(JobFilter(state="cancelled"), limit=50)),
+        (
+            "list(state=queued,waiting)",
+            lambda: repo.list(JobFilter(state=["queued", "waiting"]), limit=50),
+        ),
+        ("list(model=retina_oct)", lambda: repo.list(JobFilter(model="retina_oct"), limit=50)),
+        (
+            "list(state=failed, model=echo)",
+            lambda: repo.list(JobFilter(state="failed", model="echo")),
+        ),
+        ("list(study=UID)", lambda: repo.list(JobFilter(study=study), limit=50)),
         ("counts_by_state()", repo.counts_by_state),
     ]
     out = []

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.db.models import Job
 from dicomnode.domain import JobState
 from dicomnode.errors import InvalidQuery
+from dicomnode.queue.listing import JobFilter
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
@@ -103,7 +104,7 @@ def job_summary(job: JobRecord) -> dict[str, Any]:
 def job_detail(sessions: sessionmaker[Session], job: JobRecord) -> dict[str, Any]:
     """Everything ``jobs show`` prints: the job, its stages, what was sent where, its audit."""
     from dicomnode.audit import list_events
-    from dicomnode.send.queue import SendQueue
+    from dicomnode.queue.sends import SendQueue
 
     values = job.as_json()
     values["stages"] = {stage.name: _iso(stage.at) for stage in job_stages(job)}
@@ -142,20 +143,20 @@ def list_jobs(
     ``with_total``: the count is a second query, which the CLI's listing does not print)."""
     if limit < 1 or limit > 1000 or offset < 0:
         raise InvalidQuery(f"limit {limit} / offset {offset}: expected 1..1000 and >= 0")
-    filters: dict[str, Any] = {
-        "state": parse_states(state),
-        "model": model or None,
-        "study": study or None,
-        "accession": accession or None,
-        "patient_id": patient_id or None,
-        "since": parse_since(since) if isinstance(since, str) and since else since or None,
-    }
-    page = jobs.list(**filters, limit=limit, offset=offset)
+    where = JobFilter(
+        state=parse_states(state),
+        model=model or None,
+        study=study or None,
+        accession=accession or None,
+        patient_id=patient_id or None,
+        since=parse_since(since) if isinstance(since, str) and since else since or None,
+    )
+    page = jobs.list(where, limit=limit, offset=offset)
     if not with_total:
         return page, None
     if len(page) < limit and (page or not offset):  # the last page: no need to count
         return page, offset + len(page)
-    return page, jobs.count(**filters)
+    return page, jobs.count(where)
 
 
 # -- models ----------------------------------------------------------------------------------------

@@ -532,7 +532,7 @@ def _send_job(args: argparse.Namespace) -> int:
     from dicomnode import audit
     from dicomnode.app import open_database
     from dicomnode.config import load_settings
-    from dicomnode.send.queue import SendQueue
+    from dicomnode.queue.sends import SendQueue
 
     settings = load_settings(args.config)
     for name in args.destination or ():

@@ -161,3 +161,49 @@ class Findings:
     masks: Mapping[str, Any] = field(default_factory=dict)
     reference: str | None = None
     summary: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One DICOM object a job wrote: an entry of its result's ``objects``, which the send
+    queue delivers."""
+
+    kind: str  # SEG, SR or SC
+    path: str  # relative to the storage directory
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+
+    def as_json(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "sop_class_uid": self.sop_class_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "study_instance_uid": self.study_instance_uid,
+        }
+
+    @classmethod
+    def listed_in(cls, result: Mapping[str, Any] | None) -> list[ResultObject]:
+        """The objects a job's JSON result lists; ValueError naming the entry that is bad."""
+        objects = []
+        for index, entry in enumerate((result or {}).get("objects") or ()):
+            try:
+                objects.append(
+                    cls(
+                        str(entry["kind"]),
+                        str(entry["path"]),
+                        str(entry["sop_class_uid"]),
+                        str(entry["sop_instance_uid"]),
+                        str(entry.get("series_instance_uid", "")),
+                        str(entry.get("study_instance_uid", "")),
+                    )
+                )
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(
+                    f"result object {index} ({entry!r}) lacks kind, path, sop_class_uid or "
+                    f"sop_instance_uid: {exc}"
+                ) from exc
+        return objects

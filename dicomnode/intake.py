@@ -36,6 +36,7 @@ from dicomnode.config import CompletionSettings
 from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake, Study
 from dicomnode.domain import JobState
 from dicomnode.errors import JobStateError, SeriesNotVolume
+from dicomnode.queue.listing import JobFilter
 from dicomnode.queue.repository import JobRepository
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
@@ -207,7 +208,7 @@ class Intake:
 
     def _supersede(self, series_uid: str) -> None:
         """A late instance: a job of the earlier generation that has not started yet is moot."""
-        for job in self.jobs.list(state=JobState.QUEUED, series=series_uid, limit=1000):
+        for job in self.jobs.list(JobFilter(state=JobState.QUEUED, series=series_uid), limit=1000):
             try:
                 self.jobs.cancel(job.id, actor=audit.NODE, reason="superseded by a late instance")
             except JobStateError:
@@ -275,7 +276,7 @@ class Intake:
     ) -> tuple[int, int]:
         """Route again with the final slice count; queue the routes that still match."""
         waiting = self.jobs.list(
-            state=JobState.WAITING, series=series.series_instance_uid, limit=1000
+            JobFilter(state=JobState.WAITING, series=series.series_instance_uid), limit=1000
         )
         if not waiting:
             return 0, 0
@@ -368,7 +369,7 @@ class Intake:
 
     def _decide_studies(self, now: datetime) -> tuple[int, int]:
         queued = failed = 0
-        for job in self.jobs.list(state=JobState.WAITING, limit=10_000):
+        for job in self.jobs.list(JobFilter(state=JobState.WAITING), limit=10_000):
             if job.level != "study":
                 continue
             rules = self._rules.get(job.route)

@@ -82,7 +82,7 @@ def purge_results(sessions: sessionmaker[Session], storage_dir: Path, older_than
     ``older_than``, and owe no destination an object (no ``pending`` send), and the folders of
     jobs no longer in the table. Results a destination still waits for stay. Returns how many."""
     from dicomnode.inference.findings import RESULTS_DIR
-    from dicomnode.send.queue import PENDING
+    from dicomnode.queue.sends import PENDING
 
     root = Path(storage_dir) / RESULTS_DIR
     if not root.is_dir():

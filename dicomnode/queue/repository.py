@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,11 +35,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import audit
 from dicomnode.config import QueueSettings
-from dicomnode.db.models import Job, Patient, Study
+from dicomnode.db.models import Job
 from dicomnode.db.session import make_session_factory
 from dicomnode.domain import FINAL_STATES, JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
-from dicomnode.send.queue import add_sends
+from dicomnode.queue.listing import EVERY_JOB, JobFilter
+from dicomnode.queue.records import ClaimedJob, JobRecord, priority_name
+from dicomnode.queue.sends import add_sends
 
 logger = logging.getLogger(__name__)
 
@@ -53,107 +54,6 @@ _PURGE_BATCH = 5000
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One row of the jobs table, as values."""
-
-    id: int
-    dedupe_key: str
-    route: str
-    model: str
-    level: str
-    state: JobState
-    priority: int
-    study_instance_uid: str
-    series_instance_uid: str | None
-    inputs: tuple[str, ...]
-    destinations: tuple[str, ...]
-    attempts: int
-    max_attempts: int
-    run_after: datetime | None
-    lease_owner: str | None
-    lease_expires_at: datetime | None
-    error: str | None
-    result: dict[str, Any] | None
-    received_at: datetime
-    completed_at: datetime | None
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    sent_at: datetime | None
-    updated_at: datetime
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def as_json(self) -> dict[str, Any]:
-        """JSON-ready values: times in ISO 8601, tuples as lists, the priority by name too."""
-        values: dict[str, Any] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, datetime):
-                value = value.isoformat()
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, JobState):
-                value = str(value)
-            values[field.name] = value
-        values["priority_name"] = _priority_name(self.priority)
-        return values
-
-
-@dataclass(frozen=True)
-class ClaimedJob(JobRecord):
-    """A job this worker holds under a lease (state ``running``, ``attempts`` counts this run)."""
-
-
-def _priority_name(value: int) -> str:
-    try:
-        return Priority(value).name.lower()
-    except ValueError:
-        return str(value)
-
-
-def _record(row: Row[Any], cls: type[JobRecord] = JobRecord) -> JobRecord:
-    m = row._mapping
-    return cls(
-        id=m["id"],
-        dedupe_key=m["dedupe_key"],
-        route=m["route"],
-        model=m["model"],
-        level=m["level"],
-        state=JobState(m["state"]),
-        priority=m["priority"],
-        study_instance_uid=m["study_instance_uid"],
-        series_instance_uid=m["series_instance_uid"],
-        inputs=tuple(m["inputs"] or ()),
-        destinations=tuple(m["destinations"] or ()),
-        attempts=m["attempts"],
-        max_attempts=m["max_attempts"],
-        run_after=m["run_after"],
-        lease_owner=m["lease_owner"],
-        lease_expires_at=m["lease_expires_at"],
-        error=m["error"],
-        result=m["result"],
-        received_at=m["received_at"],
-        completed_at=m["completed_at"],
-        queued_at=m["queued_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        sent_at=m["sent_at"],
-        updated_at=m["updated_at"],
-    )
-
-
-def _state_values(state: str | Iterable[str] | None) -> list[str] | None:
-    if state is None:
-        return None
-    if isinstance(state, str):
-        return [JobState(state).value]
-    return [JobState(s).value for s in state]
 
 
 class JobRepository:
@@ -253,7 +153,7 @@ class JobRepository:
                     detail="no route matched" if skipped else f"route {route}, model {model}",
                     at=now,
                 )
-        record = _record(row)
+        record = JobRecord.from_row(row)
         if created:
             logger.info(
                 "job %s enqueued: route %s, model %s, %s, priority %s",
@@ -261,7 +161,7 @@ class JobRepository:
                 route,
                 model,
                 state,
-                _priority_name(record.priority),
+                priority_name(record.priority),
                 extra={"action": "job_enqueued", "job_id": record.id},
             )
         else:
@@ -386,7 +286,7 @@ class JobRepository:
             row = session.execute(statement).first()
         if row is None:
             return None
-        job = _record(row, ClaimedJob)
+        job = ClaimedJob.from_row(row)
         logger.info(
             "job %s claimed by %s: model %s, attempt %d of %d",
             job.id,
@@ -396,7 +296,7 @@ class JobRepository:
             job.max_attempts,
             extra={"action": "job_claimed", "job_id": job.id, "worker_id": worker_id},
         )
-        return job  # type: ignore[return-value]
+        return job
 
     def heartbeat(self, job_id: int, worker_id: str, lease_s: float | None = None) -> bool:
         """Extend the lease; False when the worker no longer holds it (cancelled, reclaimed)."""
@@ -628,7 +528,7 @@ class JobRepository:
         logger.info(
             "job %s %s (was %s)", job_id, done, state, extra={"action": action, "job_id": job_id}
         )
-        return _record(row)
+        return JobRecord.from_row(row)
 
     def _locked_state(self, session: Session, job_id: int) -> JobState:
         state = session.execute(
@@ -710,47 +610,22 @@ class JobRepository:
     def get(self, job_id: int) -> JobRecord | None:
         with self._sessions() as session:
             row = session.execute(select(jobs).where(jobs.c.id == job_id)).first()
-        return _record(row) if row is not None else None
+        return JobRecord.from_row(row) if row is not None else None
 
     def list(
-        self,
-        *,
-        state: str | Iterable[str] | None = None,
-        model: str | None = None,
-        study: str | None = None,
-        series: str | None = None,
-        accession: str | None = None,
-        patient_id: str | None = None,
-        since: datetime | None = None,
-        limit: int = 50,
-        offset: int = 0,
+        self, where: JobFilter = EVERY_JOB, *, limit: int = 50, offset: int = 0
     ) -> list[JobRecord]:
-        """Jobs, newest first, optionally only those in ``state`` (one or several), of
-        ``model``, of a study or series (by instance UID), of the studies with an accession
-        number or patient ID (indexed lookups in the index), or received ``since``."""
-        query = select(jobs).where(
-            *_filters(state, model, study, series, accession, patient_id, since)
-        )
-        query = query.order_by(jobs.c.id.desc()).limit(limit).offset(offset)
+        """Jobs matching ``where``, newest first."""
+        query = select(jobs).where(*where.clauses()).order_by(jobs.c.id.desc())
         with self._sessions() as session:
-            rows = session.execute(query).all()
-        return [_record(row) for row in rows]
+            rows = session.execute(query.limit(limit).offset(offset)).all()
+        return [JobRecord.from_row(row) for row in rows]
 
-    def count(
-        self,
-        *,
-        state: str | Iterable[str] | None = None,
-        model: str | None = None,
-        study: str | None = None,
-        series: str | None = None,
-        accession: str | None = None,
-        patient_id: str | None = None,
-        since: datetime | None = None,
-    ) -> int:
-        """How many jobs :meth:`list` would page through with the same filters."""
-        where = _filters(state, model, study, series, accession, patient_id, since)
+    def count(self, where: JobFilter = EVERY_JOB) -> int:
+        """How many jobs :meth:`list` would page through with the same filter."""
+        query = select(func.count()).select_from(jobs).where(*where.clauses())
         with self._sessions() as session:
-            return int(session.scalar(select(func.count()).select_from(jobs).where(*where)) or 0)
+            return int(session.scalar(query) or 0)
 
     def counts_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state, zeros included)."""
@@ -760,39 +635,6 @@ class JobRepository:
         for state, count in rows:
             counts[JobState(state)] = count
         return counts
-
-
-def _filters(
-    state: str | Iterable[str] | None,
-    model: str | None,
-    study: str | None,
-    series: str | None,
-    accession: str | None,
-    patient_id: str | None,
-    since: datetime | None,
-) -> list[Any]:
-    """The WHERE clauses of a job listing."""
-    where: list[Any] = []
-    states = _state_values(state)
-    if states is not None:
-        where.append(jobs.c.state.in_(states))
-    if model is not None:
-        where.append(jobs.c.model == model)
-    if study is not None:
-        where.append(jobs.c.study_instance_uid == study)
-    if series is not None:
-        where.append(jobs.c.series_instance_uid == series)
-    if accession is not None or patient_id is not None:
-        studies = select(Study.study_instance_uid)
-        if accession is not None:
-            studies = studies.where(Study.accession_number == accession)
-        if patient_id is not None:
-            patients = select(Patient.id).where(Patient.patient_id == patient_id)
-            studies = studies.where(Study.patient_pk.in_(patients))
-        where.append(jobs.c.study_instance_uid.in_(studies))
-    if since is not None:
-        where.append(jobs.c.received_at >= since.astimezone(UTC))
-    return where
 
 
 def _clip(error: str | None) -> str | None:

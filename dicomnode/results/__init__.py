@@ -6,7 +6,6 @@ derived from the job and its input, so the same job writes the same objects.
 """
 
 from dicomnode.results.build import (
-    ResultObject,
     build_objects,
     build_results,
     reference_volume,
@@ -16,7 +15,6 @@ from dicomnode.results.sr import FindingClass
 
 __all__ = [
     "FindingClass",
-    "ResultObject",
     "build_objects",
     "build_results",
     "reference_volume",

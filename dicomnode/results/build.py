@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
+from dicomnode.domain import ResultObject
 from dicomnode.errors import ResultsError
 from dicomnode.results.common import Producer
 from dicomnode.results.source import SourceImages, read_headers
@@ -29,28 +30,6 @@ logger = logging.getLogger(__name__)
 
 #: under results/<job id>/
 DICOM_DIR = "dicom"
-
-
-@dataclass(frozen=True)
-class ResultObject:
-    """One written object, as the job's result lists it (``result["objects"]``)."""
-
-    kind: str  # SEG, SR or SC
-    path: str  # relative to the storage directory
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-
-    def as_json(self) -> dict[str, str]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "sop_class_uid": self.sop_class_uid,
-            "sop_instance_uid": self.sop_instance_uid,
-            "series_instance_uid": self.series_instance_uid,
-            "study_instance_uid": self.study_instance_uid,
-        }
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ next rows. A further thread settles jobs: a ``sending`` job with nothing pending
 A destination's thread wakes when a job in this process commits new sends (a worker embedded in
 ``serve``), else polls every ``poll_s``. Each job whose objects all reached a destination gets one
 audit event ("sent", by the node). Several ``serve`` processes may share one database: claims are
-atomic and leased (see :mod:`dicomnode.send.queue`); rows a process held when it died are due
+atomic and leased (see :mod:`dicomnode.queue.sends`); rows a process held when it died are due
 again when their lease (the longer of MIN_CLAIM_LEASE_S and four timeouts) ends.
 """
 
@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import audit
 from dicomnode.errors import ConfigError, SendError
-from dicomnode.send import queue as send_queue
-from dicomnode.send.queue import DEAD, PENDING, SendQueue, SendRecord, utc_now
+from dicomnode.queue import sends as send_queue
+from dicomnode.queue.sends import DEAD, PENDING, SendQueue, SendRecord, utc_now
 
 if TYPE_CHECKING:
     import ssl

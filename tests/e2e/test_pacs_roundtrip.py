@@ -16,6 +16,7 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.config import DEFAULT_ROUTES
 from dicomnode.domain import FINAL_STATES, JobState
+from dicomnode.queue.listing import JobFilter
 from dicomnode.testing.demo import DemoStudy, demo_studies
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.peers import storescu
@@ -66,7 +67,8 @@ def test_orthanc_forwards_each_study_and_files_the_findings_under_it(
             sent = storescu(pacs.dicom_port, study.files, called_aet="ORTHANC")
             assert sent.returncode == 0, sent.stderr
         jobs = wait_for(
-            lambda: (found := node.jobs.list(state=list(FINAL_STATES))) and len(found) == 3
+            lambda: (found := node.jobs.list(JobFilter(state=list(FINAL_STATES))))
+            and len(found) == 3
             and found,
             timeout=900,
             what="the three jobs to end",

@@ -13,6 +13,7 @@ from dicomnode.app import open_database
 from dicomnode.config import load_settings
 from dicomnode.domain import JobState
 from dicomnode.queue import JobRepository
+from dicomnode.queue.listing import JobFilter
 from dicomnode.testing.orthanc import orthanc
 from dicomnode.testing.peers import LOOPBACK, storescu
 from dicomnode.testing.phantoms import chest_ct
@@ -61,7 +62,9 @@ def test_sigkill_during_inference_then_each_result_reaches_the_pacs_once(tmp_pat
         try:
             assert storescu(serve.port, series).returncode == 0
             job = wait_for(
-                lambda: next(iter(jobs.list(state=["running"])), None), 120, "the job to run"
+                lambda: next(iter(jobs.list(JobFilter(state=["running"]))), None),
+                120,
+                "the job to run",
             )
             serve.kill()  # mid-inference: the model was loaded and is running
             assert jobs.get(job.id).state is JobState.RUNNING  # type: ignore[union-attr]

@@ -22,7 +22,8 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.audit import list_events
 from dicomnode.domain import JobState
-from dicomnode.send.queue import DEAD, PENDING, SENT, SendQueue
+from dicomnode.queue.listing import JobFilter
+from dicomnode.queue.sends import DEAD, PENDING, SENT, SendQueue
 from dicomnode.send.scu import Destination, send_files
 from dicomnode.testing.orthanc import Orthanc, orthanc
 from dicomnode.testing.peers import LOOPBACK, free_port, storescp, storescu
@@ -388,7 +389,7 @@ def test_a_lung_job_end_to_end_reaches_orthanc_under_the_source_study(
     sent = storescu(port_of(node), series)
     assert sent.returncode == 0, sent.stderr
     job = wait_for(
-        lambda: next(iter(node.jobs.list(state=["done", "failed"])), None),
+        lambda: next(iter(node.jobs.list(JobFilter(state=["done", "failed"]))), None),
         timeout=300,
         what="the lung job's end",
     )

@@ -17,6 +17,7 @@ from dicomnode.db.models import Job
 from dicomnode.domain import JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
 from dicomnode.queue import JobRecord, JobRepository
+from dicomnode.queue.listing import JobFilter
 from dicomnode.queue.repository import LEASE_EXPIRED
 from dicomnode.testing.jobs import Clock
 
@@ -265,13 +266,13 @@ def test_list_counts_and_purge(repo: JobRepository, clock: Clock) -> None:
 
     assert [j.id for j in repo.list()] == [new[2].id, new[1].id, new[0].id, old_waiting.id, 1]
     assert [j.id for j in repo.list(limit=2, offset=1)] == [new[1].id, new[0].id]
-    assert [j.id for j in repo.list(state="done")] == [old_done.id]
-    assert len(repo.list(state=["done", "waiting"])) == 2
-    assert [j.id for j in repo.list(model="a")] == [old_waiting.id, old_done.id]
-    assert len(repo.list(study=STUDY)) == 5 and repo.list(study="1.2.3") == []
-    assert repo.list(series=new[0].series_instance_uid)[0].id == new[0].id
+    assert [j.id for j in repo.list(JobFilter(state="done"))] == [old_done.id]
+    assert len(repo.list(JobFilter(state=["done", "waiting"]))) == 2
+    assert [j.id for j in repo.list(JobFilter(model="a"))] == [old_waiting.id, old_done.id]
+    assert len(repo.list(JobFilter(study=STUDY))) == 5 and repo.list(JobFilter(study="1.2.3")) == []
+    assert repo.list(JobFilter(series=new[0].series_instance_uid))[0].id == new[0].id
     with pytest.raises(ValueError):
-        repo.list(state="bogus")
+        repo.list(JobFilter(state="bogus"))
     counts = repo.counts_by_state()
     assert counts[JobState.DONE] == 1 and counts[JobState.WAITING] == 1
     assert counts[JobState.QUEUED] == 3 and counts[JobState.FAILED] == 0

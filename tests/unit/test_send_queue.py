@@ -23,8 +23,8 @@ from dicomnode.db.models import Send
 from dicomnode.domain import JobState
 from dicomnode.errors import ConfigError, JobNotFound, JobStateError, NoResults
 from dicomnode.queue import JobRepository
+from dicomnode.queue.sends import DEAD, PENDING, SENT, SendQueue
 from dicomnode.retention import purge_results
-from dicomnode.send.queue import DEAD, PENDING, SENT, SendQueue
 from dicomnode.send.sender import Sender, backoff_s
 from dicomnode.testing.jobs import Clock
 

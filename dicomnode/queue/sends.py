@@ -26,7 +26,7 @@ from sqlalchemy import Row, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Send, Series
-from dicomnode.domain import JobState
+from dicomnode.domain import JobState, ResultObject
 from dicomnode.errors import JobNotFound, JobStateError, NoResults, SendError
 
 logger = logging.getLogger(__name__)
@@ -44,37 +44,6 @@ MAX_ERROR_CHARS = 2000
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class ResultObject:
-    """One DICOM object a job made (an entry of its result's ``objects``)."""
-
-    kind: str  # SEG, SR, SC
-    path: str  # relative to the storage directory
-    sop_class_uid: str
-    sop_instance_uid: str
-
-    @classmethod
-    def from_result(cls, result: Mapping[str, Any] | None) -> list[ResultObject]:
-        """The objects a job's JSON result lists; ValueError naming the entry that is bad."""
-        objects = []
-        for index, entry in enumerate((result or {}).get("objects") or ()):
-            try:
-                objects.append(
-                    cls(
-                        str(entry["kind"]),
-                        str(entry["path"]),
-                        str(entry["sop_class_uid"]),
-                        str(entry["sop_instance_uid"]),
-                    )
-                )
-            except (KeyError, TypeError) as exc:
-                raise ValueError(
-                    f"result object {index} ({entry!r}) lacks kind, path, sop_class_uid or "
-                    f"sop_instance_uid: {exc}"
-                ) from exc
-        return objects
 
 
 @dataclass(frozen=True)
@@ -172,7 +141,7 @@ def add_sends(
     """In the caller's transaction: the job's sends are one pending row per destination and
     object of ``result["objects"]``, replacing the rows of an earlier run. Returns how many.
     The senders of this process are woken when the transaction commits."""
-    rows = _rows(job_id, destinations, ResultObject.from_result(result), now)
+    rows = _rows(job_id, destinations, ResultObject.listed_in(result), now)
     session.execute(delete(sends).where(sends.c.job_id == job_id))
     if rows:
         session.execute(sends.insert(), rows)
@@ -397,7 +366,7 @@ class SendQueue:
                     f"job {job_id} is {job.state}; only done, failed or sending jobs have "
                     "results to send"
                 )
-            objects = ResultObject.from_result(job.result)
+            objects = ResultObject.listed_in(job.result)
             if not objects:
                 raise NoResults(f"job {job_id}'s result lists no DICOM objects to send")
             targets = list(destinations or job.destinations or ())
