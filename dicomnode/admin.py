@@ -8,7 +8,7 @@ JSON-ready dicts, so the CLI's ``--json`` and the API answer the same thing.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -179,13 +179,14 @@ class ModelSummary:
     description: str
 
 
-def model_summaries(settings: Settings) -> list[ModelSummary]:
-    """The models the settings' folders and bundles provide; reads model.toml files only."""
+def model_summaries(settings: Settings, builtins: Iterable[str] = ()) -> list[ModelSummary]:
+    """The models the settings' folders and bundles provide, and the ``builtins`` (job models
+    without a package: the tests'); reads model.toml files only."""
     from dicomnode.inference.registry import ModelRegistry
 
     registry = ModelRegistry.from_settings(settings)
     out = []
-    for name in registry.names():
+    for name in sorted({*registry.names(), *builtins}):
         devices = tuple(
             dict.fromkeys(w.device for w in settings.workers if not w.models or name in w.models)
         )

@@ -19,6 +19,8 @@ from dicomnode.errors import DatabaseError
 from dicomnode.inference.device import resolve_device
 from dicomnode.inference.registry import ModelRegistry
 from dicomnode.intake import Intake
+from dicomnode.pipeline import job_models
+from dicomnode.pipeline.models import BuiltinModels
 from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
 from dicomnode.queue.repository import JobRepository
 from dicomnode.queue.worker import Worker
@@ -114,8 +116,9 @@ class Node:
         self.periodic.run_soon(SWEEP_JOB)
 
 
-def build_node(settings: Settings) -> Node:
-    """Open the database (migrating if configured) and wire every part; nothing runs yet."""
+def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = None) -> Node:
+    """Open the database (migrating if configured) and wire every part; nothing runs yet.
+    ``builtin_models`` run beside the model packages (the tests' ``echo``)."""
     database = open_database(settings, migrate=settings.node.auto_migrate)
     spool = Spool(settings.node.storage_dir)
     store = InstanceStore(
@@ -143,11 +146,13 @@ def build_node(settings: Settings) -> Node:
     workers = [
         Worker(
             jobs,
-            registry.job_models(
+            job_models(
+                registry,
                 worker.models,
                 sessions=database.sessions,
                 routes=settings.routes,
                 results=settings.results,
+                builtins=builtin_models,
             ),
             device=str(resolve_device(worker.device)),  # a missing GPU fails at start
             lease_s=settings.queue.lease_s,
@@ -166,7 +171,10 @@ def build_node(settings: Settings) -> Node:
     )
     api = None
     if settings.api.enabled:  # refuses a non-loopback host without a token
-        api = ApiServer(ApiContext(settings, database.sessions, jobs, tuple(workers)))
+        context = ApiContext(
+            settings, database.sessions, jobs, tuple(workers), tuple(builtin_models or ())
+        )
+        api = ApiServer(context)
     node = Node(
         settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
     )

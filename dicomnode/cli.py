@@ -1,4 +1,5 @@
-"""``dicomnode``: serve | studies | send | db (more commands arrive with their components)."""
+"""``dicomnode``: run the node (serve, worker), follow its jobs, studies and models, explain the
+routing, send DICOM, run the demo, upgrade the database."""
 
 from __future__ import annotations
 
@@ -19,13 +20,17 @@ from dicomnode.errors import DicomNodeError
 
 if TYPE_CHECKING:
     from dicomnode.admin import ModelSummary
+    from dicomnode.pipeline.models import BuiltinModels
 
 logger = logging.getLogger("dicomnode.cli")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, builtin_models: BuiltinModels | None = None) -> int:
+    """Run one command; ``builtin_models`` run beside the model packages (the tests' ``echo``,
+    through ``python -m dicomnode.testing.cli``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.builtin_models = dict(builtin_models or {})
     from dicomnode import log
 
     log.configure(args.log_level)
@@ -169,7 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     restrict_new_files()
-    node = build_node(settings)
+    node = build_node(settings, builtin_models=args.builtin_models)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -229,7 +234,7 @@ def _worker(args: argparse.Namespace) -> int:
     from dicomnode.app import open_database, restrict_new_files
     from dicomnode.config import WorkerSettings, load_settings
     from dicomnode.inference.device import resolve_device
-    from dicomnode.inference.registry import load_job_models
+    from dicomnode.pipeline import load_job_models
     from dicomnode.queue import JobRepository
     from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
     from dicomnode.queue.worker import Worker
@@ -240,7 +245,9 @@ def _worker(args: argparse.Namespace) -> int:
     names = args.models.split(",") if args.models else defaults.models
     device = str(resolve_device(args.device or defaults.device))  # a missing GPU fails here
     database = open_database(settings, migrate=False)
-    models = load_job_models(settings, names, sessions=database.sessions)
+    models = load_job_models(
+        settings, names, sessions=database.sessions, builtins=args.builtin_models
+    )
     repository = JobRepository(database.sessions, settings.queue)
     worker = Worker(
         repository,
@@ -368,7 +375,7 @@ def _models_list(args: argparse.Namespace) -> int:
     from dicomnode.admin import model_summaries
     from dicomnode.config import load_settings
 
-    models = model_summaries(load_settings(args.config))
+    models = model_summaries(load_settings(args.config), builtins=args.builtin_models)
     if args.json:
         print(json.dumps([asdict(m) for m in models], indent=2))
         return 0

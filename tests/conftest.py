@@ -12,6 +12,7 @@ from pydicom import config as pydicom_config
 
 from dicomnode.app import Node, build_node
 from dicomnode.config import Settings
+from dicomnode.testing.models import MODELS as TEST_MODELS
 
 # Objects we read back in tests must be valid, not merely readable (as highdicom tests do).
 pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
@@ -37,7 +38,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     started: list[Node] = []
 
     def start(storage: Path | None = None, *, background: bool = True, **sections: Any) -> Node:
-        node = build_node(make_settings(storage or tmp_path / f"node{len(started)}", **sections))
+        settings = make_settings(storage or tmp_path / f"node{len(started)}", **sections)
+        node = build_node(settings, builtin_models=TEST_MODELS)
         node.start(background=background)
         started.append(node)
         return node

@@ -28,4 +28,5 @@ def studies(
 
 @router.get("/models", tags=["models"], summary="Models: version, demo weights, devices")
 def models(request: Request, _actor: Actor) -> dict[str, Any]:
-    return {"models": [asdict(m) for m in admin.model_summaries(context(request).settings)]}
+    ctx = context(request)
+    return {"models": [asdict(m) for m in admin.model_summaries(ctx.settings, ctx.builtin_models)]}

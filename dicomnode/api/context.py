@@ -32,6 +32,8 @@ class ApiContext:
     jobs: JobRepository
     #: the workers embedded in this process (``serve``), for /api/health
     workers: tuple[Worker, ...] = ()
+    #: the job models without a package this node runs (the tests' echo), for /api/models
+    builtin_models: tuple[str, ...] = ()
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property

@@ -1,13 +1,15 @@
 """The model runtime: the model protocol, the registry of model packages and MONAI bundles,
-device placement, sliding-window inference, and the adapter that runs a model for the queue.
+device placement, sliding-window inference. It knows nothing of the queue, the database or the
+result objects: ``dicomnode.pipeline`` runs a model for a job.
 
 Importing this package imports neither torch nor MONAI: they load when a model is loaded.
 
 - :class:`Model` / :class:`InferenceModel`: what a package in ``models/<name>/`` implements
   (``protocol`` describes ``model.toml``); ``predict(inputs) -> Findings``.
 - :class:`ModelRegistry`: finds the packages in ``[models] dirs``, checks weights' sha256, puts
-  the networks of ``[models] bundles`` (Model Zoo layout) in place of a package's own, and makes
-  the worker's queue models (:meth:`ModelRegistry.job_models`, :func:`load_job_models`).
+  the networks of ``[models] bundles`` (Model Zoo layout) in place of a package's own, and
+  creates and loads a model (:meth:`ModelRegistry.load`).
+- :func:`predict`: a loaded model's ``predict``, seeded and cancellable.
 - :func:`resolve_device`, :func:`configure_torch`: "cpu" / "cuda" / "cuda:N", determinism.
 - :func:`sliding_window`: MONAI's sliding window, float16 autocast on a GPU, cancellable.
 - :func:`load_bundle`: a bundle directory's network with its weights.
@@ -39,7 +41,8 @@ from dicomnode.inference.protocol import (
     ModelSpec,
     read_model_toml,
 )
-from dicomnode.inference.registry import ModelRegistry, load_job_models
+from dicomnode.inference.registry import ModelRegistry
+from dicomnode.inference.run import predict
 from dicomnode.inference.sliding import cancellable, check_cancelled, sliding_window
 
 __all__ = [
@@ -59,8 +62,8 @@ __all__ = [
     "findings_from_json",
     "findings_to_json",
     "load_bundle",
-    "load_job_models",
     "parse_device",
+    "predict",
     "read_model_toml",
     "resolve_device",
     "seed_everything",

@@ -19,17 +19,16 @@ import logging
 import re
 import sys
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dicomnode.errors import ModelPackageInvalid, UnknownModel
 from dicomnode.inference.bundle import bundle_layout
 from dicomnode.inference.protocol import MODEL_TOML, InferenceModel, ModelSpec
 
 if TYPE_CHECKING:
-    from dicomnode.config import ModelsSettings, ResultsSettings, RouteSettings, Settings
-    from dicomnode.queue.worker import JobModel
+    from dicomnode.config import ModelsSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -72,34 +71,28 @@ def discover(dirs: Iterable[Path | str]) -> dict[str, ModelSpec]:
     return specs
 
 
-def builtin_models() -> dict[str, Callable[[], JobModel]]:
-    """The queue's test models (``echo``), which run without the inference runtime."""
-    from dicomnode.testing.models import MODELS
-
-    return dict(MODELS)
+def unknown_model(names: Sequence[str], available: Sequence[str]) -> UnknownModel:
+    """The error for model names that are not there, listing those that are."""
+    return UnknownModel(
+        f"unknown model(s) {', '.join(map(repr, names))}; available: "
+        f"{', '.join(available) or 'none'}"
+    )
 
 
 class ModelRegistry:
-    """Model packages by name (plus the builtin test models), and how to make and load them."""
+    """Model packages by name, and how to make and load them."""
 
     def __init__(
         self,
         dirs: Sequence[Path | str] = (),
         bundles: Mapping[str, Path | str] | None = None,
         *,
-        builtins: Mapping[str, Callable[[], JobModel]] | None = None,
         seed: int = 0,
         deterministic: bool = True,
         threads: int = 0,
     ) -> None:
         self.packages = discover(dirs)
-        self.builtins = dict(builtin_models() if builtins is None else builtins)
         self.seed, self.deterministic, self.threads = seed, deterministic, threads
-        clash = sorted(set(self.packages) & set(self.builtins))
-        if clash:
-            raise ModelPackageInvalid(
-                f"model package(s) {', '.join(clash)} take the name of a builtin model"
-            )
         for name, path in (bundles or {}).items():
             if name not in self.packages:
                 raise UnknownModel(
@@ -126,23 +119,17 @@ class ModelRegistry:
     # -- what is there -------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted({*self.packages, *self.builtins})
+        return sorted(self.packages)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.packages or name in self.builtins
+        return name in self.packages
 
     def spec(self, name: str) -> ModelSpec:
         """The package's spec; UnknownModel for a name that is no package."""
         try:
             return self.packages[name]
         except KeyError:
-            raise self._unknown([name]) from None
-
-    def _unknown(self, names: Sequence[str]) -> UnknownModel:
-        return UnknownModel(
-            f"unknown model(s) {', '.join(map(repr, names))}; available: "
-            f"{', '.join(self.names()) or 'none'}"
-        )
+            raise unknown_model([name], self.names()) from None
 
     # -- making models -------------------------------------------------------------------------
 
@@ -178,73 +165,6 @@ class ModelRegistry:
         model.load(resolved)
         settle_heap()
         return model
-
-    def job_models(
-        self,
-        names: Iterable[str] | None = None,
-        *,
-        sessions: Callable[[], Any] | None = None,
-        database_url: str | None = None,
-        routes: Sequence[RouteSettings] = (),
-        strict: bool | None = None,
-        results: ResultsSettings | None = None,
-    ) -> dict[str, JobModel]:
-        """Queue models (not loaded yet) for ``names`` (None or empty: every model).
-
-        Inference models find their jobs' series in the index through ``sessions`` (a session
-        factory) or, without one, a database opened from ``database_url`` on the first job.
-        ``routes`` give study-level models the input names of their routes'
-        ``completion.required_series``. With ``strict`` (default: when models are named), a
-        model that fails to load stops the worker's start; otherwise the failure is logged and
-        that model's jobs fail with it, while the others run. ``results`` configures the
-        DICOM objects written from each job's findings (None: the defaults).
-        """
-        from dicomnode.inference.adapter import InferenceJobModel
-
-        wanted = list(dict.fromkeys(n.strip() for n in (names or ()) if n.strip()))
-        if strict is None:
-            strict = bool(wanted)
-        wanted = wanted or self.names()
-        unknown = [name for name in wanted if name not in self]
-        if unknown:
-            raise self._unknown(unknown)
-        required = {route.name: dict(route.completion.required_series) for route in routes}
-        out: dict[str, JobModel] = {}
-        for name in wanted:
-            if name in self.builtins:
-                out[name] = self.builtins[name]()
-            else:
-                out[name] = InferenceJobModel(
-                    self.spec(name),
-                    lambda name=name: self.create(name),
-                    sessions=sessions,
-                    database_url=database_url,
-                    required_series=required,
-                    seed=self.seed,
-                    deterministic=self.deterministic,
-                    threads=self.threads,
-                    strict=strict,
-                    results=results,
-                )
-        return out
-
-
-def load_job_models(
-    settings: Settings,
-    names: Iterable[str] | None = None,
-    *,
-    sessions: Callable[[], Any] | None = None,
-    strict: bool | None = None,
-) -> dict[str, JobModel]:
-    """The worker's models from the settings: ``[models]`` folders and bundles, the routes."""
-    return ModelRegistry.from_settings(settings).job_models(
-        names,
-        sessions=sessions,
-        database_url=settings.node.resolved_database_url,
-        routes=settings.routes,
-        strict=strict,
-        results=settings.results,
-    )
 
 
 def verify_package_weights(spec: ModelSpec) -> None:

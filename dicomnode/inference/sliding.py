@@ -1,7 +1,7 @@
 """Sliding-window inference (MONAI's), with mixed precision on a GPU, and cancellation.
 
 A job's cancellation (its ``cancelled`` event) is checked before every window, so a long
-prediction stops within one window of being cancelled: the adapter sets the event for the thread
+prediction stops within one window of being cancelled: the worker sets the event for the thread
 that runs the model with :func:`cancellable`; a model's own loops can call
 :func:`check_cancelled`.
 """

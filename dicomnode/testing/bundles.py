@@ -125,7 +125,7 @@ def _version(package: str) -> str:
 
 
 #: A model that needs no network: the mean HU and shape of its volume, and the voxels above
-#: -500 HU as one "body" finding with its centre, volume and mask (for adapter tests).
+#: -500 HU as one "body" finding with its centre, volume and mask (for pipeline tests).
 VOLUME_STATS_MODEL = """
 import numpy as np
 

@@ -1,4 +1,5 @@
-"""A small model for tests and demos, used until the real models land, and a lookup by name.
+"""The queue's test model, which tests add to the node's models (it is never in production's):
+``echo`` runs without the inference runtime, so queue, worker and serve tests stay fast.
 
 ``echo`` returns how many input series its job has. Its route name may carry directives after a
 ``?``, as in a URL query, which tests use to steer it:
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from dicomnode.errors import ConfigError
 from dicomnode.queue.worker import JobContext, JobModel
 
 RUN_LOG_ENV = "DICOMNODE_TEST_RUN_LOG"
@@ -86,20 +86,14 @@ class EchoModel:
             os.close(fd)
 
 
-#: name -> factory of the models a worker can run until ``dicomnode.inference`` provides them.
-MODELS: dict[str, type] = {"echo": EchoModel}
-
-
-def available_models() -> list[str]:
-    return sorted(MODELS)
+#: name -> factory of the test models, for ``job_models(..., builtins=MODELS)``
+MODELS: dict[str, Callable[[], JobModel]] = {"echo": EchoModel}
 
 
 def load_models(names: Iterable[str] | None = None) -> dict[str, JobModel]:
-    """New instances of the named models (None or empty: every one); ConfigError if unknown."""
-    wanted = list(dict.fromkeys(names or ())) or available_models()
-    unknown = [name for name in wanted if name not in MODELS]
-    if unknown:
-        raise ConfigError(
-            f"unknown model(s) {', '.join(unknown)}; available: {', '.join(available_models())}"
-        )
-    return {name: MODELS[name]() for name in wanted}
+    """New instances of the named test models (None or empty: every one); UnknownModel (a
+    ConfigError) names the ones there are."""
+    from dicomnode.inference.registry import ModelRegistry
+    from dicomnode.pipeline import job_models
+
+    return job_models(ModelRegistry(), names, builtins=MODELS)

@@ -31,7 +31,7 @@ def node_env(storage: Path, port: int, **settings: str) -> dict[str, str]:
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run a ``dicomnode`` command in a child process."""
     return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", *args],
+        [sys.executable, "-m", "dicomnode.testing.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -63,7 +63,7 @@ class ServeProcess:
         self.storage.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicomnode.cli", "serve"],
+                [sys.executable, "-m", "dicomnode.testing.cli", "serve"],
                 env=self.env,
                 stdout=log,
                 stderr=log,

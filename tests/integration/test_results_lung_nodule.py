@@ -1,5 +1,5 @@
 """The lung nodule model end to end through the node: a chest phantom sent with storescu, the
-job run by the inference adapter with the real model, and its SEG and SR in the job's result,
+job run by the job pipeline with the real model, and its SEG and SR in the job's result,
 valid, and with the segment covering every nodule of the phantom where it is."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.domain import JobState
 from dicomnode.inference import ModelRegistry
+from dicomnode.pipeline import job_models
 from dicomnode.queue.worker import JobContext
 from dicomnode.testing import peers, validators
 from dicomnode.testing.phantoms import chest_ct
@@ -50,8 +51,10 @@ def test_chest_phantom_through_the_lung_model_gives_a_seg_covering_its_nodules(
     )  # fmt: skip
     job = node.jobs.claim("test-worker", ["lung_nodule"])
     assert job is not None
-    adapter = ModelRegistry([MODELS]).job_models(["lung_nodule"], sessions=node.database.sessions)
-    model = adapter["lung_nodule"]
+    pipelines = job_models(
+        ModelRegistry([MODELS]), ["lung_nodule"], sessions=node.database.sessions
+    )
+    model = pipelines["lung_nodule"]
     model.load("cpu")
     result = dict(model.run(JobContext(job, "cpu", "test-worker", storage_dir=node.spool.root)))
 

@@ -25,7 +25,7 @@ from dicomnode.queue import JobRepository
 from dicomnode.testing.models import RUN_LOG_ENV
 
 STUDY = "1.2.826.0.1.3680043.99.400"
-CLI = (sys.executable, "-m", "dicomnode.cli")
+CLI = (sys.executable, "-m", "dicomnode.testing.cli")
 #: the reliability suite's queue: a thousand jobs, each run exactly once
 JOBS = 1000
 

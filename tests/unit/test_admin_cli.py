@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dicomnode.audit import list_events
 from dicomnode.cli import main
 from dicomnode.config import load_settings
 from dicomnode.errors import InvalidQuery
+from dicomnode.testing import cli as testing_cli
 from dicomnode.testing.jobs import T0, History, make_history
 
 
@@ -31,8 +33,10 @@ def history(database: Database) -> History:
     return make_history(database.sessions)
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
+def run(
+    capsys: pytest.CaptureFixture[str], *args: str, cli: Callable[[list[str]], int] = main
+) -> tuple[int, str, str]:
+    code = cli(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -97,12 +101,20 @@ def test_retry_and_cancel_from_the_cli_are_audited(
     assert code == 0 and "retried" in out[out.index("audit:") :] and actor in out
 
 
-def test_models_list(database: Database, capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_list_on_the_embedded_defaults_shows_the_three_models(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, "models", "list", "--json")
+    assert code == 0
+    assert [m["name"] for m in json.loads(out)] == ["brain_tumor", "lung_nodule", "oct_grading"]
+
+
+def test_models_list(database: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models", "list", "--json", cli=testing_cli.main)
     models = {m["name"]: m for m in json.loads(out)}
     assert code == 0 and {"echo", "lung_nodule"} <= set(models)
     assert models["lung_nodule"]["demo"] is True and models["lung_nodule"]["min_slices"] > 1
-    code, out, _ = run(capsys, "models", "list")
+    code, out, _ = run(capsys, "models", "list", cli=testing_cli.main)
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert out.split()[:6] == ["NAME", "VERSION", "WEIGHTS", "LEVEL", "ACCEPTS", "DEVICES"]
     assert " demo " in rows["lung_nodule"] and "CT" in rows["lung_nodule"]

@@ -22,10 +22,10 @@ from dicomnode.errors import (
     WeightsMissing,
 )
 from dicomnode.inference import ModelRegistry, ModelSpec, read_model_toml
-from dicomnode.inference.adapter import InferenceJobModel
+from dicomnode.pipeline import ModelPipeline, job_models
 from dicomnode.queue.worker import JobModel
 from dicomnode.testing.bundles import sha256_hex, write_model_package
-from dicomnode.testing.models import EchoModel
+from dicomnode.testing.models import MODELS, EchoModel
 
 WEIGHTS = b"demo weights, not a network"
 
@@ -83,7 +83,7 @@ def split_package(models: Path, sha: str | None = None) -> Path:
 def test_discovers_a_package_and_runs_it(tmp_path: Path) -> None:
     write_model_package(tmp_path / "models", "stats")
     registry = ModelRegistry([tmp_path / "models"])
-    assert registry.names() == ["echo", "stats"]
+    assert registry.names() == ["stats"]  # the test model echo is no package
     spec = registry.spec("stats")
     assert spec.directory == (tmp_path / "models" / "stats").resolve()
     assert spec.info.accepts.modalities == ("CT",) and spec.info.demo
@@ -151,11 +151,11 @@ def test_missing_weights_are_named(tmp_path: Path) -> None:
 def test_unknown_model_names_the_available_ones(tmp_path: Path) -> None:
     write_model_package(tmp_path / "models", "stats")
     registry = ModelRegistry([tmp_path / "models"])
-    with pytest.raises(UnknownModel, match=r"'lung'.*available: echo, stats") as caught:
+    with pytest.raises(UnknownModel, match=r"'lung'.*available: stats") as caught:
         registry.create("lung")
     assert isinstance(caught.value, ConfigError) and caught.value.http_status == 404
-    with pytest.raises(UnknownModel, match="'nope'"):
-        registry.job_models(["stats", "nope"])
+    with pytest.raises(UnknownModel, match=r"'nope'.*available: echo, stats"):
+        job_models(registry, ["stats", "nope"], builtins=MODELS)
 
 
 @pytest.mark.parametrize(
@@ -217,13 +217,24 @@ def test_bundle_not_in_the_zoo_layout(tmp_path: Path) -> None:
 def test_job_models_wrap_packages_and_keep_echo(tmp_path: Path) -> None:
     write_model_package(tmp_path / "models", "stats")
     registry = ModelRegistry([tmp_path / "models"])
-    models = registry.job_models()
+    models = job_models(registry, builtins=MODELS)
     assert set(models) == {"echo", "stats"}
     assert isinstance(models["echo"], EchoModel)
-    assert isinstance(models["stats"], InferenceJobModel) and models["stats"].name == "stats"
+    assert isinstance(models["stats"], ModelPipeline) and models["stats"].name == "stats"
     assert all(isinstance(model, JobModel) for model in models.values())
-    assert set(registry.job_models(["echo"])) == {"echo"}
-    assert set(registry.job_models([" stats ", "stats"])) == {"stats"}
+    assert set(job_models(registry, ["echo"], builtins=MODELS)) == {"echo"}
+    assert set(job_models(registry, [" stats ", "stats"])) == {"stats"}
+
+
+def test_production_has_no_test_model(tmp_path: Path) -> None:
+    write_model_package(tmp_path / "models", "stats")
+    registry = ModelRegistry([tmp_path / "models"])
+    assert set(job_models(registry)) == {"stats"}
+    with pytest.raises(UnknownModel, match=r"'echo'.*available: stats"):
+        job_models(registry, ["echo"])
+    with pytest.raises(ModelPackageInvalid, match=r"package\(s\) echo take the name of a builtin"):
+        write_model_package(tmp_path / "models", "echo")
+        job_models(ModelRegistry([tmp_path / "models"]), builtins=MODELS)
 
 
 def test_settings_name_the_folders_and_bundles(tmp_path: Path) -> None:
@@ -240,7 +251,7 @@ def test_relative_folders_are_found_from_the_current_directory(
     write_model_package(tmp_path / "here", "stats")
     monkeypatch.chdir(tmp_path)
     assert "stats" in ModelRegistry([Path("here")])
-    assert ModelRegistry([Path("not-there")]).names() == ["echo"]
+    assert ModelRegistry([Path("not-there")]).names() == []
 
 
 def test_spec_reads_weights_paths(tmp_path: Path) -> None:
@@ -268,8 +279,8 @@ def test_a_model_that_fails_to_load(tmp_path: Path) -> None:
     (folder / "weights" / "demo.bin").unlink()
     registry = ModelRegistry([tmp_path / "models"])
     with pytest.raises(WeightsMissing):
-        registry.job_models(["split"])["split"].load("cpu")
-    every = registry.job_models()
+        job_models(registry, ["split"])["split"].load("cpu")
+    every = job_models(registry, builtins=MODELS)
     every["echo"].load("cpu")
     every["split"].load("cpu")  # logged, not raised
     with pytest.raises(ModelError, match=r"'split' could not be loaded: WeightsMissing"):

@@ -1,4 +1,4 @@
-"""Results in the inference adapter: a job's SEG and SR land in results/<job id>/dicom/ and in
+"""Results in the job pipeline: a job's SEG and SR land in results/<job id>/dicom/ and in
 its result's "objects"; a rerun writes the same objects; [results] switches them off; a failure
 to build them fails the job with the reason."""
 
@@ -16,7 +16,7 @@ from dicomnode.errors import ResultsError
 from dicomnode.testing import validators
 from dicomnode.testing.bundles import VOLUME_STATS_MODEL, write_model_package
 from dicomnode.testing.series import SeriesSpec
-from tests.integration.test_inference_adapter import adapter_for, claim, store
+from tests.integration.test_pipeline import claim, pipeline_for, store
 
 pytest.importorskip("torch")
 pytest.importorskip("highdicom")
@@ -29,10 +29,10 @@ def test_a_job_run_twice_writes_the_same_objects(
     files = store(node, tmp_path / "ct", SeriesSpec(slices=12, rows=32, columns=32, seed=62))
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     write_model_package(tmp_path / "models", "stats")
-    adapter = adapter_for(node, tmp_path / "models", "stats")
+    pipeline = pipeline_for(node, tmp_path / "models", "stats")
     context = claim(node, "stats", [series_uid])
 
-    first = dict(adapter.run(context))
+    first = dict(pipeline.run(context))
     objects = first["objects"]
     assert [o["kind"] for o in objects] == ["SEG", "SR"]
     assert {o["study_instance_uid"] for o in objects} == {str(dcmread(files[0]).StudyInstanceUID)}
@@ -43,7 +43,7 @@ def test_a_job_run_twice_writes_the_same_objects(
             report = validators.dciodvfy(node.spool.root / o["path"])
             assert report.errors == (), report.output
 
-    again = dict(adapter.run(context))  # a retry of the same job
+    again = dict(pipeline.run(context))  # a retry of the same job
     assert again["objects"] == objects
     assert {o["path"]: (node.spool.root / o["path"]).read_bytes() for o in objects} == contents
     # dated when the series' last instance arrived, not when the job ran
@@ -55,10 +55,10 @@ def test_results_can_be_switched_off(start_node: Callable[..., Node], tmp_path: 
     node = start_node(background=False)
     files = store(node, tmp_path / "ct", SeriesSpec(slices=8, rows=16, columns=16, seed=63))
     write_model_package(tmp_path / "models", "stats")
-    adapter = adapter_for(
+    pipeline = pipeline_for(
         node, tmp_path / "models", "stats", results=ResultsSettings(enabled=False)
     )
-    result = dict(adapter.run(claim(node, "stats", [str(dcmread(files[0]).SeriesInstanceUID)])))
+    result = dict(pipeline.run(claim(node, "stats", [str(dcmread(files[0]).SeriesInstanceUID)])))
     assert "objects" not in result
     assert not (node.spool.root / "results" / "1" / "dicom").exists()
 
@@ -71,7 +71,7 @@ def test_a_results_failure_fails_the_job_with_the_reason(
     broken = VOLUME_STATS_MODEL.replace("return MaskRef(name,", 'return MaskRef("nowhere",')
     assert broken != VOLUME_STATS_MODEL
     write_model_package(tmp_path / "models", "stats", source=broken)
-    adapter = adapter_for(node, tmp_path / "models", "stats")
+    pipeline = pipeline_for(node, tmp_path / "models", "stats")
     context = claim(node, "stats", [str(dcmread(files[0]).SeriesInstanceUID)])
     with pytest.raises(ResultsError, match=r"refers to mask 'nowhere'; the model returned masks"):
-        adapter.run(context)
+        pipeline.run(context)

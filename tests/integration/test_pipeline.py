@@ -1,4 +1,4 @@
-"""The inference adapter on series stored through the receiver: index -> files -> volume ->
+"""The job pipeline on series stored through the receiver: index -> files -> volume ->
 predict -> JSON findings and mask files; study-level input names; refusals; and a routed series
 run by the node's own worker end to end."""
 
@@ -20,7 +20,7 @@ from dicomnode.config import RouteSettings
 from dicomnode.domain import JobState
 from dicomnode.errors import InputsRejected
 from dicomnode.inference import ModelRegistry, findings_from_json
-from dicomnode.inference.adapter import InferenceJobModel
+from dicomnode.pipeline import ModelPipeline, job_models
 from dicomnode.queue.worker import JobContext
 from dicomnode.testing import peers
 from dicomnode.testing.bundles import write_model_package
@@ -64,10 +64,10 @@ def claim(node: Node, model: str, inputs: list[str], route: str = "r", level: st
     return JobContext(job, "cpu", "test-worker", storage_dir=node.spool.root)
 
 
-def adapter_for(node: Node, models: Path, name: str, **kw: Any) -> InferenceJobModel:
-    adapter = ModelRegistry([models]).job_models([name], sessions=node.database.sessions, **kw)
-    model = adapter[name]
-    assert isinstance(model, InferenceJobModel)
+def pipeline_for(node: Node, models: Path, name: str, **kw: Any) -> ModelPipeline:
+    pipelines = job_models(ModelRegistry([models]), [name], sessions=node.database.sessions, **kw)
+    model = pipelines[name]
+    assert isinstance(model, ModelPipeline)
     model.load("cpu")
     return model
 
@@ -76,7 +76,7 @@ def without_timing(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "timing_s"}
 
 
-def test_adapter_runs_a_model_on_a_stored_series(
+def test_pipeline_runs_a_model_on_a_stored_series(
     start_node: Callable[..., Node], tmp_path: Path
 ) -> None:
     node = start_node(background=False)
@@ -84,9 +84,9 @@ def test_adapter_runs_a_model_on_a_stored_series(
     files = store(node, tmp_path / "ct", spec)
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     write_model_package(tmp_path / "models", "stats")
-    adapter = adapter_for(node, tmp_path / "models", "stats")
+    pipeline = pipeline_for(node, tmp_path / "models", "stats")
 
-    result = dict(adapter.run(claim(node, "stats", [series_uid])))
+    result = dict(pipeline.run(claim(node, "stats", [series_uid])))
     json.dumps(result)  # what the queue stores
     hu = hu_of(files)
     assert result["model"] == "stats" and result["version"] == "1.0.0" and result["demo"]
@@ -112,7 +112,7 @@ def test_adapter_runs_a_model_on_a_stored_series(
     assert np.array_equal(findings.masks["body"], (hu > -500).astype(np.uint8))
     assert findings.findings[0].centre_mm == pytest.approx(finding["centre_mm"])
 
-    again = dict(adapter.run(claim(node, "stats", [series_uid], route="again")))
+    again = dict(pipeline.run(claim(node, "stats", [series_uid], route="again")))
     assert without_timing(again)["findings"] == without_timing(result)["findings"]
     assert again["summary"] == result["summary"]
 
@@ -128,8 +128,8 @@ def test_study_level_inputs_are_named_by_patterns(
     write_model_package(
         tmp_path / "models", "brain", level="study", inputs={"T1": "(?i)t1", "FLAIR": "(?i)flair"}
     )
-    adapter = adapter_for(node, tmp_path / "models", "brain")
-    result = adapter.run(claim(node, "brain", uids, level="study"))
+    pipeline = pipeline_for(node, tmp_path / "models", "brain")
+    result = pipeline.run(claim(node, "brain", uids, level="study"))
     assert result["summary"]["inputs"] == ["FLAIR", "T1"]
     named = {entry["name"]: entry["series_instance_uid"] for entry in result["inputs"]}
     assert named == {"FLAIR": uids[0], "T1": uids[1]}
@@ -141,9 +141,9 @@ def test_study_level_inputs_are_named_by_patterns(
         level="study",
         completion={"required_series": {"first": "(?i)t1", "second": "(?i)flair"}},
     )
-    adapter = adapter_for(node, tmp_path / "models", "brain", routes=[route])
+    pipeline = pipeline_for(node, tmp_path / "models", "brain", routes=[route])
     context = claim(node, "brain", uids, route="brain_route", level="study")
-    assert adapter.run(context)["summary"]["inputs"] == ["first", "second"]
+    assert pipeline.run(context)["summary"]["inputs"] == ["first", "second"]
 
 
 def test_inputs_the_model_does_not_accept_are_refused(
@@ -153,11 +153,11 @@ def test_inputs_the_model_does_not_accept_are_refused(
     files = store(node, tmp_path / "ct", SeriesSpec(slices=3, rows=16, columns=16, seed=64))
     uid = str(dcmread(files[0]).SeriesInstanceUID)
     write_model_package(tmp_path / "models", "mr_only", modalities=("MR",))
-    adapter = adapter_for(node, tmp_path / "models", "mr_only")
+    pipeline = pipeline_for(node, tmp_path / "models", "mr_only")
     with pytest.raises(InputsRejected, match=r"accepts modality MR; series .* is CT"):
-        adapter.run(claim(node, "mr_only", [uid]))
+        pipeline.run(claim(node, "mr_only", [uid]))
     with pytest.raises(InputsRejected, match=r"input series 9\.9\.9 not in the index"):
-        adapter.run(claim(node, "mr_only", ["9.9.9"]))
+        pipeline.run(claim(node, "mr_only", ["9.9.9"]))
 
 
 @pytest.mark.slow

@@ -1,0 +1,176 @@
+"""A job's inputs: its series found in the index, checked against what the model accepts, and
+loaded as the volumes ``predict`` takes (one, or study-level inputs by name)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicomnode.errors import InputsRejected
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from dicomnode.imaging import Volume
+    from dicomnode.inference.protocol import ModelSpec
+
+#: Loads one series' files as a volume (tests pass their own).
+SeriesLoader = Callable[[Sequence[Path]], "Volume"]
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """One input series as the index has it."""
+
+    series_instance_uid: str
+    modality: str
+    paths: tuple[Path, ...]  # absolute
+    sop_classes: frozenset[str]
+    last_received_at: datetime | None
+
+
+def find_series(
+    session: Session, series_uids: Sequence[str], storage_dir: Path, model: str
+) -> list[SeriesFiles]:
+    """The stored files of each input series, in the order of ``series_uids``; InputsRejected
+    naming the series the index does not have."""
+    from sqlalchemy import select
+
+    from dicomnode.db.models import Instance, Series
+
+    if not series_uids:
+        raise InputsRejected(f"model {model!r}: the job has no input series")
+    rows = session.execute(
+        select(
+            Series.series_instance_uid,
+            Series.modality,
+            Series.last_received_at,
+            Instance.path,
+            Instance.sop_class_uid,
+        )
+        .join(Instance, Instance.series_pk == Series.id)
+        .where(Series.series_instance_uid.in_(list(series_uids)))
+        .order_by(Series.id, Instance.instance_number, Instance.id)
+    ).all()
+    grouped: dict[str, list[Any]] = {}
+    for row in rows:
+        grouped.setdefault(row.series_instance_uid, []).append(row)
+    missing = [uid for uid in series_uids if uid not in grouped]
+    if missing:
+        raise InputsRejected(
+            f"model {model!r}: input series {', '.join(missing)} not in the index "
+            "(deleted, or never stored)"
+        )
+    return [
+        SeriesFiles(
+            uid,
+            grouped[uid][0].modality or "",
+            tuple(storage_dir / row.path for row in grouped[uid]),
+            frozenset(row.sop_class_uid for row in grouped[uid]),
+            grouped[uid][0].last_received_at,
+        )
+        for uid in dict.fromkeys(series_uids)
+    ]
+
+
+def load_inputs(
+    spec: ModelSpec,
+    series: Sequence[SeriesFiles],
+    patterns: Mapping[str, str],
+    load_series: SeriesLoader | None = None,
+) -> tuple[Volume | dict[str, Volume], list[dict[str, Any]]]:
+    """The volumes ``predict`` gets (one, or input name -> volume) and their description.
+
+    A study-level model's series are named by ``patterns`` (input name -> pattern: the route's
+    required_series, else the model's ``accepts.inputs``), as the intake matched them."""
+    accepts = spec.info.accepts
+    for item in series:
+        check_accepted(spec, item)
+    if accepts.level == "series":
+        if len(series) != 1:
+            raise InputsRejected(f"model {spec.name!r} takes one series; the job has {len(series)}")
+        volume = _volume(spec, series[0], load_series)
+        return volume, [describe(None, volume)]
+    named = name_inputs(spec.name, series, patterns or accepts.inputs)
+    volumes = {name: _volume(spec, item, load_series) for name, item in named.items()}
+    return volumes, [describe(name, volume) for name, volume in volumes.items()]
+
+
+def check_accepted(spec: ModelSpec, item: SeriesFiles) -> None:
+    """InputsRejected when the series' modality or SOP classes are not the model's."""
+    accepts = spec.info.accepts
+    if accepts.modalities and item.modality not in accepts.modalities:
+        raise InputsRejected(
+            f"model {spec.name!r} accepts modality {', '.join(accepts.modalities)}; series "
+            f"{item.series_instance_uid} is {item.modality or 'without a modality'}"
+        )
+    if accepts.sop_classes:
+        other = sorted(item.sop_classes - set(accepts.sop_classes))
+        if other:
+            raise InputsRejected(
+                f"model {spec.name!r} accepts SOP classes {', '.join(accepts.sop_classes)}; "
+                f"series {item.series_instance_uid} has {', '.join(other)}"
+            )
+
+
+def name_inputs(
+    model: str, series: Sequence[SeriesFiles], patterns: Mapping[str, str]
+) -> dict[str, SeriesFiles]:
+    """Study level: which series is which input (T1, T2, ...), matched by ``patterns`` as the
+    intake matched them; without patterns, each series by its UID."""
+    from pydicom import dcmread
+
+    from dicomnode.completion import StudySeries, recognise, recognition_text
+
+    if not patterns:
+        return {item.series_instance_uid: item for item in series}
+    candidates = []
+    for item in series:
+        ds = dcmread(item.paths[0], stop_before_pixels=True)
+        text = recognition_text(
+            str(ds.get("SeriesDescription", "")),
+            str(ds.get("ProtocolName", "")),
+            str(ds.get("SequenceName", "")),
+            contrast=bool(str(ds.get("ContrastBolusAgent", "")).strip()),
+        )
+        received = item.last_received_at or datetime.min.replace(tzinfo=UTC)
+        candidates.append(StudySeries(item.series_instance_uid, text, True, received))
+    found = recognise(candidates, patterns)
+    if not found:
+        raise InputsRejected(
+            f"model {model!r}: none of the job's series matches its inputs {', '.join(patterns)}"
+        )
+    by_uid = {item.series_instance_uid: item for item in series}
+    return {name: by_uid[uid] for name, uid in found.items()}
+
+
+def describe(name: str | None, volume: Volume) -> dict[str, Any]:
+    """An input as the job's result records it: its series, shape and grid."""
+    geometry = volume.geometry
+    return {
+        "name": name,
+        "series_instance_uid": volume.series_instance_uid,
+        "modality": volume.modality,
+        "shape": [int(n) for n in volume.array.shape],
+        "spacing_mm": [round(float(s), 6) for s in geometry.spacing],
+        "affine": [[float(v) for v in row] for row in geometry.affine],
+    }
+
+
+def _volume(spec: ModelSpec, item: SeriesFiles, load: SeriesLoader | None) -> Volume:
+    if load is None:
+        from dicomnode.imaging import is_planar, load_planar, load_series
+
+        # ophthalmic frames (OCT B-scans, colour photographs) may have no patient positions
+        load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
+    volume = load(list(item.paths))
+    minimum = spec.info.accepts.min_slices
+    if volume.array.shape[0] < minimum:
+        raise InputsRejected(
+            f"model {spec.name!r} needs at least {minimum} slices; series "
+            f"{item.series_instance_uid} has {volume.array.shape[0]}"
+        )
+    return volume
