@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from dicomnode.domain import Findings, MaskRef
+from dicomnode.domain import Finding, Findings, MaskRef
 from dicomnode.inference import Model
 
 from .network import (
@@ -229,7 +229,7 @@ class LungNoduleModel(Model):
         geometry = volume.geometry
         dtype = np.uint8 if len(candidates) < 255 else np.uint16
         labels = np.zeros(geometry.shape, dtype=dtype) if candidates else None
-        findings = []
+        findings: list[Finding] = []
         for candidate in candidates:
             measured = measure_nodule(
                 volume.array, geometry.affine, candidate.centre_mm, candidate.size_mm

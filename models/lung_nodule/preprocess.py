@@ -52,10 +52,10 @@ def ras_axes(affine: np.ndarray) -> tuple[list[int], list[bool]]:
                 masked[o, :] = -1
         for v in used:
             masked[:, v] = -1
-        o, v = np.unravel_index(int(np.argmax(masked)), masked.shape)
-        order[o] = int(v)
-        flips[o] = bool(ras[o, v] < 0)
-        used.add(int(v))
+        world, voxel = (int(n) for n in np.unravel_index(int(np.argmax(masked)), masked.shape))
+        order[world] = voxel
+        flips[world] = bool(ras[world, voxel] < 0)
+        used.add(voxel)
     return order, flips
 
 
