@@ -249,6 +249,7 @@ class BrainTumorModel(Model):
         geometry = reference.geometry
         voxel_mm3 = float(abs(np.linalg.det(geometry.affine[:3, :3])))
         findings = []
+        volumes: dict[str, float] = {}  # mm3, as the findings say
         for name, value in SUB_REGIONS.items():
             region = labels == value
             voxels = int(region.sum())
@@ -257,18 +258,18 @@ class BrainTumorModel(Model):
             k, j, i = np.nonzero(region)
             centre = geometry.voxel_to_patient([i.mean(), j.mean(), k.mean()])
             volume = voxels * voxel_mm3
+            volumes[name] = round(volume, 1)
             findings.append(
                 self.finding(
                     name,
                     float(probabilities[CHANNEL_OF[name]][region].mean()),
                     centre_mm=tuple(round(float(v), 3) for v in centre),
                     diameter_mm=round((6.0 * volume / math.pi) ** (1.0 / 3.0), 2),
-                    volume_mm3=round(volume, 1),
+                    volume_mm3=volumes[name],
                     mask=MaskRef(MASK_NAME, value),
                     attributes={"voxels": voxels},
                 )
             )
-        volumes = {f.label: f.volume_mm3 for f in findings}
         core = volumes.get("necrotic_core", 0.0) + volumes.get("enhancing_tumor", 0.0)
         return self.findings(
             findings,

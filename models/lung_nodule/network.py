@@ -57,8 +57,8 @@ def build_retinanet(spec: Mapping[str, Any]) -> nn.Module:
         block_inplanes=list(spec["block_inplanes"]),
         spatial_dims=3,
         n_input_channels=1,
-        conv1_t_size=list(spec["conv1_t_size"]),
-        conv1_t_stride=list(spec["conv1_t_stride"]),
+        conv1_t_size=tuple(spec["conv1_t_size"]),
+        conv1_t_stride=tuple(spec["conv1_t_stride"]),
     )
     returned = list(spec["returned_layers"])
     fpn_channels = spec.get("fpn_channels")
@@ -130,7 +130,7 @@ def _selecting_detector() -> type:
     from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
     from monai.data.box_utils import batched_nms, clip_boxes_to_image
 
-    class SelectingRetinaNetDetector(RetinaNetDetector):  # type: ignore[misc]
+    class SelectingRetinaNetDetector(RetinaNetDetector):
         def postprocess_detections(
             self,
             head_outputs_reshape: dict[str, torch.Tensor],
@@ -155,8 +155,9 @@ def _selecting_detector() -> type:
                     decoded = self.box_coder.decode_single(
                         level_regression[index][chosen].to(torch.float32), level_anchors[chosen]
                     ).to(dtype)
-                    decoded, keep = clip_boxes_to_image(decoded, size, remove_empty=True)
-                    boxes.append(decoded)
+                    clipped, keep = clip_boxes_to_image(decoded, size, remove_empty=True)
+                    assert isinstance(clipped, torch.Tensor)  # a tensor in, a tensor out
+                    boxes.append(clipped)
                     scores.append(level_scores[keep])
                     labels.append(level_labels[keep])
                 all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)

@@ -38,12 +38,16 @@ TRAIN_SEED = 1000
 PATCH = (96, 96, 64)  # x, y, z voxels of the model grid
 
 
-def package() -> tuple[Any, Any]:
-    """This package's ``model`` and ``network`` modules, imported as the registry does."""
+def package() -> tuple[Any, Any, Any]:
+    """This package's ``model``, ``preprocess`` and ``network`` modules, imported as the
+    registry does."""
     from dicomnode.inference.registry import import_package
 
     name = import_package(HERE, "lung_nodule").__name__
-    return importlib.import_module(f"{name}.model"), importlib.import_module(f"{name}.network")
+    model, preprocess, network = (
+        importlib.import_module(f"{name}.{m}") for m in ("model", "preprocess", "network")
+    )
+    return model, preprocess, network
 
 
 def random_phantom(seed: int, *, nodules: tuple[int, int] = (4, 10), full: bool = False) -> Any:
@@ -118,8 +122,8 @@ def sample_patch(
     return np.ascontiguousarray(patch), local
 
 
-def train_detector(model_module: Any, network_module: Any, data: list[dict[str, Any]],
-                   spec: Any, steps: int, seed: int) -> Any:  # fmt: skip
+def train_detector(network_module: Any, data: list[dict[str, Any]], spec: Any, steps: int,
+                   seed: int) -> Any:  # fmt: skip
     import torch
 
     from dicomnode.inference.compat import ensure_detection_without_torchvision
@@ -165,7 +169,7 @@ def train_detector(model_module: Any, network_module: Any, data: list[dict[str, 
     return network.eval()
 
 
-def classifier_examples(model: Any, model_module: Any, seeds: list[int], rng: np.random.Generator
+def classifier_examples(model: Any, preprocess: Any, seeds: list[int], rng: np.random.Generator
                         ) -> tuple[Any, Any]:  # fmt: skip
     """Crops and labels: nodules (jittered), the detector's false positives, vessel points."""
     import torch
@@ -196,8 +200,8 @@ def classifier_examples(model: Any, model_module: Any, seeds: list[int], rng: np
                 if all(np.linalg.norm(p - c) > r + 6 for c, r in truths):
                     points.append(p)
                     kinds.append(0.0)
-        crops.append(model_module.crop_cubes(phantom.array, phantom.geometry.affine,
-                                             np.array(points)))  # fmt: skip
+        crops.append(preprocess.crop_cubes(phantom.array, phantom.geometry.affine,
+                                           np.array(points)))  # fmt: skip
         labels.extend(kinds)
         hits = sum(1 for c in found if any(
             np.linalg.norm(c.centre_mm - t) <= max(r, 4.0) for t, r in truths))  # fmt: skip
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     began = time.monotonic()
-    model_module, network_module = package()
+    model_module, preprocess, network_module = package()
     spec = ModelSpec.from_directory(HERE)
     seeds = [TRAIN_SEED + n for n in range(args.phantoms)]
     checkpoint = args.detector_checkpoint
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         spacing, hu_window = spec.info.params["spacing"], spec.info.params["hu_window"]
         for seed in seeds:
             phantom = random_phantom(seed)
-            image = model_module.to_model_space(
+            image = preprocess.to_model_space(
                 phantom.array, phantom.geometry.affine, spacing, hu_window
             )
             boxes = boxes_in_model_space(image, phantom.truth, spacing)
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {sum(len(d['boxes']) for d in data)} nodules, "
               f"{time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
         print(f"detector: {args.steps} steps", flush=True)
-        detector = train_detector(model_module, network_module, data, spec, args.steps, seed=1)
+        detector = train_detector(network_module, data, spec, args.steps, seed=1)
         del data
         if checkpoint is not None:
             torch.save(detector.state_dict(), checkpoint)
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     model.setup()
     model.classifier = None
     rng = np.random.default_rng(2)
-    crops, labels = classifier_examples(model, model_module, seeds, rng)
+    crops, labels = classifier_examples(model, preprocess, seeds, rng)
     classifier = train_classifier(network_module, spec, crops, labels, args.classifier_steps,
                                   seed=3)  # fmt: skip
 

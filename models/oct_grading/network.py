@@ -54,8 +54,7 @@ class RetinaGrader(nn.Module):
                 n_input_channels=3,
                 num_classes=1,
             )
-            width = backbone.fc.in_features
-            backbone.fc = nn.Identity()  # the heads below replace the classifier
+            width = _drop_classifier(backbone, "fc")
         elif kind == "efficientnet":
             from monai.networks.nets import EfficientNet
 
@@ -70,8 +69,7 @@ class RetinaGrader(nn.Module):
                 image_size=int(spec.get("image_size", 224)),
                 drop_connect_rate=float(spec.get("drop_connect", 0.1)),
             )
-            width = backbone._fc.in_features
-            backbone._fc = nn.Identity()
+            width = _drop_classifier(backbone, "_fc")
         else:
             raise ValueError(f"network.backbone must be 'resnet' or 'efficientnet', not {kind!r}")
         self.kind = kind
@@ -126,3 +124,13 @@ def grad_cam(
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * features).sum(dim=1))
     return grade_logits.detach(), lesion_logits.detach(), cam.detach()
+
+
+def _drop_classifier(backbone: nn.Module, name: str) -> int:
+    """Replace the backbone's classifier, its linear layer ``name``, by identity (the grader's
+    heads take its place); the classifier's input width."""
+    classifier = getattr(backbone, name)
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError(f"{type(backbone).__name__}.{name} is not a linear layer: {classifier!r}")
+    setattr(backbone, name, nn.Identity())
+    return classifier.in_features

@@ -20,10 +20,25 @@ from dicomnode.testing.phantoms import Nodule, chest_ct, phantom_geometry
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "lung_nodule"
 
 
+def _module(name: str) -> Any:
+    """One of the package's modules, imported as the registry does."""
+    package = import_package(MODEL_DIR, "lung_nodule").__name__
+    return importlib.import_module(f"{package}.{name}")
+
+
 @pytest.fixture(scope="module")
 def lung() -> Any:
-    name = import_package(MODEL_DIR, "lung_nodule").__name__
-    return importlib.import_module(f"{name}.model")
+    return _module("model")
+
+
+@pytest.fixture(scope="module")
+def preprocess() -> Any:
+    return _module("preprocess")
+
+
+@pytest.fixture(scope="module")
+def nodules() -> Any:
+    return _module("nodules")
 
 
 def test_model_toml_is_valid_and_the_demo_weights_match() -> None:
@@ -38,16 +53,18 @@ def test_model_toml_is_valid_and_the_demo_weights_match() -> None:
 
 
 @pytest.mark.parametrize("orientation", ["axial", "feet_first", "oblique"])
-def test_model_grid_is_ras_and_maps_back_to_patient_space(lung: Any, orientation: str) -> None:
+def test_model_grid_is_ras_and_maps_back_to_patient_space(
+    preprocess: Any, orientation: str
+) -> None:
     geometry = phantom_geometry((40, 48, 56), (0.8, 0.8, 1.5), orientation)
     array = np.full(geometry.shape, -1000.0, dtype=np.float32)
     point = np.array([6.0, 30.0, -140.0])  # patient LPS mm
     k, j, i = geometry.array_index(point)
     array[k - 2 : k + 3, j - 3 : j + 4, i - 3 : i + 4] = 300.0
     exact = geometry.voxel_to_patient([i, j, k])
-    image = lung.to_model_space(array, geometry.affine, (1.25, 1.25, 2.0))
+    image = preprocess.to_model_space(array, geometry.affine, (1.25, 1.25, 2.0))
     # the grid runs along R, A, S (MONAI's [x, y, z] after Orientationd("RAS"))
-    ras = lung.LPS_TO_RAS @ image.affine[:3, :3]
+    ras = preprocess.LPS_TO_RAS @ image.affine[:3, :3]
     assert np.all(np.argmax(np.abs(ras), axis=0) == [0, 1, 2])
     assert np.all(np.diag(ras) > 0)
     assert np.allclose(np.linalg.norm(image.affine[:3, :3], axis=0), (1.25, 1.25, 2.0))
@@ -58,9 +75,9 @@ def test_model_grid_is_ras_and_maps_back_to_patient_space(lung: Any, orientation
     assert image.array.min() >= 0 and image.array.max() <= 1
 
 
-def test_ras_axes_of_a_feet_first_grid(lung: Any) -> None:
+def test_ras_axes_of_a_feet_first_grid(preprocess: Any) -> None:
     geometry = phantom_geometry((10, 10, 10), (1.0, 1.0, 1.0), "feet_first")
-    order, flips = lung.ras_axes(geometry.affine)
+    order, flips = preprocess.ras_axes(geometry.affine)
     # feet-first columns run to the patient's right (+R): i is R, unflipped; slices run down
     assert order == [0, 1, 2]
     assert flips == [False, True, True]
@@ -69,7 +86,7 @@ def test_ras_axes_of_a_feet_first_grid(lung: Any) -> None:
 @pytest.mark.parametrize(
     ("diameter", "kind"), [(6.0, "solid"), (14.0, "solid"), (12.0, "ground_glass"), (24.0, "solid")]
 )
-def test_measurement_of_a_nodule(lung: Any, diameter: float, kind: str) -> None:
+def test_measurement_of_a_nodule(nodules: Any, diameter: float, kind: str) -> None:
     phantom = chest_ct(
         (60, 160, 160),
         (1.0, 1.0, 1.25),
@@ -78,7 +95,7 @@ def test_measurement_of_a_nodule(lung: Any, diameter: float, kind: str) -> None:
         seed=3,
     )
     truth = phantom.truth.nodules[0]
-    measured = lung.measure_nodule(
+    measured = nodules.measure_nodule(
         phantom.array, phantom.geometry.affine, np.array(truth.center_mm), np.full(3, diameter)
     )
     assert measured is not None
@@ -123,12 +140,12 @@ def test_bundle_settings_come_from_its_inference_config(lung: Any) -> None:
     assert model.roi_size == (512, 512, 192)
 
 
-def test_detector_that_selects_before_decoding_finds_monai_s_boxes(lung: Any) -> None:
+def test_detector_that_selects_before_decoding_finds_monai_s_boxes() -> None:
     # The detector decodes only the boxes its selector keeps; MONAI's decodes every anchor's.
     import torch
     from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
-    network_module = importlib.import_module(lung.__name__.rsplit(".", 1)[0] + ".network")
+    network_module = _module("network")
     spec = read_model_toml(MODEL_DIR / "model.toml").params
     torch.manual_seed(3)
     network = network_module.build_retinanet(spec["network"]).eval()
