@@ -3,21 +3,20 @@ keys, so an instance of a series seen before costs one lookup, two UPDATEs and o
 transaction, with no ORM objects and no SELECT of the patient, study or series.
 
 On SQLite (the default) the statements, compiled once by SQLAlchemy, run on the pooled sqlite3
-connection itself: SQLAlchemy's per-statement work cost more than SQLite's own, and this path runs
-once per received instance.
+connection itself (:mod:`dicomnode.db.executor`): SQLAlchemy's per-statement work cost more than
+SQLite's own, and this path runs once per received instance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Dialect,
     Engine,
     Executable,
     Table,
@@ -28,8 +27,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 
+from dicomnode.db.executor import (
+    CompiledStatement,
+    CoreExecutor,
+    Executor,
+    sqlite_transaction,
+    uses_sqlite3,
+)
 from dicomnode.db.models import Instance, Patient, Series, Study
 from dicomnode.domain import InstanceHeader, Peer
 
@@ -205,102 +210,6 @@ def _insert_row(dialect: str, table: Table) -> tuple[Executable, bool]:
     return statement, dialect in _INSERT_OR_IGNORE
 
 
-class _Executor(Protocol):
-    """Runs the prepared statements in one open transaction."""
-
-    dialect: str
-
-    def first(self, statement: Executable, params: dict[str, Any]) -> Sequence[Any] | None: ...
-
-    def rowcount(self, statement: Executable, params: dict[str, Any]) -> int: ...
-
-    def insert(self, statement: Executable, params: dict[str, Any]) -> int: ...
-
-
-class _Core:
-    """Statements through an SQLAlchemy Connection (PostgreSQL, or a caller's Session)."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self.dialect = connection.dialect.name
-
-    def first(self, statement: Executable, params: dict[str, Any]) -> Sequence[Any] | None:
-        return self.connection.execute(statement, params).first()
-
-    def rowcount(self, statement: Executable, params: dict[str, Any]) -> int:
-        return self.connection.execute(statement, params).rowcount  # type: ignore[attr-defined]
-
-    def insert(self, statement: Executable, params: dict[str, Any]) -> int:
-        result = self.connection.execute(statement, params)
-        return int(result.inserted_primary_key[0])  # type: ignore[attr-defined,index]
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    """A statement compiled once for a positional DBAPI: its SQL and how to bind and read it."""
-
-    sql: str
-    binds: tuple[tuple[str, Callable[[Any], Any] | None], ...]
-    results: tuple[Callable[[Any], Any] | None, ...]
-
-    @classmethod
-    def of(cls, statement: Executable, dialect: Dialect) -> _Compiled:
-        compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
-        assert compiled.positional, "only for a positional paramstyle"
-        binds = tuple(
-            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
-            for name in compiled.positiontup
-        )
-        results = tuple(
-            column.type.dialect_impl(dialect).result_processor(dialect, None)
-            for column in statement.exported_columns  # type: ignore[attr-defined]
-        )
-        return cls(compiled.string, binds, results)
-
-    def args(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(
-            params[name] if process is None else process(params[name])
-            for name, process in self.binds
-        )
-
-
-class _SQLite:
-    """The same statements, compiled once by SQLAlchemy, on the pooled sqlite3 connection:
-    SQLAlchemy's per-statement machinery costs ~40 us, several times SQLite's own work."""
-
-    dialect = "sqlite"
-
-    def __init__(self, cursor: Any, compiled: dict[int, _Compiled], dialect: Dialect) -> None:
-        self.cursor = cursor
-        self._compiled = compiled
-        self._dialect = dialect
-
-    def _run(self, statement: Executable, params: dict[str, Any]) -> _Compiled:
-        compiled = self._compiled.get(id(statement))
-        if compiled is None:
-            compiled = self._compiled[id(statement)] = _Compiled.of(statement, self._dialect)
-        self.cursor.execute(compiled.sql, compiled.args(params))
-        return compiled
-
-    def first(self, statement: Executable, params: dict[str, Any]) -> Sequence[Any] | None:
-        compiled = self._run(statement, params)
-        rows = self.cursor.fetchall()  # to the end, so a RETURNING statement completes
-        if not rows:
-            return None
-        return tuple(
-            value if process is None else process(value)
-            for value, process in zip(rows[0], compiled.results, strict=True)
-        )
-
-    def rowcount(self, statement: Executable, params: dict[str, Any]) -> int:
-        self._run(statement, params)
-        return int(self.cursor.rowcount)
-
-    def insert(self, statement: Executable, params: dict[str, Any]) -> int:
-        self._run(statement, params)
-        return int(self.cursor.lastrowid)
-
-
 class IndexWriter:
     """Writes the rows of stored instances; one per process, shared by its threads.
 
@@ -317,7 +226,7 @@ class IndexWriter:
         self.patients: dict[tuple[str, str], int] = {}
         self.studies: dict[str, int] = {}
         self.series: dict[str, int] = {}
-        self._compiled: dict[int, _Compiled] = {}
+        self._compiled: dict[int, CompiledStatement] = {}
 
     def forget(self) -> None:
         """Drop every cached key (after a rollback, say); the next writes look them up."""
@@ -327,37 +236,17 @@ class IndexWriter:
 
     def on(self, connection: Connection) -> IndexWrites:
         """Writes in a transaction the caller opened on ``connection`` and will commit."""
-        return IndexWrites(self, _Core(connection))
+        return IndexWrites(self, CoreExecutor(connection))
 
     @contextmanager
     def transaction(self, engine: Engine) -> Iterator[IndexWrites]:
-        """One transaction, committed on leaving the block, rolled back on an exception.
-
-        SQLite takes the write lock at once (BEGIN IMMEDIATE, as dicomnode.db.session does);
-        the connection's pragmas (WAL, synchronous=FULL) make the commit durable.
-        """
-        dialect = engine.dialect
-        if not (self.sqlite_driver and dialect.name == "sqlite" and dialect.driver == "pysqlite"):
+        """One transaction, committed on leaving the block, rolled back on an exception."""
+        if not (self.sqlite_driver and uses_sqlite3(engine)):
             with engine.begin() as connection:
                 yield self.on(connection)
             return
-        error = dialect.loaded_dbapi.Error
-        raw = engine.raw_connection()
-        try:
-            cursor = raw.cursor()
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-                yield IndexWrites(self, _SQLite(cursor, self._compiled, dialect))
-                cursor.execute("COMMIT")  # as explicit as the BEGIN, whatever the driver's mode
-            except BaseException:
-                _rollback(raw)
-                raise
-            finally:
-                cursor.close()
-        except error as exc:  # raised as SQLAlchemy would (IntegrityError, OperationalError...)
-            raise DBAPIError.instance(None, None, exc, error, dialect=dialect) from exc
-        finally:
-            raw.close()  # back to the pool
+        with sqlite_transaction(engine, self._compiled) as executor:
+            yield IndexWrites(self, executor)
 
     def remember(self, cache: dict[Any, int], key: Any, pk: int) -> None:
         if len(cache) >= self.max_entries:
@@ -365,17 +254,10 @@ class IndexWriter:
         cache[key] = pk
 
 
-def _rollback(raw: Any) -> None:
-    try:
-        raw.rollback()
-    except Exception:
-        raw.invalidate()  # the pool drops it rather than hand out a broken connection
-
-
 class IndexWrites:
     """The index writes of one transaction."""
 
-    def __init__(self, writer: IndexWriter, executor: _Executor) -> None:
+    def __init__(self, writer: IndexWriter, executor: Executor) -> None:
         self.writer = writer
         self.executor = executor
 
