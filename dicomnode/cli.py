@@ -405,89 +405,20 @@ def _accepts(model: ModelSummary) -> str:
 
 
 def _route_explain(args: argparse.Namespace) -> int:
-    from pydicom import dcmread
-    from pydicom.dataset import Dataset
-
     from dicomnode.config import load_settings
-    from dicomnode.routing import Outcome, Router, SeriesFacts
-    from dicomnode.send.scu import expand
+    from dicomnode.route_report import explain_files, report_lines
+    from dicomnode.routing import Router
 
     router = Router.from_settings(load_settings(args.config))
-    series: dict[str, dict[str, Dataset]] = {}  # Series Instance UID -> SOP Instance UID -> header
-    errors = []
-    for path in expand(args.files):
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-            uid = str(ds.get("SeriesInstanceUID") or "").strip()
-            sop = str(ds.get("SOPInstanceUID") or "").strip() or str(path)
-        except Exception as exc:  # whatever is wrong with one file is reported, not a crash
-            error = f"not readable: {exc or type(exc).__name__}"
-            errors.append({"path": str(path), "error": error})
-            continue
-        if not uid:
-            errors.append({"path": str(path), "error": "has no Series Instance UID"})
-            continue
-        series.setdefault(uid, {}).setdefault(sop, ds)
-    reports = []
-    for uid, instances in series.items():
-        facts = SeriesFacts.from_datasets(list(instances.values()), calling_aet=args.calling_aet)
-        decision = router.route(facts)
-        routes = [
-            {
-                "name": r.name,
-                "model": r.model,
-                "destinations": list(r.destinations),
-                "priority": r.priority.name.lower(),
-                "level": r.level,
-            }
-            for r in decision.routes
-        ]
-        reports.append(
-            {
-                "series_instance_uid": uid,
-                "modality": facts.attributes.get("Modality", ""),
-                "series_description": facts.attributes.get("SeriesDescription", ""),
-                "slices": facts.slices,
-                "calling_aet": facts.calling_aet,
-                "decision": {"basis": decision.basis, "routes": routes},
-                "rules": [asdict(rule) for rule in router.explain(facts)],
-            }
-        )
+    report = explain_files(router, args.files, calling_aet=args.calling_aet)
     if args.json:
-        print(json.dumps({"series": reports, "errors": errors}, indent=2))
+        print(json.dumps(report, indent=2))
         return 0
-    marks = {Outcome.MATCH: "yes", Outcome.NO_MATCH: "no", Outcome.PENDING: "?"}
-    width = max((len(rule.name) for rule in router.rules), default=0)
-    for report in reports:
-        description = f" {report['series_description']!r}" if report["series_description"] else ""
-        print(
-            f"series {report['series_instance_uid']}: {report['modality'] or '?'}{description}, "
-            f"{report['slices']} instance(s)"
-        )
-        for route in report["decision"]["routes"]:
-            print(
-                f"  -> {route['name']}: model {route['model']}, priority {route['priority']}, "
-                f"to {', '.join(route['destinations']) or '(no destinations)'} "
-                f"[{report['decision']['basis']}]"
-            )
-        if not report["decision"]["routes"]:
-            print("  -> no route matches: the series is skipped")
-        for rule in report["rules"]:
-            state = "chosen" if rule["chosen"] else "-"
-            # the failing conditions follow, one a line: not repeated in the headline
-            failed = "; ".join(
-                c["text"] for c in rule["conditions"] if c["outcome"] == Outcome.NO_MATCH
-            )
-            headline = rule["reason"].removesuffix(f": {failed}") if failed else rule["reason"]
-            print(f"  {state:<6}  {rule['route']:<{width}}  {headline}")
-            for condition in rule["conditions"]:
-                mark = marks[condition["outcome"]]
-                print(f"  {'':<6}  {'':<{width}}    {mark:<3} {condition['text']}")
-    if not router.rules:
-        print("no routes are configured ([[routes]] in the config file)")
-    for error in errors:
-        print(f"dicomnode: {error['path']}: {error['error']}", file=sys.stderr)
-    print(f"{len(reports)} series, {len(errors)} file(s) not read", file=sys.stderr)
+    out, err = report_lines(report, router)
+    for line in out:
+        print(line)
+    for line in err:
+        print(line, file=sys.stderr)
     return 0
 
 
