@@ -16,7 +16,7 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.config import DEFAULT_ROUTES
 from dicomnode.domain import FINAL_STATES, JobState
-from dicomnode.testing.demo import DemoStudy, demo_studies
+from dicomnode.phantoms.demo import DemoStudy, demo_studies
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.peers import storescu
 from tests.helpers import port_of, wait_for
