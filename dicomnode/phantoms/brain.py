@@ -287,9 +287,9 @@ class BrainPhantom:
         # bias field: exp of a linear gradient across the head
         bias = np.asarray(self.bias.get(contrast, (0.0, 0.0, 0.0)), np.float32) / 100.0
         for start in range(0, geometry.shape[0], _SLAB):
-            k = np.arange(start, min(start + _SLAB, geometry.shape[0]))
-            p = self._points(geometry, k) - np.asarray(self.centre, np.float32)
-            out[k[0] : k[-1] + 1] *= np.exp(p @ bias)
+            ks = np.arange(start, min(start + _SLAB, geometry.shape[0]))
+            p = self._points(geometry, ks) - np.asarray(self.centre, np.float32)
+            out[ks[0] : ks[-1] + 1] *= np.exp(p @ bias)
         rng = np.random.default_rng(self.seed * 31 + CONTRASTS.index(contrast) if seed is None
                                     else seed)  # fmt: skip
         if self.noise > 0:
@@ -469,7 +469,7 @@ def brain_phantom(
     axes, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     tumor = Tumor(
         centre=tuple(float(v) for v in np.asarray(centre) + offset),  # type: ignore[arg-type]
-        rotation=tuple(tuple(float(v) for v in row) for row in axes),  # type: ignore[arg-type]
+        rotation=tuple(tuple(float(v) for v in row) for row in axes),  # type: ignore[misc]
         stretch=tuple(float(v) for v in rng.uniform(0.8, 1.2, 3)),  # type: ignore[arg-type]
         necrotic_mm=necrotic,
         enhancing_mm=enhancing,

@@ -57,7 +57,7 @@ class Nodule:
         """Centre in patient mm."""
         if self.center_mm_patient is not None:
             return np.asarray(self.center_mm_patient, dtype=float)
-        return geometry.voxel_to_patient(self.center_voxel)
+        return geometry.voxel_to_patient(np.asarray(self.center_voxel, dtype=float))
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class _Grid:
         )
         coordinates = []
         for axis in range(3):
-            value = np.full((1, 1, 1), a[axis, 3] - self.center[axis], dtype=np.float32)
+            value: np.ndarray = np.full((1, 1, 1), a[axis, 3] - self.center[axis], dtype=np.float32)
             for m in range(3):
                 if abs(a[axis, m]) > 1e-9:
                     value = value + np.float32(a[axis, m]) * index[m]
@@ -309,9 +309,8 @@ def random_nodules(
                 continue
             placed.append((center, radius))
             kind: NoduleKind = "ground_glass" if rng.random() < ground_glass_fraction else "solid"
-            nodules.append(
-                Nodule(float(diameter), kind, center_mm_patient=tuple(float(v) for v in center))
-            )
+            px, py, pz = (float(v) for v in center)
+            nodules.append(Nodule(float(diameter), kind, center_mm_patient=(px, py, pz)))
             break
         else:
             raise ValueError(f"no room for a {diameter:.1f} mm nodule in the lungs of this grid")
@@ -343,6 +342,7 @@ def chest_ct(
     w = grid.width
     hu = np.empty(shape, dtype=np.float32)
     lung_mask = np.empty(shape, dtype=bool)
+    box: tuple[slice, ...] | None
     for start in range(0, shape[0], _SLAB):
         box = (slice(start, min(start + _SLAB, shape[0])), slice(0, shape[1]), slice(0, shape[2]))
         hu[box], lung_mask[box] = _anatomy(grid, box, bones)

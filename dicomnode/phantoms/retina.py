@@ -198,7 +198,7 @@ def oct_volume(
     col_lo, col_hi = np.searchsorted(x - fx, -2.2), np.searchsorted(x - fx, 2.2)
     exudates = grade >= 1 and (grade == 1 or rng.random() < 0.85)
     cysts = grade >= 3 or (grade == 2 and rng.random() < 0.75)
-    for k in np.flatnonzero(in_zone):
+    for k in np.flatnonzero(in_zone):  # type: ignore[assignment]  # numpy ints in the boxes
         if thick > 0:
             band = np.flatnonzero(zone_w[k] > 0.3)
             if band.size:

@@ -110,6 +110,7 @@ def multiframe(
     )
     ds.NumberOfFrames = frames
     rng = np.random.default_rng(seed)
+    pixels: np.ndarray
     if colour:
         image_pixel(ds, rows, columns, bits_stored=8, bits_allocated=8, photometric="RGB")
         pixels = rng.integers(0, 255, (frames, rows, columns, 3), dtype=np.uint8)
