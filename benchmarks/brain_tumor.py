@@ -55,7 +55,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_study(model: Any, seed: int, folder: Path) -> dict[str, Any]:
     from dicomnode.imaging import load_series
-    from dicomnode.testing.brain import STUDY, brain_phantom, random_plans
+    from dicomnode.phantoms.brain import STUDY, brain_phantom, random_plans
 
     phantom = brain_phantom(seed)
     plans = STUDY if seed % 2 == 0 else random_plans(np.random.default_rng(seed))

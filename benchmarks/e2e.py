@@ -40,7 +40,7 @@ from dicomnode.app import build_node
 from dicomnode.config import DEFAULT_ROUTES, Settings
 from dicomnode.db.models import Instance, Series
 from dicomnode.domain import FINAL_STATES
-from dicomnode.testing.demo import demo_studies
+from dicomnode.phantoms.demo import demo_studies
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.peers import storescu
 

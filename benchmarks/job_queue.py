@@ -293,9 +293,10 @@ def release_latency(series: int, slices: int, folder: Path) -> list[dict[str, fl
     for each, from the association's release (the node's own clock, its associations row) to
     the job's queued_at, and from storescu's exit to the queued job being visible."""
     from dicomnode.db.models import Association
+    from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+    from dicomnode.phantoms.writer import write_series
     from dicomnode.testing import peers
     from dicomnode.testing.process import ServeProcess
-    from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 
     config = folder / "latency.toml"
     config.write_text(LATENCY_CONFIG)

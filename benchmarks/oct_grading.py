@@ -84,7 +84,7 @@ def volume_of(phantom: Any) -> Any:
 
 
 def evaluate(model: Any, kind: str, count: int) -> dict[str, Any]:
-    from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
+    from dicomnode.phantoms.retina import fundus_photo, oct_volume
 
     names = model.fundus_lesions if kind == "fundus" else model.oct_lesions
     threshold = model.threshold("lesion", 0.5)
@@ -133,7 +133,7 @@ def evaluate(model: Any, kind: str, count: int) -> dict[str, Any]:
 
 def timing(model: Any, runs: int) -> dict[str, tuple[float, tuple[int, ...]]]:
     from dicomnode.imaging import load_planar
-    from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
+    from dicomnode.phantoms.retina import fundus_photo, oct_volume
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -381,7 +381,8 @@ def generate(folder: Path, *, slices: int, seed: int) -> list[Path]:
     spec = {"slices": slices, "rows": ROWS, "columns": COLUMNS, "seed": seed}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return sorted(folder.glob("*.dcm"))
-    from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
+    from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+    from dicomnode.phantoms.writer import write_series
 
     shutil.rmtree(folder, ignore_errors=True)
     paths = write_series(

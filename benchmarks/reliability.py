@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Any
 
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.fuzz import (
     ATTEMPTS,
@@ -53,7 +55,6 @@ from dicomnode.testing.fuzz import (
 )
 from dicomnode.testing.process import ServeProcess
 from dicomnode.testing.rawstore import RawAssociation
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from dicomnode.testing.watch import watch
 
 

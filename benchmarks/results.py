@@ -32,7 +32,7 @@ WHEN = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 def phantom_series(folder: Path, slices: int, nodules: int, enhanced: bool) -> list[Path]:
     """Write (or reuse) the chest phantom; its truth.json is beside the files."""
-    from dicomnode.testing.phantoms import chest_ct
+    from dicomnode.phantoms.chest import chest_ct
 
     marker = folder / "complete.json"
     spec = {"slices": slices, "nodules": nodules, "enhanced": enhanced, "rows": ROWS}
@@ -50,7 +50,7 @@ def lung_findings(volume: Any, folder: Path) -> Any:
     import numpy as np
 
     from dicomnode.domain import Code, Finding, Findings, MaskRef
-    from dicomnode.testing.phantoms import Truth
+    from dicomnode.phantoms.chest import Truth
 
     truth = Truth.load(folder)
     labels = np.zeros(volume.geometry.shape, dtype=np.uint8)

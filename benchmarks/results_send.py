@@ -40,7 +40,8 @@ ROWS = COLUMNS = 512
 
 def generate(folder: Path, slices: int) -> list[Path]:
     """Write (or reuse) the CT series."""
-    from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
+    from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+    from dicomnode.phantoms.writer import write_series
 
     marker = folder / "complete.json"
     spec = {"slices": slices, "rows": ROWS, "columns": COLUMNS}

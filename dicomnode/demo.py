@@ -1,6 +1,6 @@
 """``dicomnode demo``: phantom studies in, a running node's findings out.
 
-It writes the demo studies (a chest CT, a brain MRI, a retinal OCT; ``dicomnode.testing.demo``),
+It writes the demo studies (a chest CT, a brain MRI, a retinal OCT; ``dicomnode.phantoms.demo``),
 sends each to the node over C-STORE, follows their jobs through the node's HTTP API until each
 ends, and says what the node found next to the phantom's truth, and where the results went.
 """
@@ -62,8 +62,8 @@ def run_demo(
     """Write, send and follow the demo studies; one outcome per study."""
     import logging
 
+    from dicomnode.phantoms.demo import demo_studies
     from dicomnode.send.scu import send_files
-    from dicomnode.testing.demo import demo_studies
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll is noise here
     try:

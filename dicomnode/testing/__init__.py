@@ -1,1 +1,1 @@
-"""Helpers for tests, benchmarks and demos: generated series, raw senders, dcmtk peers."""
+"""Helpers for tests and benchmarks: raw senders, dcmtk peers (phantoms: dicomnode.phantoms)."""

@@ -23,9 +23,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive import pdu
 from dicomnode.testing.rawstore import associate_rq, encode_dataset
-from dicomnode.testing.series import SeriesSpec, ct_slices
 
 KINDS = ("truncate", "flip", "vr", "length", "pixels", "uid", "garbage", "insert")
 #: VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2)

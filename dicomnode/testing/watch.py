@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 
 
 @dataclass

@@ -3,7 +3,7 @@
 
     .venv/bin/python models/brain_tumor/train.py [--phantoms 32] [--steps 350] [--quick]
 
-1. Phantoms (``dicomnode.testing.brain.brain_phantom``, seeds 2000 + n): heads with a tumor
+1. Phantoms (``dicomnode.phantoms.brain.brain_phantom``, seeds 2000 + n): heads with a tumor
    (necrotic core in most, enhancing rim, edema) at a random place and size, in the four
    contrasts, each series on its own random grid (axial, sagittal or coronal, tilted, thin or
    thick slices, its own field of view; ``random_plans``), preprocessed exactly as at inference
@@ -66,7 +66,7 @@ def targets(labels: np.ndarray) -> np.ndarray:
 
 def sample(seed: int, model: Any, coarsen: tuple[float, float] = (1.4, 2.0)) -> tuple[Any, Any]:
     """One phantom, preprocessed as at inference: the input ``[4, x, y, z]`` and the targets."""
-    from dicomnode.testing.brain import brain_phantom, random_plans
+    from dicomnode.phantoms.brain import brain_phantom, random_plans
 
     phantom = brain_phantom(seed)
     plans = random_plans(np.random.default_rng(seed + 7), coarsen)

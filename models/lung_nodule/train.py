@@ -3,7 +3,7 @@
 
     .venv/bin/python models/lung_nodule/train.py [--phantoms 24] [--steps 900] [--quick]
 
-1. Phantoms (``dicomnode.testing.phantoms.chest_ct``, seeds 1000 + n): chest CTs with 4 to 10
+1. Phantoms (``dicomnode.phantoms.chest.chest_ct``, seeds 1000 + n): chest CTs with 4 to 10
    solid or ground-glass nodules of 3 to 30 mm at random places in the lungs, with random pixel
    spacing (0.6 to 0.95 mm), slice spacing (0.8 to 2.5 mm), field of view and orientation
    (head-first axial, feet-first, oblique), each preprocessed exactly as at inference.
@@ -52,7 +52,7 @@ def package() -> tuple[Any, Any, Any]:
 
 def random_phantom(seed: int, *, nodules: tuple[int, int] = (4, 10), full: bool = False) -> Any:
     """A random chest phantom for training or evaluation (``full``: 512x512x300, 0.7x0.7x1 mm)."""
-    from dicomnode.testing.phantoms import chest_ct
+    from dicomnode.phantoms.chest import chest_ct
 
     rng = np.random.default_rng(seed)
     orientation = str(rng.choice(["axial", "axial", "feet_first", "oblique"]))

@@ -3,7 +3,7 @@
 
     .venv/bin/python models/oct_grading/train.py [--oct 200] [--fundus 800] [--steps 450]
 
-1. Phantoms (``dicomnode.testing.ophthalmic``), grades balanced 0..4: OCT cubes (seeds 1000 + n,
+1. Phantoms (``dicomnode.phantoms.retina``), grades balanced 0..4: OCT cubes (seeds 1000 + n,
    25 B-scans of 128 x 128) of which up to 5 B-scans from the disease zone and 3 from outside it
    are used, each labelled with its own grade (0 outside the zone) and the lesion types in it;
    fundus photographs (seeds 2000 + n, 384 x 384, RGB) with their grade and lesion types. Each
@@ -68,7 +68,7 @@ def build_set(
     types the image's kind supervises)."""
     import torch
 
-    from dicomnode.testing.ophthalmic import FUNDUS_LESIONS, OCT_LESIONS, fundus_photo, oct_volume
+    from dicomnode.phantoms.retina import FUNDUS_LESIONS, OCT_LESIONS, fundus_photo, oct_volume
 
     size_oct, size_fundus = int(params["oct_size"]), int(params["fundus_size"])
     if size_oct != size_fundus:
@@ -121,7 +121,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Quadratic weighted kappa of the model's series grade on unseen phantoms."""
     from dicomnode.imaging import FrameRef, Geometry, Volume
-    from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
+    from dicomnode.phantoms.retina import fundus_photo, oct_volume
 
     def volume(array: np.ndarray, modality: str) -> Volume:
         frames = tuple(FrameRef(f"1.2.3.{k}", "", None, "") for k in range(array.shape[0]))

@@ -16,8 +16,8 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.config import DEFAULT_ROUTES
 from dicomnode.domain import FINAL_STATES, JobState
+from dicomnode.phantoms.demo import DemoStudy, demo_studies
 from dicomnode.queue.listing import JobFilter
-from dicomnode.testing.demo import DemoStudy, demo_studies
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.peers import storescu
 from tests.helpers import port_of, wait_for

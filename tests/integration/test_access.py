@@ -23,8 +23,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import cli
 from dicomnode.app import Node
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import instance_count, port_of, stored_instance
 
 REJECTED = "association_rejected"

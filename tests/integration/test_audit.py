@@ -17,10 +17,11 @@ from dicomnode.app import Node
 from dicomnode.audit import list_events
 from dicomnode.cli import main
 from dicomnode.domain import JobState
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import CT_IMAGE_STORAGE, write_series
 from dicomnode.queue.listing import JobFilter
 from dicomnode.testing import peers
 from dicomnode.testing.rawstore import send_raw
-from dicomnode.testing.series import CT_IMAGE_STORAGE, SeriesSpec, ct_slices, write_series
 from tests.helpers import wait_for
 
 RIS = "ris-secret"

@@ -11,9 +11,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
 
 from dicomnode.app import Node
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import CT_IMAGE_STORAGE, write_series
 from dicomnode.testing import peers
 from dicomnode.testing.rawstore import encode_dataset, send_raw
-from dicomnode.testing.series import CT_IMAGE_STORAGE, SeriesSpec, ct_slices, write_series
 from tests.helpers import instance_count, lenient_pydicom, port_of
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

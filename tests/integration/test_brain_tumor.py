@@ -23,8 +23,8 @@ from dicomnode.domain import Findings, JobState
 from dicomnode.imaging import load_series
 from dicomnode.inference import ModelRegistry, read_model_toml
 from dicomnode.inference.findings import read_mask
+from dicomnode.phantoms.brain import STUDY, BrainPhantom, BrainStudy, brain_phantom
 from dicomnode.testing import peers
-from dicomnode.testing.brain import STUDY, BrainPhantom, BrainStudy, brain_phantom
 from tests.helpers import port_of
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,9 +12,10 @@ from pydicom.data import get_testdata_file
 from dicomnode.app import Node
 from dicomnode.cli import main
 from dicomnode.db.migrate import head_revision
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.process import cli, node_env
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import assert_same_dataset, instance_count, port_of
 
 

@@ -12,11 +12,11 @@ import pytest
 from dicomnode.app import open_database
 from dicomnode.config import load_settings
 from dicomnode.domain import JobState
+from dicomnode.phantoms.chest import chest_ct
 from dicomnode.queue import JobRepository
 from dicomnode.queue.listing import JobFilter
 from dicomnode.testing.orthanc import orthanc
 from dicomnode.testing.peers import LOOPBACK, storescu
-from dicomnode.testing.phantoms import chest_ct
 from dicomnode.testing.process import ServeProcess
 from tests.helpers import wait_for
 

@@ -12,9 +12,10 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.app import Node
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.process import cli, serve
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import instance_count, port_of, stored_instance
 
 

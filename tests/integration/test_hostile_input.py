@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from pydicom import dcmread
 
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.fuzz import (
     ATTEMPTS,
@@ -28,7 +30,6 @@ from dicomnode.testing.fuzz import (
 )
 from dicomnode.testing.process import ServeProcess
 from dicomnode.testing.rawstore import AssociationRefused, RawAssociation
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from dicomnode.testing.watch import watch
 from tests.helpers import lenient_pydicom
 

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import RLELossless
 
 from dicomnode.imaging import Volume, load_series, resample
-from dicomnode.testing.phantoms import HU, Truth, chest_ct
+from dicomnode.phantoms.chest import HU, Truth, chest_ct
 
 LUNG_SPACING = (0.703, 0.703, 1.25)
 

@@ -15,10 +15,11 @@ from pydicom.uid import generate_uid
 from dicomnode.app import Node
 from dicomnode.domain import JobState
 from dicomnode.intake import Intake
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.queue.repository import JobRecord, JobRepository
 from dicomnode.routing import Router
 from dicomnode.testing import peers
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import port_of
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

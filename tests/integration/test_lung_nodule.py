@@ -15,7 +15,7 @@ pytest.importorskip("monai")
 from dicomnode.domain import Findings
 from dicomnode.imaging import load_series
 from dicomnode.inference import ModelRegistry
-from dicomnode.testing.phantoms import Nodule, chest_ct
+from dicomnode.phantoms.chest import Nodule, chest_ct
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "lung_nodule"
 

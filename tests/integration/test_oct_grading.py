@@ -16,9 +16,9 @@ pytest.importorskip("monai")
 from dicomnode.app import Node
 from dicomnode.domain import JobState
 from dicomnode.inference.findings import read_mask
+from dicomnode.phantoms.retina import fundus_photo, oct_volume
 from dicomnode.send.scu import Destination, send_files
 from dicomnode.testing import peers
-from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
 from tests.helpers import port_of
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -20,11 +20,12 @@ from dicomnode.config import RouteSettings
 from dicomnode.domain import JobState
 from dicomnode.errors import InputsRejected
 from dicomnode.inference import ModelRegistry, findings_from_json
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.pipeline import ModelPipeline, job_models
 from dicomnode.queue.worker import JobContext
 from dicomnode.testing import peers
 from dicomnode.testing.bundles import write_model_package
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import port_of
 
 pytest.importorskip("torch")

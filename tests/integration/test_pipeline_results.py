@@ -13,9 +13,9 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.config import ResultsSettings
 from dicomnode.errors import ResultsError
+from dicomnode.phantoms.simple import SeriesSpec
 from dicomnode.testing import validators
 from dicomnode.testing.bundles import VOLUME_STATS_MODEL, write_model_package
-from dicomnode.testing.series import SeriesSpec
 from tests.integration.test_pipeline import claim, pipeline_for, store
 
 pytest.importorskip("torch")

@@ -11,8 +11,9 @@ from sqlalchemy import text
 
 from dicomnode.app import Node
 from dicomnode.db.index import list_studies
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import instance_count, port_of
 
 pytestmark = pytest.mark.postgres

@@ -10,17 +10,15 @@ from pydicom.data import get_testdata_file
 
 from dicomnode.app import Node
 from dicomnode.db.index import list_studies
-from dicomnode.testing import peers
-from dicomnode.testing.series import (
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices, multiframe
+from dicomnode.phantoms.writer import (
     ENHANCED_CT_IMAGE_STORAGE,
     ENHANCED_MR_IMAGE_STORAGE,
     OPHTHALMIC_PHOTOGRAPHY_8BIT_STORAGE,
     OPHTHALMIC_TOMOGRAPHY_STORAGE,
-    SeriesSpec,
-    ct_slices,
-    multiframe,
     write_series,
 )
+from dicomnode.testing import peers
 from tests.helpers import assert_same_dataset, instance_count, port_of, stored_instance
 
 # pydicom's real test files, one per transfer syntax the receiver must store as received.

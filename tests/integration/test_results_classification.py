@@ -32,7 +32,7 @@ def needs(tool: str) -> None:
 
 @pytest.fixture(scope="module")
 def oct_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Volume]:
-    from dicomnode.testing.ophthalmic import retina_phantom, write_ophthalmic
+    from dicomnode.phantoms.retina import retina_phantom, write_ophthalmic
 
     phantom = retina_phantom("OPT", 2, 5)
     paths = write_ophthalmic(phantom, tmp_path_factory.mktemp("oct"))
@@ -156,7 +156,7 @@ def test_frames_shown_are_all_or_the_most_attended() -> None:
 @pytest.mark.parametrize("jpeg", [False, True], ids=["rgb", "jpeg"])
 def test_colour_fundus_photograph_gets_its_heat_map_in_colour(tmp_path: Path, jpeg: bool) -> None:
     from dicomnode.imaging import load_planar
-    from dicomnode.testing.ophthalmic import retina_phantom, write_ophthalmic
+    from dicomnode.phantoms.retina import retina_phantom, write_ophthalmic
 
     needs("dciodvfy")
     phantom = retina_phantom("OP", 3, 8)

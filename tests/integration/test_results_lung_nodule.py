@@ -13,10 +13,10 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.domain import JobState
 from dicomnode.inference import ModelRegistry
+from dicomnode.phantoms.chest import chest_ct
 from dicomnode.pipeline import job_models
 from dicomnode.queue.worker import JobContext
 from dicomnode.testing import peers, validators
-from dicomnode.testing.phantoms import chest_ct
 from tests.helpers import port_of
 
 pytest.importorskip("torch")

@@ -18,9 +18,10 @@ from pydicom.sr.codedict import codes
 from dicomnode.config import ResultsSettings
 from dicomnode.domain import Code, Finding, Findings, MaskRef
 from dicomnode.imaging import Volume, load_series
+from dicomnode.phantoms.chest import ChestPhantom, Nodule, chest_ct
+from dicomnode.phantoms.writer import write_volume
 from dicomnode.results import FindingClass, build_objects, build_results, write_objects
 from dicomnode.testing import validators
-from dicomnode.testing.phantoms import ChestPhantom, Nodule, chest_ct, write_volume
 
 hd = pytest.importorskip("highdicom")
 

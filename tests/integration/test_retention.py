@@ -11,10 +11,11 @@ from sqlalchemy import func, select, update
 
 from dicomnode.app import Node
 from dicomnode.db.models import Instance, Patient, Study
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.queue.repository import JobRepository
 from dicomnode.retention import purge_studies
 from dicomnode.testing import peers
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import port_of
 
 

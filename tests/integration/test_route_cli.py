@@ -12,14 +12,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicomnode.cli import main
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices, multiframe
+from dicomnode.phantoms.writer import ENHANCED_MR_IMAGE_STORAGE, write_series
 from dicomnode.testing.process import cli
-from dicomnode.testing.series import (
-    ENHANCED_MR_IMAGE_STORAGE,
-    SeriesSpec,
-    ct_slices,
-    multiframe,
-    write_series,
-)
 
 CONFIG = """
 [routing]

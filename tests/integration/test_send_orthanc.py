@@ -22,6 +22,8 @@ from pydicom import dcmread
 from dicomnode.app import Node
 from dicomnode.audit import list_events
 from dicomnode.domain import JobState
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.queue.listing import JobFilter
 from dicomnode.queue.sends import DEAD, PENDING, SENT, SendQueue
 from dicomnode.send.scu import Destination, send_files
@@ -29,7 +31,6 @@ from dicomnode.testing.orthanc import Orthanc, orthanc
 from dicomnode.testing.peers import LOOPBACK, free_port, storescp, storescu
 from dicomnode.testing.process import ServeProcess, cli
 from dicomnode.testing.result_objects import write_result_objects
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 from tests.helpers import assert_same_dataset, instance_count, port_of, wait_for
 from tests.integration.test_access import (
     Certs,
@@ -376,7 +377,7 @@ def test_a_lung_job_end_to_end_reaches_orthanc_under_the_source_study(
     """A chest phantom in over C-STORE, the real lung_nodule model, the results package's SEG and
     SR out through the send queue: Orthanc files them under the phantom's study."""
     pytest.importorskip("torch")
-    from dicomnode.testing.phantoms import chest_ct
+    from dicomnode.phantoms.chest import chest_ct
 
     phantom = chest_ct((64, 256, 256), (1.2, 1.2, 2.0), nodules=2, seed=4201, sizes=(8.0, 14.0))
     series = phantom.write(tmp_path / "chest")

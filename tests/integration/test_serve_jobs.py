@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.process import ServeProcess, cli
-from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
 
 CONFIG = """
 {workers}

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from dicomnode.app import Node
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive import dimse, pdu
 from dicomnode.testing import peers
 from dicomnode.testing.rawstore import associate_rq, encode_dataset, read_status, store_command
-from dicomnode.testing.series import SeriesSpec, ct_slices
 from tests.helpers import instance_count, port_of
 
 

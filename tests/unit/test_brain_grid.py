@@ -11,8 +11,8 @@ import pytest
 
 from dicomnode.imaging import Geometry, load_series, on_grid, patient_grid, resample_array
 from dicomnode.imaging.grid import box_corners
-from dicomnode.testing.brain import MR_IMAGE_STORAGE, SeriesPlan
-from dicomnode.testing.phantoms import write_volume
+from dicomnode.phantoms.brain import SeriesPlan
+from dicomnode.phantoms.writer import MR_IMAGE_STORAGE, write_volume
 
 #: one point in the head, and four series planned round it as a brain protocol is
 POINT = np.array([13.2, -21.7, 48.4])

@@ -10,11 +10,10 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.imaging import Geometry, load_series
-from dicomnode.testing.brain import (
+from dicomnode.phantoms.brain import (
     CSF,
     EDEMA,
     ENHANCING,
-    MR_IMAGE_STORAGE,
     NECROSIS,
     STUDY,
     WHITE,
@@ -24,6 +23,7 @@ from dicomnode.testing.brain import (
     brain_phantom,
     random_plans,
 )
+from dicomnode.phantoms.writer import MR_IMAGE_STORAGE
 
 #: small, coarse series, so that writing a study takes a moment
 SMALL = tuple(plan.scaled(2.5) for plan in STUDY)

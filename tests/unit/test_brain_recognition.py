@@ -93,7 +93,7 @@ def test_a_study_without_flair_lacks_only_flair() -> None:
 
 
 def test_the_phantom_studys_descriptions_are_recognised() -> None:
-    from dicomnode.testing.brain import STUDY
+    from dicomnode.phantoms.brain import STUDY
 
     texts = [
         recognition_text(p.description, p.protocol, p.sequence, contrast=p.contrast == "T1c")

@@ -16,7 +16,7 @@ from dicomnode.errors import InputsRejected
 from dicomnode.imaging import patient_grid
 from dicomnode.inference import ModelSpec
 from dicomnode.inference.registry import import_entry
-from dicomnode.testing.brain import STUDY, brain_phantom
+from dicomnode.phantoms.brain import STUDY, brain_phantom
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "brain_tumor"
 COARSE = tuple(plan.scaled(2.0) for plan in STUDY)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dicomnode.imaging import Geometry
-from dicomnode.testing.phantoms import phantom_geometry
+from dicomnode.phantoms.grids import phantom_geometry
 
 
 def test_parts_round_trip() -> None:

@@ -25,7 +25,8 @@ from dicomnode.errors import (
     UnsupportedPixels,
 )
 from dicomnode.imaging import Geometry, StackRules, Volume, load_series, load_series_split
-from dicomnode.testing.phantoms import phantom_geometry, write_volume
+from dicomnode.phantoms.grids import phantom_geometry
+from dicomnode.phantoms.writer import write_volume
 
 SHAPE = (12, 20, 24)  # slices, rows, columns
 SPACING = (0.8, 0.9, 2.5)  # column, row, slice mm

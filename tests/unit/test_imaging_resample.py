@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dicomnode.imaging import FrameRef, Geometry, Volume, load_series, resample, respaced
-from dicomnode.testing.phantoms import phantom_geometry, write_volume
+from dicomnode.phantoms.grids import phantom_geometry
+from dicomnode.phantoms.writer import write_volume
 
 POINT = np.array([3.7, 18.2, -148.9])  # patient mm, near the grid centre (0, 20, -150)
 

@@ -25,9 +25,9 @@ from dicomnode.db.models import Instance, Patient, Series, Study
 from dicomnode.db.writer import IndexWriter
 from dicomnode.domain import InstanceHeader, Peer, StoredInstance
 from dicomnode.errors import StoreFailed
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
-from dicomnode.testing.series import SeriesSpec, ct_slices
 
 PEER = Peer(calling_aet="SCANNER", called_aet="DICOMNODE", host="127.0.0.1", port=4242)
 OTHER_SERIES = "1.2.826.0.1.3680043.99.2"

@@ -15,7 +15,8 @@ pytest.importorskip("monai")
 
 from dicomnode.inference import ModelSpec, read_model_toml
 from dicomnode.inference.registry import import_package, verify_package_weights
-from dicomnode.testing.phantoms import Nodule, chest_ct, phantom_geometry
+from dicomnode.phantoms.chest import Nodule, chest_ct
+from dicomnode.phantoms.grids import phantom_geometry
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "lung_nodule"
 

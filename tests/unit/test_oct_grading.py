@@ -16,7 +16,7 @@ pytest.importorskip("monai")
 from dicomnode.domain import Findings
 from dicomnode.imaging import load_planar
 from dicomnode.inference import ModelRegistry
-from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
+from dicomnode.phantoms.retina import fundus_photo, oct_volume
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "oct_grading"
 

@@ -10,11 +10,11 @@ import pytest
 
 from dicomnode.errors import MismatchedFrames
 from dicomnode.imaging import FrameRef, Geometry, Volume, is_planar, load_planar
-from dicomnode.testing.ophthalmic import fundus_photo, oct_volume
-from dicomnode.testing.series import (
+from dicomnode.phantoms.retina import fundus_photo, oct_volume
+from dicomnode.phantoms.simple import multiframe
+from dicomnode.phantoms.writer import (
     OPHTHALMIC_PHOTOGRAPHY_8BIT_STORAGE,
     OPHTHALMIC_TOMOGRAPHY_STORAGE,
-    multiframe,
     write_series,
 )
 

@@ -13,15 +13,9 @@ import pytest
 from pydicom.uid import RLELossless
 
 from dicomnode.imaging import load_series
-from dicomnode.testing.phantoms import (
-    HU,
-    Nodule,
-    Truth,
-    chest_ct,
-    phantom_geometry,
-    random_nodules,
-    write_volume,
-)
+from dicomnode.phantoms.chest import HU, Nodule, Truth, chest_ct, random_nodules
+from dicomnode.phantoms.grids import phantom_geometry
+from dicomnode.phantoms.writer import write_volume
 
 SMALL = (48, 128, 128)
 SPACING = (1.4, 1.4, 2.5)

@@ -13,13 +13,9 @@ from pydicom.data import get_testdata_file
 from dicomnode.config import RouteSettings, RoutingSettings, Settings, load_settings
 from dicomnode.domain import Priority
 from dicomnode.errors import ConfigError
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices, multiframe
+from dicomnode.phantoms.writer import ENHANCED_MR_IMAGE_STORAGE
 from dicomnode.routing import Basis, Outcome, Router, SeriesFacts
-from dicomnode.testing.series import (
-    ENHANCED_MR_IMAGE_STORAGE,
-    SeriesSpec,
-    ct_slices,
-    multiframe,
-)
 
 CT = {
     "Modality": "CT",

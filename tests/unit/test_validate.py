@@ -12,8 +12,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.errors import EmptyPixelData, MalformedDataset, SOPClassMismatch
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive.validate import read_header, scan
-from dicomnode.testing.series import SeriesSpec, ct_slices
 
 
 def _nested_slice(syntax: str) -> Dataset:

@@ -30,7 +30,7 @@ class DemoStudy:
 
 def chest_study(folder: Path, seed: int = 0) -> DemoStudy:
     """A 300-slice chest CT (512 x 512, 0.7 x 0.7 x 1 mm) with five nodules, 6 to 25 mm."""
-    from dicomnode.testing.phantoms import Truth, chest_ct
+    from dicomnode.phantoms.chest import Truth, chest_ct
 
     phantom = chest_ct((300, 512, 512), (0.7, 0.7, 1.0), nodules=5, seed=7000 + seed,
                        sizes=(6.0, 25.0), ground_glass_fraction=0.2)  # fmt: skip
@@ -45,7 +45,7 @@ def chest_study(folder: Path, seed: int = 0) -> DemoStudy:
 
 def brain_study(folder: Path, seed: int = 0) -> DemoStudy:
     """T1, T1 post-contrast, T2 and FLAIR of one head with a tumor."""
-    from dicomnode.testing.brain import brain_phantom
+    from dicomnode.phantoms.brain import brain_phantom
 
     study = brain_phantom(7100 + seed).write(folder / "brain")
     files = tuple(path for paths in study.paths.values() for path in paths)
@@ -63,7 +63,7 @@ def retina_study(folder: Path, seed: int = 0) -> DemoStudy:
     """A multi-frame OCT volume of an eye with diabetic retinopathy of grade 3."""
     from pydicom import dcmread
 
-    from dicomnode.testing.ophthalmic import oct_volume
+    from dicomnode.phantoms.retina import oct_volume
 
     phantom = oct_volume(3, seed=7200 + seed)
     files = phantom.write(folder / "retina")

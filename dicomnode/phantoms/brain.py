@@ -1,11 +1,12 @@
 """Synthetic brain MRI studies with a tumor at a known place: T1, T1 post-contrast, T2, FLAIR.
 
-Used by the brain tumor model's train.py, the tests and the benchmarks. The anatomy (scalp,
-skull, CSF, grey and white matter, lateral ventricles) and the tumor (necrotic core, enhancing
-rim, surrounding edema) are defined in patient coordinates, so each series can be written on its
-own grid (axial, sagittal, tilted; any resolution and field of view) while sharing one Frame of
-Reference, and the truth holds on every grid: :meth:`BrainPhantom.truth_on` samples the tumor's
-sub-regions (1 necrotic core, 2 edema, 3 enhancing tumor, as the model labels them) on any grid.
+Used by the brain tumor model's train.py, the demo, the tests and the benchmarks. The anatomy
+(scalp, skull, CSF, grey and white matter, lateral ventricles) and the tumor (necrotic core,
+enhancing rim, surrounding edema) are defined in patient coordinates, so each series can be
+written on its own grid (axial, sagittal, tilted; any resolution and field of view) while sharing
+one Frame of Reference, and the truth holds on every grid: :meth:`BrainPhantom.truth_on` samples
+the tumor's sub-regions (1 necrotic core, 2 edema, 3 enhancing tumor, as the model labels them)
+on any grid.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from numpy.typing import ArrayLike
 
 from dicomnode.imaging.geometry import Geometry
 from dicomnode.imaging.volume import FrameRef, Volume
-from dicomnode.testing.phantoms import _rotation, _uid, write_volume
+from dicomnode.phantoms.grids import rotation
+from dicomnode.phantoms.writer import (
+    MR_IMAGE_STORAGE,
+    frame_of_reference_for,
+    series_uid_for,
+    uid_from,
+    write_volume,
+)
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CONTRASTS = ("T1c", "T1", "T2", "FLAIR")
 
 # Tissue codes of :meth:`BrainPhantom.tissue`
@@ -70,7 +77,7 @@ class SeriesPlan:
                 f"orientation must be axial, sagittal or coronal, not {self.orientation!r}"
             )
         if self.tilt_deg:
-            direction = _rotation("x", self.tilt_deg) @ direction
+            direction = rotation("x", self.tilt_deg) @ direction
         spacing = np.asarray(self.spacing, float)
         counts = np.maximum(1, np.rint(np.asarray(self.fov_mm, float) / spacing)).astype(int)
         half = (counts - 1) / 2 * spacing
@@ -280,9 +287,9 @@ class BrainPhantom:
         # bias field: exp of a linear gradient across the head
         bias = np.asarray(self.bias.get(contrast, (0.0, 0.0, 0.0)), np.float32) / 100.0
         for start in range(0, geometry.shape[0], _SLAB):
-            k = np.arange(start, min(start + _SLAB, geometry.shape[0]))
-            p = self._points(geometry, k) - np.asarray(self.centre, np.float32)
-            out[k[0] : k[-1] + 1] *= np.exp(p @ bias)
+            ks = np.arange(start, min(start + _SLAB, geometry.shape[0]))
+            p = self._points(geometry, ks) - np.asarray(self.centre, np.float32)
+            out[ks[0] : ks[-1] + 1] *= np.exp(p @ bias)
         rng = np.random.default_rng(self.seed * 31 + CONTRASTS.index(contrast) if seed is None
                                     else seed)  # fmt: skip
         if self.noise > 0:
@@ -319,9 +326,10 @@ class BrainPhantom:
         out = {}
         for plan in plans:
             geometry = plan.geometry(self.centre)
-            uid = _uid(self.seed, plan.description, "series")
+            uid = uid_from(self.seed, plan.description, "series")
             frames = tuple(
-                FrameRef(_uid(uid, k), MR_IMAGE_STORAGE, None, "") for k in range(geometry.shape[0])
+                FrameRef(uid_from(uid, k), MR_IMAGE_STORAGE, None, "")
+                for k in range(geometry.shape[0])
             )
             image = np.rint(np.clip(self.render(plan.contrast, geometry), 0, 4095))
             out[plan.contrast] = Volume(image.astype(np.float32), geometry, frames, "MR", uid)
@@ -340,15 +348,15 @@ class BrainPhantom:
         """Write each planned series as MR Image Storage files in ``folder/<contrast>/`` (one
         study, one Frame of Reference), and truth.json; the paths and the truth."""
         folder = Path(folder)
-        study_uid = study_uid or _uid(self.seed, "brain-phantom-study")
-        frame_of_reference = _uid(study_uid, "frame-of-reference")  # as write_volume sets it
+        study_uid = study_uid or uid_from(self.seed, "brain-phantom-study")
+        frame_of_reference = frame_of_reference_for(study_uid)  # as write_volume sets it
         paths: dict[str, list[Path]] = {}
         geometries: dict[str, Geometry] = {}
         series: dict[str, str] = {}
         for number, plan in enumerate(plans, start=1):
             geometry = plan.geometry(self.centre)
             image = self.render(plan.contrast, geometry)
-            series_uid = _uid(study_uid, self.seed, plan.description, "series")
+            series_uid = series_uid_for(study_uid, self.seed, plan.description)
             attributes: dict[str, object] = {
                 "StudyDescription": "MR BRAIN WITH AND WITHOUT CONTRAST",
                 "BodyPartExamined": "HEAD",
@@ -461,7 +469,7 @@ def brain_phantom(
     axes, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     tumor = Tumor(
         centre=tuple(float(v) for v in np.asarray(centre) + offset),  # type: ignore[arg-type]
-        rotation=tuple(tuple(float(v) for v in row) for row in axes),  # type: ignore[arg-type]
+        rotation=tuple(tuple(float(v) for v in row) for row in axes),  # type: ignore[misc]
         stretch=tuple(float(v) for v in rng.uniform(0.8, 1.2, 3)),  # type: ignore[arg-type]
         necrotic_mm=necrotic,
         enhancing_mm=enhancing,

@@ -1,7 +1,7 @@
 """Synthetic retinal OCT volumes and fundus photographs graded for diabetic retinopathy, written
 as real ophthalmic DICOM with the truth (grade, lesion boxes) beside them.
 
-Used by the oct_grading model's train.py, its tests and benchmark. Grades follow the
+Used by the oct_grading model's train.py, the demo, its tests and benchmark. Grades follow the
 international clinical diabetic retinopathy scale (ICDR, 0 to 4):
 
 - **OCT** (Ophthalmic Tomography Image Storage, modality OPT): B-scans of a retina with its
@@ -23,21 +23,29 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGBaseline8Bit
 
-from dicomnode.testing.phantoms import _ds, _ds_list, _item, _patient_study, _seq, _uid
-from dicomnode.testing.series import (
+from dicomnode.phantoms.writer import (
     OPHTHALMIC_PHOTOGRAPHY_8BIT_STORAGE,
     OPHTHALMIC_TOMOGRAPHY_STORAGE,
+    SeriesHeader,
+    decimal,
+    decimals,
+    image_pixel,
+    item,
+    seq,
+    series_uid_for,
+    set_pixels,
+    uid_from,
+    write_series,
 )
 
 FUNDUS_LESIONS = ("microaneurysms", "haemorrhages", "hard_exudates", "cotton_wool_spots")
@@ -190,7 +198,7 @@ def oct_volume(
     col_lo, col_hi = np.searchsorted(x - fx, -2.2), np.searchsorted(x - fx, 2.2)
     exudates = grade >= 1 and (grade == 1 or rng.random() < 0.85)
     cysts = grade >= 3 or (grade == 2 and rng.random() < 0.75)
-    for k in np.flatnonzero(in_zone):
+    for k in np.flatnonzero(in_zone):  # type: ignore[assignment]  # numpy ints in the boxes
         if thick > 0:
             band = np.flatnonzero(zone_w[k] > 0.3)
             if band.size:
@@ -482,88 +490,81 @@ def write_ophthalmic(
     frame (without them a loader has only Pixel Measures); ``jpeg``: colour frames as baseline
     JPEG, YBR_FULL_422 (OP only).
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     array = np.ascontiguousarray(phantom.array)
     colour = array.ndim == 4
     if jpeg and not colour:
         raise ValueError("jpeg=True needs a colour (RGB) phantom")
     oct_ = phantom.modality == "OPT"
     sop_class = OPHTHALMIC_TOMOGRAPHY_STORAGE if oct_ else OPHTHALMIC_PHOTOGRAPHY_8BIT_STORAGE
-    study_uid = study_uid or _uid(phantom.seed, phantom.modality, "retina-study")
-    series_uid = series_uid or _uid(study_uid, phantom.seed, phantom.modality, "series")
+    study_uid = study_uid or uid_from(phantom.seed, phantom.modality, "retina-study")
+    series_uid = series_uid or series_uid_for(study_uid, phantom.seed, phantom.modality)
+    header = SeriesHeader(
+        study_uid,
+        series_uid,
+        phantom.modality,
+        "Macular cube OCT" if oct_ else "Colour fundus photograph",
+        patient,
+        study_description="Phantom retina",
+        body_part="EYE",
+    )
     frames, rows, columns = array.shape[:3]
     groups = [list(range(frames))] if multiframe else [[k] for k in range(frames)]
-    paths = []
-    for number, members in enumerate(groups, start=1):
-        ds = Dataset()
-        _patient_study(ds, study_uid, series_uid, patient)
-        ds.StudyDescription = "Phantom retina"
-        ds.BodyPartExamined = "EYE"
-        ds.Modality = phantom.modality
-        ds.SeriesDescription = "Macular cube OCT" if oct_ else "Colour fundus photograph"
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = _uid(series_uid, phantom.seed, number, len(groups))
-        ds.InstanceNumber = number
-        ds.ImageLaterality = phantom.laterality
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.AcquisitionDateTime = "20260101120000"
-        ds.BurnedInAnnotation = "NO"
-        ds.Rows, ds.Columns = rows, columns
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        if colour:
-            ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
-            ds.PhotometricInterpretation = "YBR_FULL_422" if jpeg else "RGB"
-        else:
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        row_mm, col_mm = phantom.pixel_mm
-        if oct_:
-            ds.NumberOfFrames = len(members)
-            shared = _item(
-                PixelMeasuresSequence=_seq(
-                    PixelSpacing=_ds_list([row_mm, col_mm]),
-                    SliceThickness=_ds(phantom.frame_mm or row_mm),
-                )
-            )
-            if positions:
-                # rows run posterior (depth), columns to the patient's left, B-scans superior
-                orientation = _ds_list([1, 0, 0, 0, 1, 0])
-                shared.PlaneOrientationSequence = _seq(ImageOrientationPatient=orientation)
-            ds.SharedFunctionalGroupsSequence = [shared]
-            per_frame = []
-            for k in members:
-                content = _seq(
-                    StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[1, k + 1]
-                )
-                item = _item(FrameContentSequence=content)
-                if positions:
-                    origin = [-(columns - 1) / 2 * col_mm, 0.0,
-                              (k - (frames - 1) / 2) * phantom.frame_mm]  # fmt: skip
-                    item.PlanePositionSequence = _seq(ImagePositionPatient=_ds_list(origin))
-                per_frame.append(item)
-            ds.PerFrameFunctionalGroupsSequence = per_frame
-        else:
-            ds.PixelSpacing = _ds_list([row_mm, col_mm])
-            if len(members) > 1:
-                ds.NumberOfFrames = len(members)
-        pixels = array[members]
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if jpeg:
-            meta.TransferSyntaxUID = JPEGBaseline8Bit
-            ds.PixelData = encapsulate([_jpeg(frame) for frame in pixels])
-            ds["PixelData"].VR = "OB"
-            ds.LossyImageCompression = "01"
-            ds.LossyImageCompressionMethod = "ISO_10918_1"
-        else:
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.PixelData = pixels.tobytes()
-        ds.file_meta = meta
-        path = folder / f"{number:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    photometric = ("YBR_FULL_422" if jpeg else "RGB") if colour else "MONOCHROME2"
+    row_mm, col_mm = phantom.pixel_mm
+
+    def objects() -> Iterator[Dataset]:
+        for number, members in enumerate(groups, start=1):
+            instance = uid_from(series_uid, phantom.seed, number, len(groups))
+            ds = header.instance(sop_class, instance, number)
+            ds.ImageLaterality = phantom.laterality
+            ds.ImageType = ["ORIGINAL", "PRIMARY"]
+            ds.AcquisitionDateTime = "20260101120000"
+            ds.BurnedInAnnotation = "NO"
+            image_pixel(ds, rows, columns, bits_stored=8, bits_allocated=8, photometric=photometric)
+            if oct_:
+                _oct_frames(ds, phantom, members, positions)
+            else:
+                ds.PixelSpacing = decimals([row_mm, col_mm])
+                if len(members) > 1:
+                    ds.NumberOfFrames = len(members)
+            pixels = array[members]
+            if jpeg:
+                ds.LossyImageCompression = "01"
+                ds.LossyImageCompressionMethod = "ISO_10918_1"
+                set_pixels(ds, [_jpeg(frame) for frame in pixels], JPEGBaseline8Bit)
+            else:
+                set_pixels(ds, pixels)
+            yield ds
+
+    return write_series(objects(), folder)
+
+
+def _oct_frames(ds: Dataset, phantom: RetinaPhantom, members: list[int], positions: bool) -> None:
+    """The multi-frame functional groups of OCT B-scans: pixel measures, and (``positions``)
+    plane orientation and per-frame positions in a nominal eye frame."""
+    frames, _, columns = phantom.array.shape[:3]
+    row_mm, col_mm = phantom.pixel_mm
+    ds.NumberOfFrames = len(members)
+    shared = item(
+        PixelMeasuresSequence=seq(
+            PixelSpacing=decimals([row_mm, col_mm]),
+            SliceThickness=decimal(phantom.frame_mm or row_mm),
+        )
+    )
+    if positions:
+        # rows run posterior (depth), columns to the patient's left, B-scans superior
+        orientation = decimals([1, 0, 0, 0, 1, 0])
+        shared.PlaneOrientationSequence = seq(ImageOrientationPatient=orientation)
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k in members:
+        content = seq(StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[1, k + 1])
+        frame = item(FrameContentSequence=content)
+        if positions:
+            origin = [-(columns - 1) / 2 * col_mm, 0.0, (k - (frames - 1) / 2) * phantom.frame_mm]
+            frame.PlanePositionSequence = seq(ImagePositionPatient=decimals(origin))
+        per_frame.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
 
 
 __all__ = [
