@@ -7,10 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from dicomnode.testing.waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
 
@@ -98,14 +99,13 @@ def echoscu(
 
 
 def wait_for_port(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+    """Until something accepts connections on ``host:port`` (WaitTimeout after ``timeout`` s)."""
+
+    def accepts() -> bool:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+
+    wait_until(accepts, timeout=timeout, ignore=OSError, what=f"a listener on {host}:{port}")
 
 
 @contextmanager

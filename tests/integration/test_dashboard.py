@@ -14,8 +14,9 @@ import pytest
 from dicomnode.app import Node
 from dicomnode.audit import list_events
 from dicomnode.domain import JobState
-from dicomnode.testing.browser import Browser, chromium_path, until
+from dicomnode.testing.browser import Browser, chromium_path
 from dicomnode.testing.jobs import make_history
+from dicomnode.testing.waiting import wait_until
 
 TOKEN = "dashboard-secret"
 ARTIFACTS = Path(
@@ -69,7 +70,12 @@ def test_dashboard_shows_a_failure_and_retries_it(
         browser.screenshot(ARTIFACTS / "dashboard.png")
 
         browser.click(f'#failures button.retry[data-job-id="{failed}"]')
-        job = until(lambda: (j := node.jobs.get(failed)) and j.state is JobState.QUEUED and j)
+        job = wait_until(
+            lambda: (j := node.jobs.get(failed)) and j.state is JobState.QUEUED and j,
+            timeout=15,
+            interval=0.1,
+            what="the retried job queued",
+        )
         assert job.attempts == 0 and job.error is None
         browser.wait_for(
             "document.querySelectorAll('#failures tbody tr').length === 0 && "

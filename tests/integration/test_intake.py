@@ -19,6 +19,7 @@ from dicomnode.queue.repository import JobRecord, JobRepository
 from dicomnode.routing import Router
 from dicomnode.testing import peers
 from dicomnode.testing.series import SeriesSpec, ct_slices, write_series
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import port_of
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -38,13 +39,16 @@ def _sweep_until(
     done: Callable[[list[JobRecord]], bool],
     timeout: float = 10,
 ) -> tuple[list[JobRecord], float]:
+    """Sweep until ``done(jobs)``: the jobs, and how long that took."""
     start = time.monotonic()
-    while True:
+
+    def swept() -> list[JobRecord] | None:
         intake.sweep()
         found = jobs.list(limit=100)
-        if done(found) or time.monotonic() - start > timeout:
-            return found, time.monotonic() - start
-        time.sleep(0.05)
+        return found if done(found) else None
+
+    found = wait_until(swept, timeout=timeout, what="the sweeps' verdict")
+    return found, time.monotonic() - start
 
 
 def _queued(found: list[JobRecord]) -> bool:

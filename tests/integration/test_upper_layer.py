@@ -13,6 +13,7 @@ from dicomnode.receive import dimse, pdu
 from dicomnode.testing import peers
 from dicomnode.testing.rawstore import associate_rq, encode_dataset, read_status, store_command
 from dicomnode.testing.series import SeriesSpec, ct_slices
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import instance_count, port_of
 
 
@@ -69,9 +70,9 @@ def test_abort_mid_dataset_leaves_nothing(node: Node) -> None:
         time.sleep(0.2)
         assert len(list(node.spool.incoming.iterdir())) == 1  # arriving
         sock.sendall(pdu.encode_abort(0))
-    deadline = time.monotonic() + 10
-    while list(node.spool.incoming.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: not list(node.spool.incoming.iterdir()), timeout=10, what="the partial file gone"
+    )
     assert not list(node.spool.incoming.iterdir())
     assert instance_count(node) == 0
     _still_serving(node)
