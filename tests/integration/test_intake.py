@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicomnode.app import Node
+from dicomnode.db.models import Association
 from dicomnode.domain import JobState
 from dicomnode.intake import Intake
 from dicomnode.queue.repository import JobRecord, JobRepository
@@ -49,6 +51,13 @@ def _sweep_until(
 
     found = wait_until(swept, timeout=timeout, what="the sweeps' verdict")
     return found, time.monotonic() - start
+
+
+def _released(node: Node) -> bool:
+    """Every association's row records its end (written just after the sender's release)."""
+    with node.database.sessions() as session:
+        outcomes = session.scalars(select(Association.outcome)).all()
+    return bool(outcomes) and all(outcomes)
 
 
 def _queued(found: list[JobRecord]) -> bool:
@@ -94,7 +103,7 @@ def test_series_with_a_gap_waits_for_the_grace(
     intake, jobs = _intake(node)
     files = _ct(tmp_path, "ct", slices=12)
     assert peers.storescu(port_of(node), files[:5] + files[6:]).returncode == 0
-    time.sleep(0.2)  # the association row records the release
+    wait_until(lambda: _released(node), timeout=10, what="the association row's release")
     intake.sweep()
     assert [job.state for job in jobs.list()] == [JobState.WAITING]
     found, _ = _sweep_until(intake, jobs, _queued)

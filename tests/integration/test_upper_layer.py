@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import pytest
 
@@ -67,7 +66,9 @@ def test_abort_mid_dataset_leaves_nothing(node: Node) -> None:
     with _connect(node) as sock:
         sock.sendall(pdu.encode_p_data(1, 0x03, store_command(sop_instance=ds.SOPInstanceUID)))
         sock.sendall(pdu.encode_p_data(1, 0x00, data[: len(data) // 2]))
-        time.sleep(0.2)
+        wait_until(
+            lambda: list(node.spool.incoming.iterdir()), timeout=10, what="the arriving file"
+        )
         assert len(list(node.spool.incoming.iterdir())) == 1  # arriving
         sock.sendall(pdu.encode_abort(0))
     wait_until(

@@ -224,6 +224,8 @@ def test_a_database_restart_loses_no_job(tmp_path: Path) -> None:
         ids = echo_jobs(repo, 200, "outage?sleep=0.05")
         wait_until(lambda: repo.counts_by_state()[JobState.DONE] >= 40, timeout=60, interval=0.1)
         server.stop()  # the database goes away mid-run, connections cut...
+        # Deliberate, not a wait: the outage lasts 3 s (the workers' retries back off meanwhile);
+        # its length is what the test puts the workers through.
         time.sleep(3)
         server.start()  # ...and comes back on the same port and data
         engine.dispose()
