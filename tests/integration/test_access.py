@@ -296,7 +296,7 @@ def _make_leaf(
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line is not installed")
+        peers.missing_peer("the openssl command line is not installed")
     folder = tmp_path_factory.mktemp("certs")
     ca = _make_ca(folder, "ca", "dicomnode test CA")
     other = _make_ca(folder, "other-ca", "some other CA")

@@ -16,6 +16,7 @@ from dicomnode.audit import list_events
 from dicomnode.domain import JobState
 from dicomnode.testing.browser import Browser, chromium_path
 from dicomnode.testing.jobs import make_history
+from dicomnode.testing.peers import missing_peer
 from dicomnode.testing.waiting import wait_until
 
 TOKEN = "dashboard-secret"
@@ -23,7 +24,11 @@ ARTIFACTS = Path(
     os.environ.get("DICOMNODE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
 )
 
-pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed")
+
+@pytest.fixture(autouse=True)
+def _chromium() -> None:
+    if chromium_path() is None:
+        missing_peer("Chromium is not installed (Debian package chromium)")
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from dicomnode.db import make_engine, upgrade
 from dicomnode.domain import JobState, Priority
 from dicomnode.queue import JobRepository
 from dicomnode.testing.models import RUN_LOG_ENV
+from dicomnode.testing.peers import missing_peer
 from dicomnode.testing.waiting import wait_until
 
 STUDY = "1.2.826.0.1.3680043.99.400"
@@ -210,7 +211,7 @@ def test_a_database_restart_loses_no_job(tmp_path: Path) -> None:
     from dicomnode.testing.postgres import PostgresServer, postgres_bin
 
     if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+        missing_peer("PostgreSQL is not installed (Debian package postgresql)")
     server = PostgresServer().start()
     workers = Workers(tmp_path, server.url)
     try:

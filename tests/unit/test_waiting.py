@@ -1,4 +1,4 @@
-"""The one poll-until helper of the tests, benchmarks and test peers."""
+"""The one poll-until helper, and how a test without its real peer ends (skip, or fail on CI)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 
+from dicomnode.testing import validators
+from dicomnode.testing.peers import REQUIRE_PEERS_ENV, missing_peer
 from dicomnode.testing.waiting import WaitTimeout, wait_until
 
 
@@ -36,3 +38,23 @@ def test_ignored_exceptions_are_retried_and_reported_others_propagate() -> None:
 def test_the_check_runs_once_more_at_the_deadline() -> None:
     calls = itertools.count(1)
     assert wait_until(lambda: next(calls) == 2, timeout=0.05, interval=10) is True
+
+
+def test_a_missing_peer_skips_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(REQUIRE_PEERS_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        missing_peer("frobnicator is not installed")
+    monkeypatch.setattr(validators, "tool", lambda name: None)
+    assert validators.has_tool("dciodvfy") is False
+    with pytest.raises(pytest.skip.Exception, match="dicom3tools"):
+        validators.require_tool("dciodvfy")
+
+
+def test_a_missing_peer_fails_when_peers_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(REQUIRE_PEERS_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_PEERS_ENV}=1 requires it"):
+        missing_peer("frobnicator is not installed")
+    monkeypatch.setattr(validators, "tool", lambda name: None)
+    for check in (validators.has_tool, validators.require_tool):
+        with pytest.raises(pytest.fail.Exception, match="dcmqi"):
+            check("tid1500reader")
