@@ -52,12 +52,13 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A private PostgreSQL server for the session (CI installs it; elsewhere, skip without)."""
+    from dicomnode.testing.peers import missing_peer
     from dicomnode.testing.postgres import postgres_bin, postgres_server
 
     if postgres_bin() is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not installed; .ci/run must install it")
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+        missing_peer("PostgreSQL is not installed (Debian package postgresql)")
     with postgres_server() as url:
         yield url
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -59,14 +57,3 @@ def lenient_pydicom() -> Iterator[None]:
         yield
     finally:
         settings.reading_validation_mode, settings.writing_validation_mode = saved
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    """``check()``'s first true value, polled until ``timeout`` s (then AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what or check}")

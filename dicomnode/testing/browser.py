@@ -15,9 +15,10 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from dicomnode.testing.waiting import wait_until
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
@@ -140,15 +141,10 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 15.0) -> Any:
-        """Poll until ``expression`` is truthy; its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise CdpError(f"{expression!r} still false after {timeout} s")
-            time.sleep(0.1)
+        """Poll until ``expression`` is truthy in the page; its value."""
+        return wait_until(
+            lambda: self.evaluate(expression), timeout=timeout, interval=0.1, what=repr(expression)
+        )
 
     def click(self, selector: str) -> None:
         """A real left click (mouse pressed and released) at the middle of the element."""
@@ -191,13 +187,3 @@ class Browser:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
-
-
-def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll a Python condition (e.g. the database) until it holds; its value."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout} s")
-        time.sleep(0.1)
-    return value

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.testing.peers import LOOPBACK, dcmtk_env, echoscu, free_port
+from dicomnode.testing.waiting import WaitTimeout, wait_until
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -136,19 +136,25 @@ class Orthanc:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise OrthancError(
                     f"Orthanc exited with {self.process.returncode} while starting: {self._tail()}"
                 )
-            with suppress(OSError, ValueError):
-                self.rest("/system", timeout=2)
-                if echoscu(self.dicom_port, called_aet=self.ae_title, timeout=10).returncode == 0:
-                    return
-            time.sleep(0.1)
-        raise OrthancError(f"Orthanc did not answer within {STARTUP_TIMEOUT_S} s: {self._tail()}")
+            self.rest("/system", timeout=2)
+            return echoscu(self.dicom_port, called_aet=self.ae_title, timeout=10).returncode == 0
+
+        try:
+            wait_until(
+                answers,
+                timeout=STARTUP_TIMEOUT_S,
+                interval=0.1,
+                ignore=(OSError, ValueError),
+                what="Orthanc's REST API and C-ECHO",
+            )
+        except WaitTimeout as timeout:
+            raise OrthancError(f"{timeout}\n{self._tail()}") from timeout
 
     def stop(self, *, graceful: bool = True) -> None:
         """SIGTERM, then SIGKILL after 10 s (at once unless ``graceful``: a crash, or a server

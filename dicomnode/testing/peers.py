@@ -7,10 +7,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
+
+from dicomnode.testing.waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
 
@@ -29,6 +31,26 @@ STORESCU_SYNTAX_OPTION = {
     "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
     "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
 }
+
+
+#: Set to 1 (as .ci/run does) to make a test whose real peer is missing fail instead of skip.
+REQUIRE_PEERS_ENV = "DICOMNODE_REQUIRE_PEERS"
+
+
+def peers_required() -> bool:
+    """Whether every real peer a test needs must be there (CI), rather than skipped without."""
+    return os.environ.get(REQUIRE_PEERS_ENV) == "1"
+
+
+def missing_peer(reason: str) -> NoReturn:
+    """End a test whose real peer (a tool, a server, a browser) is missing: a skip with
+    ``reason``, or a failure where $DICOMNODE_REQUIRE_PEERS=1, so that CI cannot pass without
+    having run it."""
+    import pytest
+
+    if peers_required():
+        pytest.fail(f"{reason}, and {REQUIRE_PEERS_ENV}=1 requires it", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -98,14 +120,13 @@ def echoscu(
 
 
 def wait_for_port(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+    """Until something accepts connections on ``host:port`` (WaitTimeout after ``timeout`` s)."""
+
+    def accepts() -> bool:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+
+    wait_until(accepts, timeout=timeout, ignore=OSError, what=f"a listener on {host}:{port}")
 
 
 @contextmanager

@@ -8,12 +8,12 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from dicomnode.testing.peers import LOOPBACK, free_port, wait_for_port
+from dicomnode.testing.waiting import wait_until
 
 
 def postgres_bin() -> Path | None:
@@ -33,17 +33,17 @@ def _as_postgres(command: list[str]) -> list[str]:
 
 def _wait_until_accepting(bin_dir: Path, port: int, timeout: float) -> None:
     """pg_isready answers at once, "rejecting connections", while the server still starts."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def accepting() -> bool:
         ready = subprocess.run(
             _as_postgres([str(bin_dir / "pg_isready"), "-h", LOOPBACK, "-p", str(port)]),
             capture_output=True,
         )
-        if ready.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"PostgreSQL on port {port} not ready after {timeout} s")
-        time.sleep(0.1)
+        return ready.returncode == 0
+
+    wait_until(
+        accepting, timeout=timeout, interval=0.1, what=f"PostgreSQL on port {port} accepting"
+    )
 
 
 class PostgresServer:

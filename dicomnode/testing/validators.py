@@ -12,6 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomnode.testing.peers import missing_peer, peers_required
+
+#: where each tool comes from
+PACKAGES = {
+    "dciodvfy": "Debian package dicom3tools",
+    "segimage2itkimage": "PyPI dcmqi",
+    "tid1500reader": "PyPI dcmqi",
+}
+
 
 def tool(name: str) -> str | None:
     """A tool on PATH or beside this Python (dcmqi's console scripts live in the venv)."""
@@ -19,6 +28,25 @@ def tool(name: str) -> str | None:
     if beside.is_file():
         return str(beside)
     return shutil.which(name)
+
+
+def require_tool(name: str) -> str:
+    """The tool's path, for a test that needs it; without it the test is skipped, or fails
+    where $DICOMNODE_REQUIRE_PEERS=1 (CI), so CI cannot pass without validating."""
+    path = tool(name)
+    if path is None:
+        missing_peer(f"{name} is not installed ({PACKAGES.get(name, 'see scripts/setup.sh')})")
+    return path
+
+
+def has_tool(name: str) -> bool:
+    """Whether a test's optional check with the tool can run: False without it, unless
+    $DICOMNODE_REQUIRE_PEERS=1 (CI), where the test fails instead."""
+    if tool(name) is not None:
+        return True
+    if peers_required():
+        require_tool(name)  # fails
+    return False
 
 
 @dataclass(frozen=True)

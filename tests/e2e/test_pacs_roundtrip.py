@@ -20,7 +20,8 @@ from dicomnode.phantoms.demo import DemoStudy, demo_studies
 from dicomnode.queue.listing import JobFilter
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.peers import storescu
-from tests.helpers import port_of, wait_for
+from dicomnode.testing.waiting import wait_until
+from tests.helpers import port_of
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ def test_orthanc_forwards_each_study_and_files_the_findings_under_it(
         for study in studies:  # the scanner sends to the PACS only
             sent = storescu(pacs.dicom_port, study.files, called_aet="ORTHANC")
             assert sent.returncode == 0, sent.stderr
-        jobs = wait_for(
+        jobs = wait_until(
             lambda: (found := node.jobs.list(JobFilter(state=list(FINAL_STATES))))
             and len(found) == 3
             and found,
@@ -84,7 +85,7 @@ def test_orthanc_forwards_each_study_and_files_the_findings_under_it(
             _check_findings(study, job.result["findings"])
             # Orthanc holds every result object, under the source study
             wanted = {o["sop_instance_uid"] for o in objects}
-            wait_for(
+            wait_until(
                 lambda s=study, w=wanted: w <= {
                     i["SOPInstanceUID"] for i in pacs.study_instances(s.study_instance_uid)
                 },

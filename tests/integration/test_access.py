@@ -6,6 +6,7 @@ in-process, and certificates made with the openssl command line once per test se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -26,6 +27,7 @@ from dicomnode.app import Node
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
+from dicomnode.testing.waiting import WaitTimeout, wait_until
 from tests.helpers import instance_count, port_of, stored_instance
 
 REJECTED = "association_rejected"
@@ -194,13 +196,17 @@ def _hold_association(port: int) -> Association:
 
 
 def _echo_within(port: int, seconds: float) -> Result:
-    """echoscu until it succeeds; an association's thread ends a moment after its release."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = peers.echoscu(port)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            return result
-        time.sleep(0.05)
+    """echoscu until it succeeds; an association's thread ends a moment after its release.
+    The last try when none succeeded within ``seconds``, for the test to show."""
+    tries: list[Result] = []
+
+    def echoed() -> bool:
+        tries.append(peers.echoscu(port))
+        return tries[-1].returncode == 0
+
+    with contextlib.suppress(WaitTimeout):
+        wait_until(echoed, timeout=seconds, what="a C-ECHO accepted")
+    return tries[-1]
 
 
 def test_max_associations_refuses_the_extra_one(start_node: StartNode) -> None:
@@ -291,7 +297,7 @@ def _make_leaf(
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line is not installed")
+        peers.missing_peer("the openssl command line is not installed")
     folder = tmp_path_factory.mktemp("certs")
     ca = _make_ca(folder, "ca", "dicomnode test CA")
     other = _make_ca(folder, "other-ca", "some other CA")
@@ -384,9 +390,9 @@ def test_plain_tcp_to_tls_port_is_refused(
         stored = peers.storescu(port_of(tls_node), _ct_files(tmp_path / "series"))
         assert _refused(stored), _output(stored)
         # the node logs a refusal in the connection's thread, which may end after the peer exits
-        deadline = time.monotonic() + 10
-        while len(_actions(caplog, TLS_REFUSED)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: len(_actions(caplog, TLS_REFUSED)) >= 2, timeout=10, what="two TLS refusals"
+        )
     assert instance_count(tls_node) == 0
     assert len(_actions(caplog, TLS_REFUSED)) == 2
 

@@ -5,7 +5,6 @@ worker; ``dicomnode serve`` starts the API on a free port and says where."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from dicomnode.app import Node
 from dicomnode.errors import ConfigError
 from dicomnode.testing import peers
 from dicomnode.testing.process import ServeProcess
+from dicomnode.testing.waiting import wait_until
 
 
 def test_health_echoes_destinations_and_sees_workers(
@@ -64,10 +64,13 @@ def test_serve_runs_the_api_on_a_free_port(tmp_path: Path) -> None:
     node.env["DICOMNODE_API__TOKEN"] = "serve-token"
     node.start()
     try:
-        deadline = time.monotonic() + 30
-        while not (found := re.search(r"HTTP API on (http://\S+)", node.log.read_text())):
-            assert time.monotonic() < deadline, node.log.read_text()
-            time.sleep(0.1)
+        found = wait_until(
+            lambda: re.search(r"HTTP API on (http://\S+)", node.log.read_text()),
+            timeout=30,
+            interval=0.1,
+            what="the API's address in the log",
+            detail=node.log.read_text,
+        )
         url = found.group(1).rstrip(",")
         assert httpx.get(f"{url}/api/health").json()["database"]["ok"] is True
         assert httpx.get(f"{url}/api/jobs").status_code == 401

@@ -22,7 +22,7 @@ from dicomnode.phantoms.writer import CT_IMAGE_STORAGE, write_series
 from dicomnode.queue.listing import JobFilter
 from dicomnode.testing import peers
 from dicomnode.testing.rawstore import send_raw
-from tests.helpers import wait_for
+from dicomnode.testing.waiting import wait_until
 
 RIS = "ris-secret"
 PATIENT = {"patient_name": "Secretname^Patricia", "patient_id": "PID-SECRET-4711"}
@@ -48,7 +48,7 @@ def test_received_routed_cancelled_retried(
     files = write_series(ct_slices(SeriesSpec(slices=12, seed=71, **PATIENT)), tmp_path / "ct")
     sent = peers.storescu(node.receiver.address[1], files, calling_aet="CT_SCANNER")
     assert sent.returncode == 0, sent.stderr
-    (job,) = wait_for(lambda: node.jobs.list(JobFilter(state=JobState.QUEUED)))  # type: ignore[misc]
+    (job,) = wait_until(lambda: node.jobs.list(JobFilter(state=JobState.QUEUED)))  # type: ignore[misc]
     # an association whose only instance is refused is audited too
     refused = send_raw("127.0.0.1", node.receiver.address[1], called_aet="DICOMNODE",
                        sop_class=CT_IMAGE_STORAGE, sop_instance=generate_uid(),

@@ -6,7 +6,6 @@ brats_mri_segmentation network from a bundle directory through the same pipeline
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from dicomnode.inference import ModelRegistry, read_model_toml
 from dicomnode.inference.findings import read_mask
 from dicomnode.phantoms.brain import STUDY, BrainPhantom, BrainStudy, brain_phantom
 from dicomnode.testing import peers
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import port_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,12 +101,12 @@ def _send(node: Node, phantom: BrainPhantom, folder: Path, contrasts: tuple[str,
 
 
 def _final_job(node: Node, timeout: float = 240.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs = node.jobs.list(limit=10)
-        if jobs and jobs[0].final:
-            break
-        time.sleep(0.3)
+    wait_until(
+        lambda: (jobs := node.jobs.list(limit=10)) and jobs[0].final,
+        timeout=timeout,
+        interval=0.3,
+        what="the job's end",
+    )
     (job,) = node.jobs.list(limit=10)
     return job
 

@@ -18,7 +18,7 @@ from dicomnode.queue.listing import JobFilter
 from dicomnode.testing.orthanc import orthanc
 from dicomnode.testing.peers import LOOPBACK, storescu
 from dicomnode.testing.process import ServeProcess
-from tests.helpers import wait_for
+from dicomnode.testing.waiting import wait_until
 
 CONFIG = """
 [node]
@@ -61,19 +61,19 @@ def test_sigkill_during_inference_then_each_result_reaches_the_pacs_once(tmp_pat
         jobs = JobRepository(database.sessions, settings.queue)
         try:
             assert storescu(serve.port, series).returncode == 0
-            job = wait_for(
+            job = wait_until(
                 lambda: next(iter(jobs.list(JobFilter(state=["running"]))), None),
-                120,
-                "the job to run",
+                timeout=120,
+                what="the job to run",
             )
             serve.kill()  # mid-inference: the model was loaded and is running
             assert jobs.get(job.id).state is JobState.RUNNING  # type: ignore[union-attr]
             serve.start()  # the same storage and port: its lease runs out and the job reruns
-            done = wait_for(
+            done = wait_until(
                 lambda: (j := jobs.get(job.id)) and j.state in (JobState.DONE, JobState.FAILED)
                 and j,
-                300,
-                "the rerun to end",
+                timeout=300,
+                what="the rerun to end",
             )  # fmt: skip
             assert done.state is JobState.DONE, done.error
             assert done.attempts == 2  # the killed run and the rerun

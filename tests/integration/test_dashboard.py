@@ -14,15 +14,21 @@ import pytest
 from dicomnode.app import Node
 from dicomnode.audit import list_events
 from dicomnode.domain import JobState
-from dicomnode.testing.browser import Browser, chromium_path, until
+from dicomnode.testing.browser import Browser, chromium_path
 from dicomnode.testing.jobs import make_history
+from dicomnode.testing.peers import missing_peer
+from dicomnode.testing.waiting import wait_until
 
 TOKEN = "dashboard-secret"
 ARTIFACTS = Path(
     os.environ.get("DICOMNODE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
 )
 
-pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed")
+
+@pytest.fixture(autouse=True)
+def _chromium() -> None:
+    if chromium_path() is None:
+        missing_peer("Chromium is not installed (Debian package chromium)")
 
 
 @pytest.mark.slow
@@ -69,7 +75,12 @@ def test_dashboard_shows_a_failure_and_retries_it(
         browser.screenshot(ARTIFACTS / "dashboard.png")
 
         browser.click(f'#failures button.retry[data-job-id="{failed}"]')
-        job = until(lambda: (j := node.jobs.get(failed)) and j.state is JobState.QUEUED and j)
+        job = wait_until(
+            lambda: (j := node.jobs.get(failed)) and j.state is JobState.QUEUED and j,
+            timeout=15,
+            interval=0.1,
+            what="the retried job queued",
+        )
         assert job.attempts == 0 and job.error is None
         browser.wait_for(
             "document.querySelectorAll('#failures tbody tr').length === 0 && "

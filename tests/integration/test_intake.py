@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicomnode.app import Node
+from dicomnode.db.models import Association
 from dicomnode.domain import JobState
 from dicomnode.intake import Intake
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
@@ -20,6 +22,7 @@ from dicomnode.phantoms.writer import write_series
 from dicomnode.queue.repository import JobRecord, JobRepository
 from dicomnode.routing import Router
 from dicomnode.testing import peers
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import port_of
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -39,13 +42,23 @@ def _sweep_until(
     done: Callable[[list[JobRecord]], bool],
     timeout: float = 10,
 ) -> tuple[list[JobRecord], float]:
+    """Sweep until ``done(jobs)``: the jobs, and how long that took."""
     start = time.monotonic()
-    while True:
+
+    def swept() -> list[JobRecord] | None:
         intake.sweep()
         found = jobs.list(limit=100)
-        if done(found) or time.monotonic() - start > timeout:
-            return found, time.monotonic() - start
-        time.sleep(0.05)
+        return found if done(found) else None
+
+    found = wait_until(swept, timeout=timeout, what="the sweeps' verdict")
+    return found, time.monotonic() - start
+
+
+def _released(node: Node) -> bool:
+    """Every association's row records its end (written just after the sender's release)."""
+    with node.database.sessions() as session:
+        outcomes = session.scalars(select(Association.outcome)).all()
+    return bool(outcomes) and all(outcomes)
 
 
 def _queued(found: list[JobRecord]) -> bool:
@@ -91,7 +104,7 @@ def test_series_with_a_gap_waits_for_the_grace(
     intake, jobs = _intake(node)
     files = _ct(tmp_path, "ct", slices=12)
     assert peers.storescu(port_of(node), files[:5] + files[6:]).returncode == 0
-    time.sleep(0.2)  # the association row records the release
+    wait_until(lambda: _released(node), timeout=10, what="the association row's release")
     intake.sweep()
     assert [job.state for job in jobs.list()] == [JobState.WAITING]
     found, _ = _sweep_until(intake, jobs, _queued)

@@ -4,7 +4,6 @@ node's own SCU; each series routed, graded, and its attention map written beside
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from dicomnode.inference.findings import read_mask
 from dicomnode.phantoms.retina import fundus_photo, oct_volume
 from dicomnode.send.scu import Destination, send_files
 from dicomnode.testing import peers
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import port_of
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -49,13 +49,15 @@ def test_oct_and_fundus_series_are_graded_by_the_nodes_worker(
                          Destination("DICOMNODE", "127.0.0.1", port_of(node)))  # fmt: skip
     assert all(r.ok for r in results), results
 
-    deadline = time.monotonic() + 180
-    jobs = []
-    while time.monotonic() < deadline:
-        jobs = node.jobs.list(limit=10)
-        if len(jobs) == 2 and all(job.final for job in jobs):
-            break
-        time.sleep(0.5)
+    jobs = wait_until(
+        lambda: (
+            len(found := node.jobs.list(limit=10)) == 2 and all(j.final for j in found) and found
+        ),
+        timeout=180,
+        interval=0.5,
+        what="both jobs' ends",
+        detail=lambda: [(j.id, j.state) for j in node.jobs.list(limit=10)],
+    )
     assert len(jobs) == 2 and all(job.final for job in jobs), [(j.id, j.state) for j in jobs]
     by_kind = {}
     for job in jobs:

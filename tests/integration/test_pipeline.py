@@ -5,7 +5,6 @@ run by the node's own worker end to end."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from dicomnode.pipeline import ModelPipeline, job_models
 from dicomnode.queue.worker import JobContext
 from dicomnode.testing import peers
 from dicomnode.testing.bundles import write_model_package
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import port_of
 
 pytest.importorskip("torch")
@@ -179,12 +179,12 @@ def test_a_routed_series_runs_through_the_nodes_worker(
         ],
     )
     files = store(node, tmp_path / "ct", SeriesSpec(slices=8, rows=32, columns=32, seed=65))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        jobs = node.jobs.list(limit=10)
-        if jobs and jobs[0].final:
-            break
-        time.sleep(0.2)
+    wait_until(
+        lambda: (jobs := node.jobs.list(limit=10)) and jobs[0].final,
+        timeout=60,
+        interval=0.2,
+        what="the job's end",
+    )
     (job,) = node.jobs.list(limit=10)
     assert job.state is JobState.DONE, job.error
     assert job.result is not None

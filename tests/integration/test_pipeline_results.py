@@ -39,7 +39,7 @@ def test_a_job_run_twice_writes_the_same_objects(
     contents = {o["path"]: (node.spool.root / o["path"]).read_bytes() for o in objects}
     for o in objects:
         assert o["path"].startswith(f"results/{context.job.id}/dicom/")
-        if validators.tool("dciodvfy"):
+        if validators.has_tool("dciodvfy"):
             report = validators.dciodvfy(node.spool.root / o["path"])
             assert report.errors == (), report.output
 

@@ -4,7 +4,7 @@ through a running ``serve`` (received, routed, run), and its log holds none of t
 from __future__ import annotations
 
 import json
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.process import ServeProcess, cli
+from dicomnode.testing.waiting import wait_until
 
 CONFIG = """
 [[routes]]
@@ -41,15 +42,15 @@ def test_logs_at_info_hold_no_patient_data(tmp_path: Path) -> None:
     node = ServeProcess(tmp_path / "node", config=config).start()
     try:
         assert peers.storescu(node.port, files).returncode == 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            listed = cli("jobs", "list", "--json", env=node.env)
-            jobs = json.loads(listed.stdout or "[]")
-            if jobs and jobs[0]["state"] == "done":
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"the job did not finish: {listed.stdout} {listed.stderr}")
+
+        def listed() -> subprocess.CompletedProcess[str]:
+            return cli("jobs", "list", "--json", env=node.env)
+
+        def done() -> bool:
+            jobs = json.loads(listed().stdout or "[]")
+            return bool(jobs) and jobs[0]["state"] == "done"
+
+        wait_until(done, timeout=60, interval=0.3, what="the job to finish", detail=listed)
     finally:
         node.stop()
     log = node.log.read_text(errors="replace")

@@ -25,11 +25,6 @@ EXUDATE = Code("274741008", "SCT", "Retinal hard exudates")
 WHEN = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
 
-def needs(tool: str) -> None:
-    if validators.tool(tool) is None:
-        pytest.skip(f"{tool} is not installed")
-
-
 @pytest.fixture(scope="module")
 def oct_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Volume]:
     from dicomnode.phantoms.retina import retina_phantom, write_ophthalmic
@@ -70,8 +65,8 @@ def grading(volume: Volume, hot: list[int]) -> Findings:
 def test_grade_and_attention_give_an_sr_and_secondary_captures(
     oct_series: tuple[list[Path], Volume], tmp_path: Path
 ) -> None:
-    needs("dciodvfy")
-    needs("tid1500reader")
+    validators.require_tool("dciodvfy")
+    validators.require_tool("tid1500reader")
     paths, volume = oct_series
     hot = [7, 12, 18]
     objects, _ = build_results(
@@ -158,7 +153,7 @@ def test_colour_fundus_photograph_gets_its_heat_map_in_colour(tmp_path: Path, jp
     from dicomnode.imaging import load_planar
     from dicomnode.phantoms.retina import retina_phantom, write_ophthalmic
 
-    needs("dciodvfy")
+    validators.require_tool("dciodvfy")
     phantom = retina_phantom("OP", 3, 8)
     paths = write_ophthalmic(phantom, tmp_path / "op", jpeg=jpeg)
     volume = load_planar(paths)

@@ -33,8 +33,7 @@ def test_chest_phantom_through_the_lung_model_gives_a_seg_covering_its_nodules(
     import SimpleITK as sitk  # noqa: N813
 
     for tool in ("dciodvfy", "segimage2itkimage", "tid1500reader"):
-        if validators.tool(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+        validators.require_tool(tool)
     node = start_node(background=False)
     # as tests/integration/test_lung_nodule.py: nodules the demo weights find (unseen seed)
     phantom = chest_ct((130, 400, 400), (0.85, 0.85, 1.25), "axial", nodules=4, seed=4101,

@@ -32,11 +32,6 @@ WHEN = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 SETTINGS = ResultsSettings()
 
 
-def needs(tool: str) -> None:
-    if validators.tool(tool) is None:
-        pytest.skip(f"{tool} is not installed")
-
-
 @dataclass(frozen=True)
 class Chest:
     phantom: ChestPhantom
@@ -106,7 +101,7 @@ def json_of(ds: Dataset) -> dict[str, Any]:
 
 
 def test_seg_and_sr_pass_dciodvfy(written: dict[str, Any]) -> None:
-    needs("dciodvfy")
+    validators.require_tool("dciodvfy")
     assert set(written["objects"]) == {"SEG", "SR"}
     for kind, entry in written["objects"].items():
         report = validators.dciodvfy(written["storage"] / entry.path)
@@ -135,7 +130,7 @@ def test_dcmqi_reads_the_seg_with_each_nodule_at_its_place(
 ) -> None:
     import SimpleITK as sitk  # noqa: N813
 
-    needs("segimage2itkimage")
+    validators.require_tool("segimage2itkimage")
     path = written["storage"] / written["objects"]["SEG"].path
     images, meta = validators.segimage2itkimage(path, tmp_path / "dcmqi")
     (image_path,) = images
@@ -177,7 +172,7 @@ def test_highdicom_reads_the_seg_back_as_built(written: dict[str, Any], chest: C
 def test_dcmqi_and_highdicom_read_the_sr(
     written: dict[str, Any], chest: Chest, tmp_path: Path
 ) -> None:
-    needs("tid1500reader")
+    validators.require_tool("tid1500reader")
     path = written["storage"] / written["objects"]["SR"].path
     seg_uid = written["objects"]["SEG"].sop_instance_uid
     report = validators.tid1500reader(path, tmp_path / "sr.json")
@@ -247,7 +242,7 @@ def test_the_same_job_twice_writes_identical_objects(chest: Chest, tmp_path: Pat
 
 
 def test_sources_without_type2_attributes_give_valid_objects(tmp_path: Path) -> None:
-    needs("dciodvfy")
+    validators.require_tool("dciodvfy")
     chest = write_chest(tmp_path / "full")
     stripped = []
     for path in chest.paths:
@@ -274,8 +269,8 @@ def test_sources_without_type2_attributes_give_valid_objects(tmp_path: Path) -> 
 
 
 def test_no_findings_give_an_sr_that_says_so(tmp_path: Path) -> None:
-    needs("dciodvfy")
-    needs("tid1500reader")
+    validators.require_tool("dciodvfy")
+    validators.require_tool("tid1500reader")
     chest = write_chest(tmp_path / "ct")
     empty = Findings("lung_nodule", "0.1.0", True, (), {})
     objects, _ = build_results(
@@ -300,8 +295,8 @@ def test_study_level_segmentation_with_three_labels(tmp_path: Path) -> None:
     two-series study; the SEG is on FLAIR, the SR's evidence has both series."""
     import SimpleITK as sitk  # noqa: N813
 
-    needs("dciodvfy")
-    needs("segimage2itkimage")
+    validators.require_tool("dciodvfy")
+    validators.require_tool("segimage2itkimage")
     phantom = chest_ct((24, 48, 48), (2.0, 2.0, 3.0), "oblique", seed=9, vessels=False)
     study = "1.2.826.0.1.3680043.10.1447.77"
     volumes, paths = {}, []
@@ -367,8 +362,8 @@ def test_seg_on_a_vendor_enhanced_ct_refers_to_its_frames(tmp_path: Path) -> Non
     import SimpleITK as sitk  # noqa: N813
     from pydicom.data import get_testdata_file
 
-    needs("dciodvfy")
-    needs("segimage2itkimage")
+    validators.require_tool("dciodvfy")
+    validators.require_tool("segimage2itkimage")
     path = Path(str(get_testdata_file("eCT_Supplemental.dcm")))
     volume = load_series([path])
     mask = np.zeros(volume.geometry.shape, dtype=np.uint8)

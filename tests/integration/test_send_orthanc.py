@@ -31,7 +31,8 @@ from dicomnode.testing.orthanc import Orthanc, orthanc
 from dicomnode.testing.peers import LOOPBACK, free_port, storescp, storescu
 from dicomnode.testing.process import ServeProcess, cli
 from dicomnode.testing.result_objects import write_result_objects
-from tests.helpers import assert_same_dataset, instance_count, port_of, wait_for
+from dicomnode.testing.waiting import wait_until
+from tests.helpers import assert_same_dataset, instance_count, port_of
 from tests.integration.test_access import (
     Certs,
     _tls_security,
@@ -99,7 +100,7 @@ def test_orthanc_lists_the_seg_sr_and_sc_under_the_source_study(
 ) -> None:
     node = start_node(destinations=[dimse("pacs", pacs)])
     job_id, objects = finish_job(node, ct, ["pacs"])
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="job done")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="job done")
     study = objects[0]["study_instance_uid"]
     listed = {i["SOPInstanceUID"]: i for i in pacs.study_instances(study)}
     assert set(listed) == uids(objects)
@@ -132,13 +133,13 @@ def test_a_stopped_orthanc_gets_them_once_it_is_back(
     node = start_node(destinations=[dimse("pacs", pacs)])
     job_id, objects = finish_job(node, ct, ["pacs"])
     queue = node.sender.queue  # type: ignore[union-attr]
-    rows = wait_for(
+    rows = wait_until(
         lambda: [r for r in queue.for_job(job_id) if r.attempts >= 2] or None, what="2 attempts"
     )
     assert "refused or did not answer" in (rows[0].last_error or "")
     assert state_of(node, job_id) is JobState.SENDING
     pacs.start()
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="job done after the outage")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="job done after the outage")
     assert in_orthanc(pacs, objects[0]["study_instance_uid"]) == uids(objects)
 
 
@@ -158,7 +159,7 @@ def test_a_destination_that_hangs_never_holds_up_another(
         def states() -> set[tuple[str, str]]:
             return {(r.destination, r.state) for r in queue.for_job(job_id)}
 
-        wait_for(lambda: ("pacs", SENT) in states(), timeout=10, what="pacs sent")
+        wait_until(lambda: ("pacs", SENT) in states(), timeout=10, what="pacs sent")
         elapsed = time.monotonic() - started
         assert states() == {("hung", PENDING), ("pacs", SENT)}
         assert in_orthanc(pacs, objects[0]["study_instance_uid"]) == uids(objects)
@@ -172,10 +173,10 @@ def test_stow_rs_to_orthanc_dicomweb(
     web = {"name": "web", "url": pacs.dicomweb_url, "headers": {"X-Test": "1"}, **FAST}
     node = start_node(destinations=[web])
     job_id, objects = finish_job(node, ct, ["web"])
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="job done over STOW-RS")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="job done over STOW-RS")
     assert in_orthanc(pacs, objects[0]["study_instance_uid"]) == uids(objects)
     node.sender.queue.requeue(job_id)  # type: ignore[union-attr]
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="sent again over STOW-RS")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="sent again over STOW-RS")
     assert pacs.instance_count() == len(objects)  # the same UIDs: stored once
 
 
@@ -186,10 +187,10 @@ def test_stow_rs_to_a_stopped_service_backs_off_then_delivers(
     node = start_node(destinations=[{"name": "web", "url": pacs.dicomweb_url, **FAST}])
     job_id, objects = finish_job(node, ct, ["web"])
     queue = node.sender.queue  # type: ignore[union-attr]
-    rows = wait_for(lambda: [r for r in queue.for_job(job_id) if r.attempts] or None)
+    rows = wait_until(lambda: [r for r in queue.for_job(job_id) if r.attempts] or None)
     assert "STOW-RS to http://127.0.0.1" in (rows[0].last_error or "")
     pacs.start()
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="job done")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="job done")
     assert in_orthanc(pacs, objects[0]["study_instance_uid"]) == uids(objects)
 
 
@@ -200,7 +201,7 @@ def test_dead_letter_after_max_attempts_fails_the_job_with_the_reason(
                "max_attempts": 2, **FAST}  # fmt: skip
     node = start_node(destinations=[nowhere])
     job_id, _ = finish_job(node, ct, ["nowhere"])
-    wait_for(lambda: state_of(node, job_id) is JobState.FAILED, what="job failed")
+    wait_until(lambda: state_of(node, job_id) is JobState.FAILED, what="job failed")
     job = node.jobs.get(job_id)
     assert job is not None and job.error is not None
     assert "destination 'nowhere' gave up" in job.error and "after 2 attempts" in job.error
@@ -216,7 +217,7 @@ def test_send_job_resends_without_duplicates(
     storage = tmp_path / "node"
     node = start_node(storage, destinations=[dimse("pacs", pacs)])
     job_id, objects = finish_job(node, ct, ["pacs"])
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="first delivery")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="first delivery")
     first_sent = {r.id: r.sent_at for r in node.sender.queue.for_job(job_id)}  # type: ignore[union-attr]
     count = pacs.instance_count()
     config = tmp_path / "node.toml"
@@ -228,7 +229,7 @@ def test_send_job_resends_without_duplicates(
     result = cli("send", "--job", str(job_id), "--config", str(config), env=_env(env))
     assert result.returncode == 0, result.stderr
     assert f"job {job_id}: results queued again for pacs" in result.stdout
-    wait_for(
+    wait_until(
         lambda: (
             state_of(node, job_id) is JobState.DONE
             and all(r.state == SENT for r in node.sender.queue.for_job(job_id))
@@ -263,7 +264,7 @@ def test_return_to_sender_sends_to_the_ae_and_host_that_sent_the_input(
     assert sent.returncode == 0, sent.stderr
     job_id, objects = finish_job(node, ct, ["back"])
     assert node.sender.queue.origin(job_id) == ("MODALITY1", LOOPBACK)  # type: ignore[union-attr]
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="returned to sender")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="returned to sender")
     assert in_orthanc(pacs, objects[0]["study_instance_uid"]) == uids(objects)
 
 
@@ -284,7 +285,7 @@ def test_a_tls_destination_gets_them_over_dicom_tls(
               "port": port_of(pacs), "tls": tls, **FAST}  # fmt: skip
     node = start_node(destinations=[secure])
     job_id, objects = finish_job(node, ct, ["secure"])
-    wait_for(lambda: state_of(node, job_id) is JobState.DONE, what="job done over TLS")
+    wait_until(lambda: state_of(node, job_id) is JobState.DONE, what="job done over TLS")
     assert instance_count(pacs) == len(objects)
 
 
@@ -304,7 +305,7 @@ def test_two_senders_on_one_postgres_deliver_every_object_once(
     try:
         finished = [finish_job(node, ct, ["pacs"]) for _ in range(6)]
         for job_id, _ in finished:
-            wait_for(lambda j=job_id: state_of(node, j) is JobState.DONE, what=f"job {job_id}")
+            wait_until(lambda j=job_id: state_of(node, j) is JobState.DONE, what=f"job {job_id}")
     finally:
         other.stop()
     expected = set().union(*(uids(objects) for _, objects in finished))
@@ -358,12 +359,12 @@ def test_sends_survive_a_crash_of_the_node(tmp_path: Path, pacs: Orthanc, ct: li
                 for r in queue.for_job(job.id)
             )
 
-        wait_for(backing_off, what="attempted, between two attempts")
+        wait_until(backing_off, what="attempted, between two attempts")
         serve.kill()
         assert {r.state for r in queue.for_job(job.id)} == {PENDING}
         pacs.start()
         serve.start()
-        wait_for(lambda: jobs.get(job.id).state is JobState.DONE, timeout=60, what="delivered")  # type: ignore[union-attr]
+        wait_until(lambda: jobs.get(job.id).state is JobState.DONE, timeout=60, what="delivered")  # type: ignore[union-attr]
         assert in_orthanc(pacs, objects[0]["study_instance_uid"]) == uids(objects)
         database.engine.dispose()
     finally:
@@ -389,7 +390,7 @@ def test_a_lung_job_end_to_end_reaches_orthanc_under_the_source_study(
     )  # fmt: skip
     sent = storescu(port_of(node), series)
     assert sent.returncode == 0, sent.stderr
-    job = wait_for(
+    job = wait_until(
         lambda: next(iter(node.jobs.list(JobFilter(state=["done", "failed"]))), None),
         timeout=300,
         what="the lung job's end",

@@ -4,7 +4,6 @@ and a serve killed with jobs queued runs them after its restart."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.process import ServeProcess, cli
+from dicomnode.testing.waiting import wait_until
 
 CONFIG = """
 {workers}
@@ -36,14 +36,16 @@ def _jobs(node: ServeProcess) -> list[dict[str, object]]:
     return json.loads(result.stdout)
 
 
-def _wait_for(node: ServeProcess, state: str, timeout: float = 30) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _all_jobs(node: ServeProcess, state: str) -> list[dict[str, object]]:
+    """The node's jobs, once there are some and all of them are ``state`` (within 30 s)."""
+
+    def all_in_state() -> list[dict[str, object]] | None:
         jobs = _jobs(node)
-        if jobs and all(job["state"] == state for job in jobs):
-            return jobs
-        time.sleep(0.2)
-    raise AssertionError(f"jobs not {state} after {timeout} s: {_jobs(node)}")
+        return jobs if jobs and all(job["state"] == state for job in jobs) else None
+
+    return wait_until(
+        all_in_state, timeout=30, interval=0.2, what=f"jobs {state}", detail=lambda: _jobs(node)
+    )
 
 
 @pytest.mark.slow
@@ -52,7 +54,7 @@ def test_series_runs_through_serve(tmp_path: Path) -> None:
     node = ServeProcess(tmp_path / "node", config=_config(tmp_path)).start()
     try:
         assert peers.storescu(node.port, files).returncode == 0
-        (job,) = _wait_for(node, "done")
+        (job,) = _all_jobs(node, "done")
         assert job["model"] == "echo" and job["result"]["series_count"] == 1  # type: ignore[index]
         for stage in ("received_at", "completed_at", "queued_at", "started_at", "finished_at"):
             assert job[stage], stage
@@ -67,11 +69,11 @@ def test_restarted_serve_runs_what_it_had_queued(tmp_path: Path) -> None:
     no_workers = _config(tmp_path, workers="workers = []")
     node = ServeProcess(storage, config=no_workers).start()
     assert peers.storescu(node.port, files).returncode == 0
-    _wait_for(node, "queued")
+    _all_jobs(node, "queued")
     node.kill()  # a crash with a queued job
     restarted = ServeProcess(storage, port=node.port, config=_config(tmp_path)).start()
     try:
-        (job,) = _wait_for(restarted, "done")
+        (job,) = _all_jobs(restarted, "done")
         assert job["attempts"] == 1
     finally:
         restarted.stop()

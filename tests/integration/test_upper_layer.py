@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive import dimse, pdu
 from dicomnode.testing import peers
 from dicomnode.testing.rawstore import associate_rq, encode_dataset, read_status, store_command
+from dicomnode.testing.waiting import wait_until
 from tests.helpers import instance_count, port_of
 
 
@@ -66,12 +66,14 @@ def test_abort_mid_dataset_leaves_nothing(node: Node) -> None:
     with _connect(node) as sock:
         sock.sendall(pdu.encode_p_data(1, 0x03, store_command(sop_instance=ds.SOPInstanceUID)))
         sock.sendall(pdu.encode_p_data(1, 0x00, data[: len(data) // 2]))
-        time.sleep(0.2)
+        wait_until(
+            lambda: list(node.spool.incoming.iterdir()), timeout=10, what="the arriving file"
+        )
         assert len(list(node.spool.incoming.iterdir())) == 1  # arriving
         sock.sendall(pdu.encode_abort(0))
-    deadline = time.monotonic() + 10
-    while list(node.spool.incoming.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: not list(node.spool.incoming.iterdir()), timeout=10, what="the partial file gone"
+    )
     assert not list(node.spool.incoming.iterdir())
     assert instance_count(node) == 0
     _still_serving(node)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,8 @@ from dicomnode.db import make_engine, upgrade
 from dicomnode.domain import JobState, Priority
 from dicomnode.queue import JobRepository
 from dicomnode.testing.models import RUN_LOG_ENV
+from dicomnode.testing.peers import missing_peer
+from dicomnode.testing.waiting import wait_until
 
 STUDY = "1.2.826.0.1.3680043.99.400"
 CLI = (sys.executable, "-m", "dicomnode.testing.cli")
@@ -58,7 +60,11 @@ class Workers:
 
     def wait_ready(self, *names: str, timeout: float = 60) -> None:
         for name in names:
-            until(lambda n=name: f"worker {n} running" in self.output(n), timeout)
+            wait_until(
+                lambda n=name: f"worker {n} running" in self.output(n),
+                timeout=timeout,
+                what=f"worker {name} running",
+            )
 
     def output(self, name: str) -> str:
         process = self.processes[name]
@@ -85,14 +91,6 @@ class Workers:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=30)
-
-
-def until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(interval)
 
 
 def echo_jobs(
@@ -148,7 +146,7 @@ def test_three_workers_drain_1000_jobs_each_exactly_once(
     workers.wait_ready(*names)
     repo = JobRepository(queue_database[1])
     ids = echo_jobs(repo, JOBS, "drain", mixed_priorities=True)
-    until(lambda: repo.counts_by_state()[JobState.DONE] == JOBS, timeout=240, interval=0.2)
+    wait_until(lambda: repo.counts_by_state()[JobState.DONE] == JOBS, timeout=240, interval=0.2)
     assert workers.stop_all() == dict.fromkeys(names, 0)  # SIGTERM: a clean stop
 
     runs = workers.runs()
@@ -180,7 +178,7 @@ def test_a_killed_workers_job_is_finished_by_another(
         inputs=[f"{STUDY}.1"],
         state=JobState.QUEUED,
     )
-    until(lambda: ("start", job.id, 1, "doomed") in workers.runs(), timeout=30)
+    wait_until(lambda: ("start", job.id, 1, "doomed") in workers.runs(), timeout=30)
     workers.start("survivor", **short_lease)
     workers.wait_ready("survivor")
     # The doomed worker still heartbeats, so the survivor cannot take the job yet.
@@ -191,7 +189,7 @@ def test_a_killed_workers_job_is_finished_by_another(
     workers.processes["doomed"].send_signal(signal.SIGKILL)
     workers.processes["doomed"].wait(timeout=10)
     killed_at = time.monotonic()
-    until(lambda: repo.counts_by_state()[JobState.DONE] == 1, timeout=30, interval=0.1)
+    wait_until(lambda: repo.counts_by_state()[JobState.DONE] == 1, timeout=30, interval=0.1)
     recovery_s = time.monotonic() - killed_at
 
     done = repo.get(job.id)
@@ -213,7 +211,7 @@ def test_a_database_restart_loses_no_job(tmp_path: Path) -> None:
     from dicomnode.testing.postgres import PostgresServer, postgres_bin
 
     if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+        missing_peer("PostgreSQL is not installed (Debian package postgresql)")
     server = PostgresServer().start()
     workers = Workers(tmp_path, server.url)
     try:
@@ -225,12 +223,16 @@ def test_a_database_restart_loses_no_job(tmp_path: Path) -> None:
         workers.wait_ready("w1", "w2")
         repo = JobRepository(engine)
         ids = echo_jobs(repo, 200, "outage?sleep=0.05")
-        until(lambda: repo.counts_by_state()[JobState.DONE] >= 40, timeout=60, interval=0.1)
+        wait_until(lambda: repo.counts_by_state()[JobState.DONE] >= 40, timeout=60, interval=0.1)
         server.stop()  # the database goes away mid-run, connections cut...
+        # Deliberate, not a wait: the outage lasts 3 s (the workers' retries back off meanwhile);
+        # its length is what the test puts the workers through.
         time.sleep(3)
         server.start()  # ...and comes back on the same port and data
         engine.dispose()
-        until(lambda: repo.counts_by_state()[JobState.DONE] == len(ids), timeout=180, interval=0.2)
+        wait_until(
+            lambda: repo.counts_by_state()[JobState.DONE] == len(ids), timeout=180, interval=0.2
+        )
         assert workers.stop_all() == {"w1": 0, "w2": 0}  # both rode it out
         jobs = repo.list(limit=len(ids))
         assert {job.id for job in jobs} == ids

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -175,9 +174,9 @@ def test_generation_is_fast() -> None:
 
 @pytest.mark.parametrize("enhanced", [False, True])
 def test_written_objects_pass_dciodvfy(tmp_path: Path, enhanced: bool) -> None:
-    dciodvfy = shutil.which("dciodvfy")
-    if dciodvfy is None:
-        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    from dicomnode.testing.validators import require_tool
+
+    dciodvfy = require_tool("dciodvfy")
     phantom = chest_ct((4, 64, 64), (2.8, 2.8, 2.5), "oblique", seed=1)
     paths = phantom.write(tmp_path, enhanced=enhanced, transfer_syntax=RLELossless)
     report = subprocess.run([dciodvfy, str(paths[0])], capture_output=True, text=True)

@@ -18,6 +18,7 @@ from dicomnode.queue import JobRecord, JobRepository
 from dicomnode.queue.periodic import PURGE_JOB, REAP_JOB, Periodic, schedule_queue_maintenance
 from dicomnode.queue.worker import JobModel, Worker
 from dicomnode.testing.models import EchoModel, directives, load_models
+from dicomnode.testing.waiting import wait_until
 
 STUDY = "1.2.826.0.1.3680043.99.200"
 
@@ -67,14 +68,6 @@ def add(repo: JobRepository, route: str = "r", **values: object) -> JobRecord:
     )
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 def state_of(repo: JobRepository, job_id: int) -> JobState | None:
     job = repo.get(job_id)
     return job.state if job else None
@@ -85,7 +78,7 @@ def test_worker_runs_jobs_with_its_models_loaded_once(
 ) -> None:
     jobs = [add(repo) for _ in range(5)]
     worker, model = workers(device="cpu", worker_id="test-worker")
-    wait_for(lambda: repo.counts_by_state()[JobState.DONE] == 5)
+    wait_until(lambda: repo.counts_by_state()[JobState.DONE] == 5, timeout=10)
     assert model.loads == 1 and model.runs == 5
     assert isinstance(model, JobModel)
     done = repo.get(jobs[0].id)
@@ -107,11 +100,12 @@ def test_a_failing_model_is_retried_then_fails_with_the_exception(
     flaky = add(repo, route="flaky?fail=1")
     broken = add(repo, route="broken?fail=always", max_attempts=2)
     workers()
-    wait_for(
+    wait_until(
         lambda: (
             {state_of(repo, flaky.id), state_of(repo, broken.id)}
             == {JobState.DONE, JobState.FAILED}
-        )
+        ),
+        timeout=10,
     )
     recovered = repo.get(flaky.id)
     assert recovered is not None and recovered.state is JobState.DONE
@@ -135,7 +129,7 @@ def test_heartbeats_keep_a_job_longer_than_its_lease(
     thread.start()
     try:
         workers(lease_s=1.5, heartbeat_s=0.2)
-        wait_for(lambda: state_of(repo, job.id) is JobState.DONE)
+        wait_until(lambda: state_of(repo, job.id) is JobState.DONE, timeout=10)
     finally:
         reaping.set()
         thread.join()
@@ -148,16 +142,16 @@ def test_a_cancelled_job_stops_at_the_next_heartbeat(
 ) -> None:
     job = add(repo, route="slow?sleep=30")
     worker, _ = workers(heartbeat_s=0.1)
-    wait_for(lambda: state_of(repo, job.id) is JobState.RUNNING)
+    wait_until(lambda: state_of(repo, job.id) is JobState.RUNNING, timeout=10)
     cancelled_at = time.monotonic()
     repo.cancel(job.id)
-    wait_for(lambda: worker.jobs_run == 1, timeout=5)
+    wait_until(lambda: worker.jobs_run == 1, timeout=5)
     assert time.monotonic() - cancelled_at < 2
     record = repo.get(job.id)
     assert record is not None and record.state is JobState.CANCELLED and record.result is None
     # and the worker goes on with the next job
     nxt = add(repo)
-    wait_for(lambda: state_of(repo, nxt.id) is JobState.DONE)
+    wait_until(lambda: state_of(repo, nxt.id) is JobState.DONE, timeout=10)
 
 
 def test_a_result_that_is_not_json_fails_the_job(repo: JobRepository) -> None:
@@ -183,7 +177,7 @@ def test_the_worker_stops_on_its_event_and_waits_for_the_job_in_hand(
     worker = Worker(repo, load_models(["echo"]), poll_s=0.02)
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()
-    wait_for(lambda: state_of(repo, job.id) is JobState.RUNNING)
+    wait_until(lambda: state_of(repo, job.id) is JobState.RUNNING, timeout=10)
     stop.set()
     thread.join(timeout=5)
     assert not thread.is_alive()
@@ -210,8 +204,8 @@ def test_periodic_jobs_run_and_reap_expired_leases(repo: JobRepository) -> None:
     assert periodic.job_names() == sorted(["tick", "broken", REAP_JOB, PURGE_JOB])
     periodic.start()
     try:
-        wait_for(lambda: state_of(repo, job.id) is JobState.QUEUED, timeout=5)
-        wait_for(lambda: len(ticks) >= 3, timeout=5)
+        wait_until(lambda: state_of(repo, job.id) is JobState.QUEUED, timeout=5)
+        wait_until(lambda: len(ticks) >= 3, timeout=5)
     finally:
         periodic.shutdown()
     assert not periodic.running
