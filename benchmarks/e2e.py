@@ -43,6 +43,7 @@ from dicomnode.domain import FINAL_STATES
 from dicomnode.phantoms.demo import demo_studies
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.peers import storescu
+from dicomnode.testing.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 AUTOROUTE = REPO / "deploy" / "orthanc" / "autoroute.lua"
@@ -85,21 +86,23 @@ def run_once(node: Any, pacs: Orthanc, study: Any, timeout: float = 900) -> dict
         raise RuntimeError(f"storescu to Orthanc failed: {sent.stderr[-300:]}")
     t0 = time.time()
     deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
+
+    def ended() -> list[Any]:
         jobs = [j for j in node.jobs.list(limit=1000) if j.id not in before]
-        if jobs and all(j.state in FINAL_STATES for j in jobs):
-            job = jobs[0]
-            break
-        time.sleep(0.05)
-    if job is None or job.state.value != "done":
+        return jobs if jobs and all(j.state in FINAL_STATES for j in jobs) else []
+
+    job = wait_until(ended, timeout=timeout, what=f"{study.name}'s job to end")[0]
+    if job.state.value != "done":
         raise RuntimeError(f"{study.name}: job did not finish: {job}")
     wanted = {o["sop_instance_uid"] for o in job.result["objects"]}
-    while time.monotonic() < deadline:
-        listed = {i["SOPInstanceUID"] for i in pacs.study_instances(study.study_instance_uid)}
-        if wanted <= listed:
-            break
-        time.sleep(0.1)
+    wait_until(
+        lambda: (
+            wanted <= {i["SOPInstanceUID"] for i in pacs.study_instances(study.study_instance_uid)}
+        ),
+        timeout=max(0.0, deadline - time.monotonic()),
+        interval=0.1,
+        what=f"{study.name}'s results in the PACS",
+    )
     in_pacs = time.time()
     stamps = {
         "at node": _last_instance_at(node, study.study_instance_uid).timestamp(),

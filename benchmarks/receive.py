@@ -159,23 +159,23 @@ class Receiver:
         LIVE.append(self)
 
     def _wait_ready(self, extra: Callable[[], bool] | None = None) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
+        from dicomnode.testing.waiting import WaitTimeout, wait_until
+
+        def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise BenchmarkError(
                     f"{self.name} exited with {self.process.returncode} while starting:\n"
                     + tail(self.log)
                 )
-            try:
-                if (extra is None or extra()) and echo_ok(self.aet, self.port, self.env):
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise BenchmarkError(
-            f"{self.name} did not answer within {STARTUP_TIMEOUT_S}s:\n" + tail(self.log)
-        )
+            return (extra is None or extra()) and echo_ok(self.aet, self.port, self.env)
+
+        try:
+            wait_until(ready, timeout=STARTUP_TIMEOUT_S, interval=0.2, ignore=(OSError, ValueError))
+        except WaitTimeout:
+            raise BenchmarkError(
+                f"{self.name} did not answer within {STARTUP_TIMEOUT_S}s:\n" + tail(self.log)
+            ) from None
 
     def start(self, *, fork: bool = False) -> Receiver:
         self.port = free_port()

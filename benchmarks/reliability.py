@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -55,6 +56,7 @@ from dicomnode.testing.fuzz import (
 )
 from dicomnode.testing.process import ServeProcess
 from dicomnode.testing.rawstore import RawAssociation
+from dicomnode.testing.waiting import WaitTimeout, wait_until
 from dicomnode.testing.watch import watch
 
 
@@ -287,11 +289,12 @@ def pacs_outage(root: Path, jobs: int, outage_s: float) -> dict[str, Any]:
             archive_during = len([p for p in (root / "archive").rglob("*") if p.is_file()])
             pacs.start()
             back_at = time.monotonic()
-            deadline = back_at + 600
-            while time.monotonic() < deadline:
-                if all(repo.get(i).final for i in ids):  # type: ignore[union-attr]
-                    break
-                time.sleep(0.2)
+            with contextlib.suppress(WaitTimeout):  # not caught up: all_done says so below
+                wait_until(
+                    lambda: all(repo.get(i).final for i in ids),  # type: ignore[union-attr]
+                    timeout=600,
+                    interval=0.2,
+                )
             catch_up = time.monotonic() - back_at
             all_done = all(repo.get(i).state is JobState.DONE for i in ids)  # type: ignore[union-attr]
             return {
