@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -235,7 +235,8 @@ def seconds_between(dialect: str, start: Any, end: Any) -> ColumnElement[float]:
     """``end - start`` in seconds, in SQL (SQLite keeps times as text, PostgreSQL as times)."""
     if dialect == "sqlite":  # julianday's doubles resolve ~50 us today: round to the ms
         return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
-    return func.extract("epoch", end - start)
+    # SQLAlchemy types EXTRACT as an integer; the epoch of an interval has fractional seconds
+    return cast("ColumnElement[float]", func.extract("epoch", end - start))
 
 
 def throughput(

@@ -21,6 +21,7 @@ from dicomnode.errors import DicomNodeError
 if TYPE_CHECKING:
     from dicomnode.admin import ModelSummary
     from dicomnode.pipeline.models import BuiltinModels
+    from dicomnode.queue import JobRepository
 
 logger = logging.getLogger("dicomnode.cli")
 
@@ -276,7 +277,7 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs_repository(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _jobs_repository(args: argparse.Namespace) -> JobRepository:
     from dicomnode.app import open_database
     from dicomnode.config import load_settings
     from dicomnode.queue import JobRepository

@@ -13,6 +13,7 @@ C-STORE path does no routing work. Each sweep:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -174,26 +175,26 @@ class Intake:
                 actor=audit.NODE,
             )
         for route in decision.routes:
-            common = {
-                "route": route.name,
-                "model": route.model,
-                "study_instance_uid": study_uid,
-                "destinations": route.destinations,
-                "level": route.level,
-                "priority": int(route.priority),
-                "received_at": first_received,
-                "actor": audit.NODE,
-            }
+            enqueue = functools.partial(
+                self.jobs.enqueue,
+                route=route.name,
+                model=route.model,
+                study_instance_uid=study_uid,
+                destinations=route.destinations,
+                level=route.level,
+                priority=int(route.priority),
+                received_at=first_received,
+                actor=audit.NODE,
+            )
             if route.level == "series":
-                self.jobs.enqueue(
+                enqueue(
                     dedupe_key=f"{route.name}|{series_uid}|{generation}",
                     series_instance_uid=series_uid,
                     inputs=[series_uid],
-                    **common,  # type: ignore[arg-type]
                 )
             elif not self._study_job_waiting(route.name, study_uid):
                 number = self._study_jobs(route.name, study_uid) + 1
-                self.jobs.enqueue(dedupe_key=f"{route.name}|{study_uid}|{number}", **common)  # type: ignore[arg-type]
+                enqueue(dedupe_key=f"{route.name}|{study_uid}|{number}")
         rules_route = decision.routes[0].name if decision.routes else None
         with self.sessions.begin() as session:
             intake = session.scalar(
@@ -432,8 +433,9 @@ class Intake:
         return instance
 
 
-def _int(value: object) -> int | None:
+def _int(value: str | int | None) -> int | None:
+    """An IS attribute's value; None when absent or not a number."""
     try:
-        return None if value in (None, "") else int(value)  # type: ignore[call-overload]
+        return None if value in (None, "") else int(value)
     except (TypeError, ValueError):
         return None

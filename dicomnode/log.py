@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(action)s] %(message)s"
 
 
-class _StderrNow(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrNow(logging.StreamHandler[TextIO]):
     """Writes to whatever ``sys.stderr`` is when a record is emitted, so a stream swapped or
     closed meanwhile (a daemon's redirect, a test's capture) never breaks a worker's logging."""
 
-    @property  # type: ignore[override]
-    def stream(self):  # type: ignore[no-untyped-def]
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

@@ -22,7 +22,7 @@ bearer = HTTPBearer(
 
 
 def context(request: Request) -> ApiContext:
-    return request.app.state.context  # type: ignore[no-any-return]
+    return request.app.state.context
 
 
 def require_actor(

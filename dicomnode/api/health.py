@@ -84,7 +84,7 @@ def echo(
 ) -> tuple[bool, str | None]:
     """One C-ECHO: (True, None) on Success, else (False, why)."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # set via globals()
 
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(Verification)
@@ -100,7 +100,8 @@ def echo(
             key=str(tls.key) if tls.key else None,
         )
         tls_args = (context_, None)
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    # server_hostname None (no SNI) is what ssl's wrap_socket allows; pynetdicom types it str
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "no association"
         return False, f"{why} by {ae_title}@{host}:{port}"

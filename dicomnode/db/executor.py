@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Dialect, Engine, Executable
+from sqlalchemy import Connection, Dialect, Engine, Executable, ReturnsRows
 from sqlalchemy.exc import DBAPIError
 
 
@@ -37,11 +37,12 @@ class CoreExecutor:
         return self.connection.execute(statement, params).first()
 
     def rowcount(self, statement: Executable, params: dict[str, Any]) -> int:
-        return self.connection.execute(statement, params).rowcount  # type: ignore[attr-defined]
+        return self.connection.execute(statement, params).rowcount
 
     def insert(self, statement: Executable, params: dict[str, Any]) -> int:
-        result = self.connection.execute(statement, params)
-        return int(result.inserted_primary_key[0])  # type: ignore[attr-defined,index]
+        key = self.connection.execute(statement, params).inserted_primary_key
+        assert key is not None, "an INSERT"  # None only for other statements
+        return int(key[0])
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,19 @@ class CompiledStatement:
 
     @classmethod
     def of(cls, statement: Executable, dialect: Dialect) -> CompiledStatement:
-        compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
-        assert compiled.positional, "only for a positional paramstyle"
+        # the index's SELECT, INSERT and UPDATE statements: clause elements with their columns
+        assert isinstance(statement, ReturnsRows), "a SELECT or a DML statement"
+        compiled = statement.compile(dialect=dialect)
+        assert compiled.positional and compiled.positiontup is not None, (
+            "only for a positional paramstyle"
+        )
         binds = tuple(
             (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
             for name in compiled.positiontup
         )
         results = tuple(
             column.type.dialect_impl(dialect).result_processor(dialect, None)
-            for column in statement.exported_columns  # type: ignore[attr-defined]
+            for column in statement.exported_columns
         )
         return cls(compiled.string, binds, results)
 

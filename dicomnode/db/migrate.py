@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def _config(url: str):  # type: ignore[no-untyped-def]
+def _config(url: str) -> Config:
     from alembic.config import Config
 
     config = Config()

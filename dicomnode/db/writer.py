@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
@@ -38,10 +38,10 @@ from dicomnode.db.executor import (
 from dicomnode.db.models import Instance, Patient, Series, Study
 from dicomnode.domain import InstanceHeader, Peer
 
-PATIENTS: Table = Patient.__table__  # type: ignore[assignment]
-STUDIES: Table = Study.__table__  # type: ignore[assignment]
-SERIES: Table = Series.__table__  # type: ignore[assignment]
-INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+PATIENTS = cast(Table, Patient.__table__)
+STUDIES = cast(Table, Study.__table__)
+SERIES = cast(Table, Series.__table__)
+INSTANCES = cast(Table, Instance.__table__)
 
 
 # -- the write path ------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypedDict, overload
 
 import numpy as np
 from pydicom import dcmread
@@ -26,6 +27,7 @@ from dicomnode.imaging.volume import FrameRef
 log = logging.getLogger(__name__)
 
 Triple = tuple[float, float, float]
+_Numbers = Iterable[str | float] | None  # a numeric attribute's values (DS text, or numbers)
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,28 @@ class FrameInfo:
         return base if self.ref.frame_number is None else f"{base} frame {self.ref.frame_number}"
 
 
-def _floats(value: object, count: int) -> tuple[float, ...] | None:
+@overload
+def _floats(value: _Numbers, count: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(value: _Numbers, count: Literal[3]) -> Triple | None: ...
+@overload
+def _floats(value: _Numbers, count: int) -> tuple[float, ...] | None: ...
+def _floats(value: _Numbers, count: int) -> tuple[float, ...] | None:
+    """``count`` finite numbers, or None (absent, another count, not numbers)."""
     if value is None:
         return None
     try:
-        numbers = tuple(float(v) for v in value)  # type: ignore[attr-defined]
+        numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
 
 
-def _number(value: object, default: float | None) -> float | None:
+def _number(value: str | float | None, default: float | None) -> float | None:
     if value is None or value == "":
         return default
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(value)
     except (TypeError, ValueError):
         return default
 
@@ -90,7 +99,7 @@ def _raw(ds: Dataset, keyword: str) -> bytes | DataElement | RawDataElement | No
     element = ds.get_item(_tag(keyword))
     if isinstance(element, RawDataElement) and element.is_little_endian:
         return element.value or b""
-    return element  # type: ignore[return-value]
+    return element
 
 
 def _texts(ds: Dataset, keyword: str) -> list[str] | None:
@@ -112,6 +121,12 @@ def _text(ds: Dataset, keyword: str) -> str:
     return values[0] if values else ""
 
 
+@overload
+def _floats_of(ds: Dataset, keyword: str, count: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats_of(ds: Dataset, keyword: str, count: Literal[3]) -> Triple | None: ...
+@overload
+def _floats_of(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None: ...
 def _floats_of(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
     return _floats(_texts(ds, keyword), count)
 
@@ -132,10 +147,10 @@ def _unsigned(ds: Dataset, keyword: str, default: int) -> int:
     return default if value is None or value == "" else int(value)
 
 
-def _is_localizer(image_type: object) -> bool:
+def _is_localizer(image_type: str | Iterable[object] | None) -> bool:
     if image_type is None:
         return False
-    values = [image_type] if isinstance(image_type, str) else list(image_type)  # type: ignore[call-overload]
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
     return any(str(v).upper() == "LOCALIZER" for v in values[2:])
 
 
@@ -153,7 +168,18 @@ def _group(ds: Dataset, frame: int, name: str) -> Dataset | None:
     return None
 
 
-def _common(ds: Dataset, source: int) -> dict[str, object]:
+class _Common(TypedDict):
+    """The attributes every frame of a dataset shares."""
+
+    source: int
+    rows: int
+    columns: int
+    series_uid: str
+    frame_of_reference: str
+    modality: str
+
+
+def _common(ds: Dataset, source: int) -> _Common:
     return {
         "source": source,
         "rows": _unsigned(ds, "Rows", 0),
@@ -168,15 +194,15 @@ def _single_frame(ds: Dataset, path: str, source: int) -> FrameInfo:
     return FrameInfo(
         ref=FrameRef(_text(ds, "SOPInstanceUID"), _text(ds, "SOPClassUID"), None, path),
         index=0,
-        position=_floats_of(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
+        position=_floats_of(ds, "ImagePositionPatient", 3),
         orientation=_floats_of(ds, "ImageOrientationPatient", 6),
-        pixel_spacing=_floats_of(ds, "PixelSpacing", 2),  # type: ignore[arg-type]
+        pixel_spacing=_floats_of(ds, "PixelSpacing", 2),
         thickness=_number_of(ds, "SpacingBetweenSlices", None)
         or _number_of(ds, "SliceThickness", None),
         slope=_number_of(ds, "RescaleSlope", 1.0) or 1.0,
         intercept=_number_of(ds, "RescaleIntercept", 0.0) or 0.0,
         localizer=_is_localizer(_texts(ds, "ImageType")),
-        **_common(ds, source),  # type: ignore[arg-type]
+        **_common(ds, source),
     )
 
 
@@ -206,13 +232,13 @@ def _enhanced_frames(ds: Dataset, path: str, source: int, count: int) -> list[Fr
                 index=f,
                 position=None
                 if position is None
-                else _floats(position.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                else _floats(position.get("ImagePositionPatient"), 3),
                 orientation=None
                 if orientation is None
                 else _floats(orientation.get("ImageOrientationPatient"), 6),
                 pixel_spacing=None
                 if measures is None
-                else _floats(measures.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+                else _floats(measures.get("PixelSpacing"), 2),
                 thickness=thickness,
                 slope=1.0
                 if transform is None
@@ -221,7 +247,7 @@ def _enhanced_frames(ds: Dataset, path: str, source: int, count: int) -> list[Fr
                 if transform is None
                 else _number(transform.get("RescaleIntercept"), 0.0) or 0.0,
                 localizer=_is_localizer(frame_type) if frame_type is not None else image_localizer,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         )
     return frames

@@ -70,7 +70,8 @@ def patient_grid(
     centre = (lo + hi) / 2
     first = centre - (counts - 1) / 2 * step  # centre of voxel 0, along the new axes
     shape = (int(counts[2]), int(counts[1]), int(counts[0]))
-    return Geometry.from_parts(axes @ first, axes, tuple(float(s) for s in step), shape)
+    spacing_ = (float(step[0]), float(step[1]), float(step[2]))
+    return Geometry.from_parts(axes @ first, axes, spacing_, shape)
 
 
 def on_grid(

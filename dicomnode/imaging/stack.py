@@ -107,7 +107,8 @@ def _check_positions(frames: Sequence[FrameInfo]) -> None:
             raise NoImagePosition(
                 f"{frame.name} has no valid {' or '.join(missing)}, so it cannot be placed in space"
             )
-        r, c = np.asarray(frame.orientation[:3]), np.asarray(frame.orientation[3:])  # type: ignore[index]
+        assert frame.orientation is not None  # else it was missing, raised above
+        r, c = np.asarray(frame.orientation[:3]), np.asarray(frame.orientation[3:])
         if (
             min(np.linalg.norm(r), np.linalg.norm(c)) < 1e-6
             or np.linalg.norm(np.cross(r, c)) < 1e-3
@@ -126,7 +127,9 @@ def _check_sizes(frames: Sequence[FrameInfo]) -> None:
                 f"{frame.name} is {frame.rows}x{frame.columns} (rows x columns) "
                 f"but {first.name} is {first.rows}x{first.columns}; a volume needs one size"
             )
-        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-3, atol=1e-4):  # type: ignore[arg-type]
+        # _check_positions ran first: every frame has its pixel spacing
+        assert frame.pixel_spacing is not None and first.pixel_spacing is not None
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-3, atol=1e-4):
             raise MismatchedFrames(
                 f"{frame.name} has pixel spacing {list(frame.pixel_spacing or ())} mm "
                 f"but {first.name} has {list(first.pixel_spacing or ())} mm; a volume needs one"
@@ -146,7 +149,7 @@ def build_stack(frames: Sequence[FrameInfo], rules: StackRules) -> Stack:
     order = np.argsort(along, kind="stable")
     positions, along = positions[order], along[order]
     ordered = tuple(frames[i] for i in order)
-    row_spacing, column_spacing = ordered[0].pixel_spacing  # type: ignore[misc]
+    row_spacing, column_spacing = ordered[0].pixel_spacing
 
     if len(ordered) == 1:
         step = normal * (ordered[0].thickness or 1.0)

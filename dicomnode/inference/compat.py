@@ -36,10 +36,10 @@ def ensure_detection_without_torchvision() -> bool:
     from monai.apps.detection.networks import retinanet_detector, retinanet_network
     from monai.networks.blocks import backbone_fpn_utils
 
-    backbone_fpn_utils.torchvision_models = SimpleNamespace(  # type: ignore[attr-defined]
+    backbone_fpn_utils.torchvision_models = SimpleNamespace(
         _utils=SimpleNamespace(IntermediateLayerGetter=_intermediate_layer_getter())
     )
-    retinanet_network._validate_trainable_layers = validate_trainable_layers  # type: ignore[attr-defined]
+    retinanet_network._validate_trainable_layers = validate_trainable_layers
     # Training checks isinstance(matcher, torchvision's Matcher) before MONAI's own ATSS matcher
     # and hard negative sampler; classes nothing is an instance of let those checks pass.
     for name in ("Matcher", "BalancedPositiveNegativeSampler"):

@@ -132,7 +132,10 @@ def _finding(values: Mapping[str, Any]) -> Finding:
     def code(v: Any) -> Code | None:
         return Code(v["value"], v["scheme"], v["meaning"]) if v else None
 
-    centre = values.get("centre_mm")
+    centre = None
+    if values.get("centre_mm") is not None:
+        x, y, z = (float(c) for c in values["centre_mm"])
+        centre = (x, y, z)
     mask = values.get("mask")
     finding_type = code(values["finding_type"])
     assert finding_type is not None
@@ -141,7 +144,7 @@ def _finding(values: Mapping[str, Any]) -> Finding:
         finding_type=finding_type,
         probability=float(values["probability"]),
         finding_site=code(values.get("finding_site")),
-        centre_mm=tuple(float(c) for c in centre) if centre is not None else None,  # type: ignore[arg-type]
+        centre_mm=centre,
         diameter_mm=values.get("diameter_mm"),
         volume_mm3=values.get("volume_mm3"),
         mask=MaskRef(mask["name"], int(mask["value"])) if mask else None,

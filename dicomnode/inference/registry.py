@@ -107,7 +107,8 @@ class ModelRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings | ModelsSettings) -> ModelRegistry:
-        models = getattr(settings, "models", settings)
+        # the node's settings or their [models] section (inference never imports dicomnode.config)
+        models: ModelsSettings = settings.models if hasattr(settings, "models") else settings
         return cls(
             models.dirs,
             models.bundles,

@@ -22,7 +22,7 @@ from numpy.typing import ArrayLike
 
 from dicomnode.imaging.geometry import Geometry
 from dicomnode.imaging.volume import FrameRef, Volume
-from dicomnode.phantoms.grids import rotation
+from dicomnode.phantoms.grids import rotation, triple
 from dicomnode.phantoms.writer import (
     MR_IMAGE_STORAGE,
     frame_of_reference_for,
@@ -87,7 +87,7 @@ class SeriesPlan:
 
     def scaled(self, factor: float) -> SeriesPlan:
         """The same series at ``factor`` times its voxel size (coarser: faster to make)."""
-        return replace(self, spacing=tuple(s * factor for s in self.spacing))  # type: ignore[arg-type]
+        return replace(self, spacing=triple(s * factor for s in self.spacing))
 
 
 #: A routine brain tumor protocol: a 3D post-contrast T1, a sagittal T1 spin echo, and thick
@@ -417,7 +417,7 @@ def random_plans(
         pixel = float(rng.uniform(0.8, 1.2))
         thickness = float(rng.uniform(0.9, 1.3)) if thin else float(rng.uniform(2.5, 5.0))
         factor = float(rng.uniform(*coarsen))
-        fov = tuple(float(v) for v in rng.uniform([190, 200, 140], [240, 250, 170]))
+        fov = triple(rng.uniform([190, 200, 140], [240, 250, 170]))
         if orientation == "sagittal":  # columns A-P, rows S-I, slices L-R
             fov = (fov[1], fov[2], fov[0])
         elif orientation == "coronal":  # columns L-R, rows S-I, slices A-P
@@ -427,7 +427,7 @@ def random_plans(
                 base,
                 orientation=orientation,
                 spacing=(pixel * factor, pixel * factor, thickness * factor),
-                fov_mm=fov,  # type: ignore[arg-type]
+                fov_mm=fov,
                 tilt_deg=float(rng.uniform(-15, 15)) if rng.random() < 0.5 else 0.0,
             )
         )
@@ -456,7 +456,7 @@ def brain_phantom(
     20 mm beyond it; random scanner gain, tissue contrast (within 8 %) and bias per series. The
     same seed gives the same phantom."""
     rng = np.random.default_rng(seed)
-    head = tuple(float(v) for v in np.array([75.0, 95.0, 72.0]) * rng.uniform(0.92, 1.08, 3))
+    head = triple(np.array([75.0, 95.0, 72.0]) * rng.uniform(0.92, 1.08, 3))
     enhancing = float(rng.uniform(*tumor_mm))
     necrotic = enhancing * float(rng.uniform(0.35, 0.7)) if rng.random() < 0.85 else 0.0
     edema = enhancing + float(rng.uniform(4.0, 20.0))
@@ -468,9 +468,9 @@ def brain_phantom(
             break
     axes, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     tumor = Tumor(
-        centre=tuple(float(v) for v in np.asarray(centre) + offset),  # type: ignore[arg-type]
-        rotation=tuple(tuple(float(v) for v in row) for row in axes),  # type: ignore[misc]
-        stretch=tuple(float(v) for v in rng.uniform(0.8, 1.2, 3)),  # type: ignore[arg-type]
+        centre=triple(np.asarray(centre) + offset),
+        rotation=tuple(triple(row) for row in axes),
+        stretch=triple(rng.uniform(0.8, 1.2, 3)),
         necrotic_mm=necrotic,
         enhancing_mm=enhancing,
         edema_mm=edema,
@@ -480,10 +480,10 @@ def brain_phantom(
     return BrainPhantom(
         seed=seed,
         centre=centre,
-        head=head,  # type: ignore[arg-type]
+        head=head,
         tumor=tumor,
         gain={c: float(rng.uniform(0.6, 1.6)) for c in CONTRASTS},
-        bias={c: tuple(float(v) for v in rng.normal(0, 0.12, 3)) for c in CONTRASTS},  # type: ignore[misc]
+        bias={c: triple(rng.normal(0, 0.12, 3)) for c in CONTRASTS},
         jitter={c: tuple(float(v) for v in rng.uniform(0.92, 1.08, 10)) for c in CONTRASTS},
         noise=noise,
     )

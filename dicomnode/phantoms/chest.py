@@ -12,13 +12,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from dicomnode.imaging.geometry import Geometry
-from dicomnode.phantoms.grids import Orientation, phantom_geometry
+from dicomnode.phantoms.grids import Orientation, phantom_geometry, triple
 from dicomnode.phantoms.writer import series_uid_for, study_uid_for, write_volume
 
 NoduleKind = Literal["solid", "ground_glass"]
@@ -123,7 +123,7 @@ class ChestPhantom:
     seed: int = 0
     nodules: tuple[Nodule, ...] = field(default=())
 
-    def write(self, folder: Path | str, **options: object) -> list[Path]:
+    def write(self, folder: Path | str, **options: Any) -> list[Path]:
         """Write the series (``write_volume`` options) and truth.json; return the DICOM paths."""
         options.setdefault("seed", self.seed)
         options.setdefault("patient_position", "FFS" if self.orientation == "feet_first" else "HFS")
@@ -138,7 +138,7 @@ class ChestPhantom:
             folder,
             study_uid=study_uid,
             series_uid=series_uid,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
         truth = Truth(self.truth.nodules, study_uid, series_uid)
         truth.save(folder)
@@ -379,8 +379,8 @@ def chest_ct(
         labels[box][f >= 0.5] = label
         truths.append(
             NoduleTruth(
-                center_mm=tuple(round(float(v), 4) for v in center),  # type: ignore[arg-type]
-                center_voxel=tuple(round(float(v), 4) for v in geometry.patient_to_voxel(center)),  # type: ignore[arg-type]
+                center_mm=triple(round(float(v), 4) for v in center),
+                center_voxel=triple(round(float(v), 4) for v in geometry.patient_to_voxel(center)),
                 diameter_mm=float(nodule.diameter_mm),
                 volume_mm3=round(math.pi / 6 * nodule.diameter_mm**3, 3),
                 kind=nodule.kind,

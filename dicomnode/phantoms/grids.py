@@ -6,6 +6,7 @@ The anatomy is defined in patient coordinates, so the same phantom can be drawn 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -14,6 +15,12 @@ from numpy.typing import ArrayLike
 from dicomnode.imaging.geometry import Geometry
 
 Orientation = Literal["axial", "feet_first", "oblique"]
+
+
+def triple(values: Iterable[float]) -> tuple[float, float, float]:
+    """Three numbers (a point, an array's row, a draw of three) as a tuple of floats."""
+    x, y, z = values
+    return float(x), float(y), float(z)
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:

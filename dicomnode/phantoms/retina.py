@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -104,9 +104,9 @@ class RetinaPhantom:
     laterality: str = "R"
     extra: dict[str, float] = field(default_factory=dict)
 
-    def write(self, folder: Path | str, **options: object) -> list[Path]:
+    def write(self, folder: Path | str, **options: Any) -> list[Path]:
         """Write as DICOM (see :func:`write_ophthalmic`)."""
-        return write_ophthalmic(self, folder, **options)  # type: ignore[arg-type]
+        return write_ophthalmic(self, folder, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def oct_volume(
     col_lo, col_hi = np.searchsorted(x - fx, -2.2), np.searchsorted(x - fx, 2.2)
     exudates = grade >= 1 and (grade == 1 or rng.random() < 0.85)
     cysts = grade >= 3 or (grade == 2 and rng.random() < 0.75)
-    for k in np.flatnonzero(in_zone):  # type: ignore[assignment]  # numpy ints in the boxes
+    for k in map(int, np.flatnonzero(in_zone)):  # the frames in the disease zone
         if thick > 0:
             band = np.flatnonzero(zone_w[k] > 0.3)
             if band.size:
@@ -414,7 +414,8 @@ def fundus_photo(grade: int, seed: int = 0, *, size: int = 384) -> RetinaPhantom
                 p = np.array(points)
                 box = (int(p[:, 0].min() - 2), int(p[:, 0].max() + 3), int(p[:, 1].min() - 2),
                        int(p[:, 1].max() + 3))  # fmt: skip
-                add("neovascularisation", tuple(int(np.clip(v, 0, size)) for v in box))  # type: ignore[arg-type]
+                y0, y1, x0, x1 = (int(np.clip(v, 0, size)) for v in box)
+                add("neovascularisation", (y0, y1, x0, x1))
 
     if grade >= 1:
         microaneurysms(int(rng.integers(*((5, 11), (6, 15), (10, 20), (8, 18))[grade - 1])))

@@ -143,14 +143,12 @@ class ModelPipeline:
         return result
 
     def _session(self) -> Session:
-        if self._sessions is not None:
-            return self._sessions()
-        if self.settings.database_url is None:
-            raise ModelError(
-                f"model {self.name!r} has no database to find the job's series in "
-                "(give the pipeline a session factory or a database URL)"
-            )
-        if self._engine is None:
+        if self._sessions is None:  # the first time, from the database URL
+            if self.settings.database_url is None:
+                raise ModelError(
+                    f"model {self.name!r} has no database to find the job's series in "
+                    "(give the pipeline a session factory or a database URL)"
+                )
             from dicomnode.db import make_engine, make_session_factory
 
             self._engine = make_engine(self.settings.database_url)

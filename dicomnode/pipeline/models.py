@@ -4,6 +4,7 @@ without the inference runtime; production adds none)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -78,7 +79,7 @@ def job_models(
         else:
             out[name] = ModelPipeline(
                 registry.spec(name),
-                lambda device, name=name: registry.load(name, device),
+                functools.partial(registry.load, name),
                 settings,
             )
     return out

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 
 from dicomnode.db.models import Job, Patient, Study
 from dicomnode.domain import JobState
 
-jobs = Job.__table__
+jobs = cast(Table, Job.__table__)
 
 
 @dataclass(frozen=True)

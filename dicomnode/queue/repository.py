@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, Row, delete, func, select, update
+from sqlalchemy import Engine, Row, Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import audit
 from dicomnode.config import QueueSettings
 from dicomnode.db.models import Job
-from dicomnode.db.session import make_session_factory
+from dicomnode.db.session import make_session_factory, rowcount
 from dicomnode.domain import FINAL_STATES, JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
 from dicomnode.queue.listing import EVERY_JOB, JobFilter
@@ -45,7 +45,7 @@ from dicomnode.queue.sends import add_sends
 
 logger = logging.getLogger(__name__)
 
-jobs = Job.__table__
+jobs = cast(Table, Job.__table__)
 LEASE_EXPIRED = "worker lost (lease expired)"
 #: Longest error text kept on a job (a traceback's last line is what admins need).
 MAX_ERROR_CHARS = 8000
@@ -211,11 +211,12 @@ class JobRepository:
         if inputs is not None:
             values["inputs"] = list(inputs)
         with self._sessions.begin() as session:
-            changed = session.execute(
+            changed = rowcount(
+                session,
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.WAITING.value)
-                .values(**values)
-            ).rowcount
+                .values(**values),
+            )
         if changed:
             logger.info("job %s queued", job_id, extra={"action": "job_queued", "job_id": job_id})
         return bool(changed)
@@ -235,11 +236,12 @@ class JobRepository:
         if state is JobState.FAILED:
             allowed.append(JobState.SENDING.value)
         with self._sessions.begin() as session:
-            changed = session.execute(
+            changed = rowcount(
+                session,
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_(allowed))
-                .values(state=state.value, error=_clip(error), finished_at=now, updated_at=now)
-            ).rowcount
+                .values(state=state.value, error=_clip(error), finished_at=now, updated_at=now),
+            )
         if changed:
             logger.info("job %s %s", job_id, state, extra={"action": action, "job_id": job_id})
         return bool(changed)
@@ -303,15 +305,16 @@ class JobRepository:
         now = self.now()
         lease = timedelta(seconds=lease_s if lease_s is not None else self.settings.lease_s)
         with self._sessions.begin() as session:
-            changed = session.execute(
+            changed = rowcount(
+                session,
                 update(jobs)
                 .where(
                     jobs.c.id == job_id,
                     jobs.c.lease_owner == worker_id,
                     jobs.c.state == JobState.RUNNING.value,
                 )
-                .values(lease_expires_at=now + lease)
-            ).rowcount
+                .values(lease_expires_at=now + lease),
+            )
         if not changed:
             logger.warning(
                 "job %s: %s lost its lease (cancelled or reclaimed)",
@@ -321,7 +324,7 @@ class JobRepository:
             )
         return bool(changed)
 
-    def _held(self, session: Session, job_id: int, worker_id: str) -> Row[Any] | None:
+    def _held(self, session: Session, job_id: int, worker_id: str) -> Row[Any, Any, Any] | None:
         """The job's row, locked, if ``worker_id`` holds its lease."""
         return session.execute(
             select(jobs.c.attempts, jobs.c.max_attempts, jobs.c.destinations)
@@ -402,7 +405,7 @@ class JobRepository:
                 else:
                     values["finished_at"] = now
                 session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
-        if state is None:
+        if row is None:  # and so state is None
             logger.warning(
                 "job %s: failure from %s dropped, it no longer holds the lease",
                 job_id,
@@ -433,11 +436,12 @@ class JobRepository:
         """Every result reached every destination: ``sending`` -> ``done``. False if not sending."""
         now = self.now()
         with self._sessions.begin() as session:
-            changed = session.execute(
+            changed = rowcount(
+                session,
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.SENDING.value)
-                .values(state=JobState.DONE.value, sent_at=now, updated_at=now)
-            ).rowcount
+                .values(state=JobState.DONE.value, sent_at=now, updated_at=now),
+            )
         if changed:
             logger.info("job %s sent", job_id, extra={"action": "job_sent", "job_id": job_id})
         return bool(changed)
@@ -592,7 +596,7 @@ class JobRepository:
                 .scalar_subquery()
             )
             with self._sessions.begin() as session:
-                deleted = session.execute(delete(jobs).where(jobs.c.id.in_(batch))).rowcount
+                deleted = rowcount(session, delete(jobs).where(jobs.c.id.in_(batch)))
             total += deleted
             if deleted < _PURGE_BATCH:
                 break

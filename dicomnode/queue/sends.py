@@ -20,19 +20,20 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, delete, event, func, select, update
+from sqlalchemy import Row, Table, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Send, Series
+from dicomnode.db.session import rowcount
 from dicomnode.domain import JobState, ResultObject
 from dicomnode.errors import JobNotFound, JobStateError, NoResults, SendError
 
 logger = logging.getLogger(__name__)
 
-sends = Send.__table__
-jobs = Job.__table__
+sends = cast(Table, Send.__table__)
+jobs = cast(Table, Job.__table__)
 
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Job states whose sends may go out: a queued or running job makes new objects (finish()
@@ -229,7 +230,7 @@ class SendQueue:
                     .where(sends.c.job_id == job_id, sends.c.destination == destination)
                     .group_by(sends.c.state)
                 ).all()
-                counts = dict(states)
+                counts: dict[str, int] = dict(states)
                 if set(counts) == {SENT}:
                     completed.append((job_id, destination, int(counts[SENT])))
                     add_event(
@@ -333,13 +334,12 @@ class SendQueue:
             if session.execute(stale.limit(1)).first() is None:
                 return 0
         with self._sessions.begin() as session:
-            return int(
-                session.execute(
-                    update(sends)
-                    .where(sends.c.state == PENDING, sends.c.job_id.in_(cancelled))
-                    .values(state=DEAD, last_error="job cancelled", next_attempt_at=None,
-                            updated_at=now)
-                ).rowcount
+            return rowcount(
+                session,
+                update(sends)
+                .where(sends.c.state == PENDING, sends.c.job_id.in_(cancelled))
+                .values(state=DEAD, last_error="job cancelled", next_attempt_at=None,
+                        updated_at=now),
             )  # fmt: skip
 
     # -- admin -------------------------------------------------------------------------------

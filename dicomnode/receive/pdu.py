@@ -12,6 +12,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -61,7 +62,7 @@ def read_into(sock: socket.socket, view: memoryview) -> None:
 
 def read_header(sock: socket.socket) -> tuple[int, int]:
     """A PDU's type and length."""
-    return _HEADER.unpack(read_exact(sock, _HEADER.size))  # type: ignore[return-value]
+    return _HEADER.unpack(read_exact(sock, _HEADER.size))
 
 
 def read_pdv_header(sock: socket.socket) -> tuple[int, int, int]:
@@ -95,7 +96,8 @@ def negotiate(
     request: A_ASSOCIATE, supported: Sequence[PresentationContext], max_pdu: int
 ) -> Negotiated:
     """Answer an association request: accept what we support, one transfer syntax per context."""
-    roles = {}  # role selection is not needed to receive storage and verification
+    # role selection is not needed to receive storage and verification
+    roles: dict[UID, tuple[bool | None, bool | None]] = {}
     results, _ = negotiate_as_acceptor(
         request.presentation_context_definition_list, list(supported), roles
     )
@@ -114,11 +116,11 @@ def negotiate(
     response.user_information = [maximum, implementation, version]
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(response)
-    accepted = {
-        int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-        for cx in results
-        if cx.result == 0x00
-    }
+    accepted: dict[int, tuple[str, str]] = {}
+    for cx in results:
+        if cx.result == 0x00:
+            assert cx.context_id is not None  # a result carries its request item's ID
+            accepted[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
     return Negotiated(accepted, int(request.maximum_length_received or 0), pdu.encode())
 
 

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # set via globals()
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import audit
@@ -29,11 +30,11 @@ logger = logging.getLogger(__name__)
 
 def supported_contexts() -> list[PresentationContext]:
     """Verification, and every storage SOP class in every transfer syntax we store as received."""
+    syntaxes: list[str | UID] = list(TRANSFER_SYNTAXES)  # the list type build_context takes
     contexts = [build_context(Verification)]
-    contexts += [
-        build_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts
-    ]
+    for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None  # each of pynetdicom's contexts names its class
+        contexts.append(build_context(cx.abstract_syntax, syntaxes))
     return contexts
 
 

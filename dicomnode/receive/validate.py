@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from dicomnode.domain import InstanceHeader
@@ -72,7 +73,7 @@ class PixelDataInfo:
 class _Walker:
     """Walks the elements of an uncompressed-encoding dataset, checking lengths against the end."""
 
-    def __init__(self, fp: BinaryIO, end: int, implicit: bool, little: bool) -> None:
+    def __init__(self, fp: IO[bytes], end: int, implicit: bool, little: bool) -> None:
         self.fp, self.end, self.implicit = fp, end, implicit
         self.endian = "<" if little else ">"
         self.pixel = PixelDataInfo()
@@ -204,7 +205,7 @@ def scan(path: Path) -> Scan:
     return Scan(str(ts), walker.pixel, _decode(walker.values, walker.endian))
 
 
-def _walk(fp: BinaryIO, *, implicit: bool, little: bool) -> _Walker:
+def _walk(fp: IO[bytes], *, implicit: bool, little: bool) -> _Walker:
     start = fp.tell()
     end = fp.seek(0, 2)
     fp.seek(start)
@@ -214,7 +215,7 @@ def _walk(fp: BinaryIO, *, implicit: bool, little: bool) -> _Walker:
 
 
 @contextmanager
-def _inflated(fp: BinaryIO) -> Iterator[BinaryIO]:
+def _inflated(fp: BinaryIO) -> Iterator[IO[bytes]]:
     """Inflate a deflated dataset into a spooled file (memory only while it is small)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as out:
@@ -225,7 +226,7 @@ def _inflated(fp: BinaryIO) -> Iterator[BinaryIO]:
         if not inflater.eof:
             raise MalformedDataset("deflated dataset is truncated")
         out.seek(0)
-        yield out  # type: ignore[misc]
+        yield out
 
 
 def _meta_end(fp: BinaryIO) -> int:
@@ -353,9 +354,10 @@ def _check_pixel_description(values: dict[str, str | int]) -> None:
 
 def _native_pixel_bytes(values: dict[str, str | int]) -> int | None:
     numbers = [values.get(key) for key in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
-    if not all(isinstance(n, int) and n > 0 for n in numbers):
+    positive = [n for n in numbers if isinstance(n, int) and n > 0]
+    if len(positive) < len(numbers):
         return None
-    rows, columns, samples, bits = numbers  # type: ignore[misc]
+    rows, columns, samples, bits = positive
     frames = values.get("NumberOfFrames")
     pixels = rows * columns * (frames if isinstance(frames, int) and frames > 0 else 1)
     if samples == 3 and values.get("PhotometricInterpretation") == "YBR_FULL_422":
@@ -405,7 +407,5 @@ _KEYWORDS = (
     "PhotometricInterpretation", "PixelDataProviderURL",
 )  # fmt: skip
 #: top-level tags read during the walk -> (keyword, VR from the data dictionary)
-WANTED: dict[int, tuple[str, str]] = {
-    int(tag_for_keyword(k)): (k, dictionary_VR(tag_for_keyword(k))) for k in _KEYWORDS
-}
+WANTED: dict[int, tuple[str, str]] = {int(Tag(k)): (k, dictionary_VR(Tag(k))) for k in _KEYWORDS}
 SPECIFIC_CHARACTER_SET = 0x00080005

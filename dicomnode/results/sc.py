@@ -111,7 +111,7 @@ def build_sc(
     if attention.dtype != np.uint8:
         raise ResultsError(f"attention map is {attention.dtype}; expected uint8 0..255")
     chosen = select_frames(attention, max_frames)
-    images = []
+    images: list[Dataset] = []  # highdicom SCImages
     for number, k in enumerate(chosen, start=1):
         ds, frame = source.dataset_of(k)
         rgb = blend(display_pixels(ds, frame), attention[k], opacity)

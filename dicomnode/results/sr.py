@@ -235,7 +235,7 @@ def _groups(
     }
     series = hd.sr.SourceSeriesForSegmentation(source.series_instance_uid)
     if segment is not None and seg is not None:
-        groups = [
+        groups: list[Any] = [
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=SEG_STORAGE,

@@ -8,12 +8,16 @@ import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.errors import AssociationFailed, ConfigError
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +143,10 @@ def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
         yield batch
 
 
-def _send_one(assoc, item: _Item) -> SendResult:  # type: ignore[no-untyped-def]
+def _send_one(assoc: Association, item: _Item) -> SendResult:
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     # pynetdicom picks the context whose syntax matches the data it is given
+    dataset: Path | Dataset
     if (item.sop_class, item.transfer_syntax) in accepted:
         dataset = item.path  # sent as stored, chunk by chunk
     elif item.transfer_syntax.is_compressed:

@@ -120,7 +120,7 @@ class Browser:
             answer = self._answers.pop(self._next_id)
         if "error" in answer:
             raise CdpError(f"{method}: {answer['error']}")
-        return answer.get("result", {})  # type: ignore[no-any-return]
+        return answer.get("result", {})
 
     def page(self, method: str, **params: Any) -> dict[str, Any]:
         return self.send(method, session=self.session, **params)

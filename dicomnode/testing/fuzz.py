@@ -115,8 +115,8 @@ class Mutation:
             return encode_dataset(ds)
         if self.kind == "uid":
             keyword = UID_KEYWORDS[self.choice % len(UID_KEYWORDS)]
-            value = BAD_UIDS[(self.choice // len(UID_KEYWORDS)) % len(BAD_UIDS)]
-            ds[keyword].value = value
+            bad = BAD_UIDS[(self.choice // len(UID_KEYWORDS)) % len(BAD_UIDS)]
+            ds[keyword].value = bad
             return encode_dataset(ds)
         data = bytearray(encode_dataset(ds))
         where = min(int(self.at * len(data)), len(data) - 1)

@@ -90,8 +90,10 @@ class ServeProcess:
 
 
 @contextmanager
-def serve(storage: Path, port: int | None = None, **settings: str) -> Iterator[ServeProcess]:
-    process = ServeProcess(storage, port, **settings).start()
+def serve(
+    storage: Path, port: int | None = None, *, config: Path | None = None, **settings: str
+) -> Iterator[ServeProcess]:
+    process = ServeProcess(storage, port, config=config, **settings).start()
     try:
         yield process
     finally:

@@ -45,14 +45,15 @@ def send_raw(
     payload is wrapped in a File Meta naming the command's SOP class and instance.
     """
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = transfer_syntax
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "payload.dcm"
         with path.open("wb") as fp:
             fp.write(b"\0" * 128 + b"DICM")
-            write_file_meta_info(fp, meta, enforce_standard=True)
+            # pydicom types fp as its DicomIO; it only calls fp.write(bytes) (any binary file)
+            write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
             fp.write(payload)
         _config.STORE_SEND_CHUNKED_DATASET = True
         ae = AE(ae_title=calling_aet)
