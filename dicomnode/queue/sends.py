@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -65,24 +65,10 @@ class SendRecord:
     created_at: datetime
     sent_at: datetime | None
 
-
-def _record(row: Row[Any]) -> SendRecord:
-    m = row._mapping
-    return SendRecord(
-        id=m["id"],
-        job_id=m["job_id"],
-        destination=m["destination"],
-        kind=m["kind"],
-        path=m["path"],
-        sop_class_uid=m["sop_class_uid"],
-        sop_instance_uid=m["sop_instance_uid"],
-        state=m["state"],
-        attempts=m["attempts"],
-        next_attempt_at=m["next_attempt_at"],
-        last_error=m["last_error"],
-        created_at=m["created_at"],
-        sent_at=m["sent_at"],
-    )
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> SendRecord:
+        """The record of a row of the sends table (its columns, as the table returns them)."""
+        return cls(**{field.name: row._mapping[field.name] for field in fields(cls)})
 
 
 def _rows(
@@ -192,7 +178,7 @@ class SendQueue:
         )
         with self._sessions.begin() as session:
             rows = session.execute(statement).all()
-        return sorted((_record(row) for row in rows), key=lambda r: (r.job_id, r.id))
+        return sorted((SendRecord.from_row(row) for row in rows), key=lambda r: (r.job_id, r.id))
 
     def mark_sent(self, ids: Iterable[int]) -> list[tuple[int, str, int]]:
         """The destination confirmed these rows. Returns (job id, destination, objects) for each
@@ -322,7 +308,7 @@ class SendQueue:
             ).all()
         settled: dict[int, list[SendRecord]] = {job_id: [] for job_id in ids}
         for row in dead:
-            settled[row.job_id].append(_record(row))
+            settled[row.job_id].append(SendRecord.from_row(row))
         return settled
 
     def drop_cancelled(self) -> int:
@@ -398,7 +384,7 @@ class SendQueue:
             rows = session.execute(
                 select(sends).where(sends.c.job_id == job_id).order_by(sends.c.id)
             ).all()
-        return [_record(row) for row in rows]
+        return [SendRecord.from_row(row) for row in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """How many rows each (destination, state) has."""
