@@ -3,7 +3,7 @@ loaded as the volumes ``predict`` takes (one, or study-level inputs by name)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
     from dicomnode.imaging import Volume
     from dicomnode.inference.protocol import ModelSpec
-
-#: Loads one series' files as a volume (tests pass their own).
-SeriesLoader = Callable[[Sequence[Path]], "Volume"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,6 @@ def load_inputs(
     spec: ModelSpec,
     series: Sequence[SeriesFiles],
     patterns: Mapping[str, str],
-    load_series: SeriesLoader | None = None,
 ) -> tuple[Volume | dict[str, Volume], list[dict[str, Any]]]:
     """The volumes ``predict`` gets (one, or input name -> volume) and their description.
 
@@ -92,10 +88,10 @@ def load_inputs(
     if accepts.level == "series":
         if len(series) != 1:
             raise InputsRejected(f"model {spec.name!r} takes one series; the job has {len(series)}")
-        volume = _volume(spec, series[0], load_series)
+        volume = _volume(spec, series[0])
         return volume, [describe(None, volume)]
     named = name_inputs(spec.name, series, patterns or accepts.inputs)
-    volumes = {name: _volume(spec, item, load_series) for name, item in named.items()}
+    volumes = {name: _volume(spec, item) for name, item in named.items()}
     return volumes, [describe(name, volume) for name, volume in volumes.items()]
 
 
@@ -160,12 +156,11 @@ def describe(name: str | None, volume: Volume) -> dict[str, Any]:
     }
 
 
-def _volume(spec: ModelSpec, item: SeriesFiles, load: SeriesLoader | None) -> Volume:
-    if load is None:
-        from dicomnode.imaging import is_planar, load_planar, load_series
+def _volume(spec: ModelSpec, item: SeriesFiles) -> Volume:
+    from dicomnode.imaging import is_planar, load_planar, load_series
 
-        # ophthalmic frames (OCT B-scans, colour photographs) may have no patient positions
-        load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
+    # ophthalmic frames (OCT B-scans, colour photographs) may have no patient positions
+    load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
     volume = load(list(item.paths))
     minimum = spec.info.accepts.min_slices
     if volume.array.shape[0] < minimum:

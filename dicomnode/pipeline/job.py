@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.errors import ModelError
-from dicomnode.pipeline.inputs import SeriesLoader, find_series, load_inputs
+from dicomnode.pipeline.inputs import find_series, load_inputs
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -42,7 +42,6 @@ class PipelineSettings:
     strict: bool = True
     #: the SEG/SR/SC written from each job's findings (None: the defaults)
     results: ResultsSettings | None = None
-    load_series: SeriesLoader | None = None
 
 
 class ModelPipeline:
@@ -114,7 +113,7 @@ class ModelPipeline:
         with self._session() as session:
             series = find_series(session, job.inputs, storage_dir, self.name)
         patterns = self.settings.required_series.get(job.route.partition("?")[0], {})
-        inputs, described = load_inputs(self.spec, series, patterns, self.settings.load_series)
+        inputs, described = load_inputs(self.spec, series, patterns)
         loaded = time.perf_counter()
         findings = predict(self.model, inputs, seed=self.settings.seed, cancelled=context.cancelled)
         predicted = time.perf_counter()
