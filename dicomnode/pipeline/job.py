@@ -57,18 +57,15 @@ class ModelPipeline:
         self.name = spec.name
         self._load_model = load_model
         self.settings = settings or PipelineSettings()
+        from dicomnode.config import ResultsSettings
+
+        self.results = self.settings.results or ResultsSettings()
         self._sessions = self.settings.sessions
         self._engine: Any = None
         self.model: InferenceModel | None = None
         self.device: Device | None = None
         self.load_s: float | None = None
         self.load_error: str | None = None
-
-    @property
-    def results(self) -> ResultsSettings:
-        from dicomnode.config import ResultsSettings
-
-        return self.settings.results or ResultsSettings()
 
     # -- JobModel --------------------------------------------------------------------------
 
