@@ -31,6 +31,7 @@ class Association(Base):
     """One association a peer opened to the receiver."""
 
     __tablename__ = "associations"
+    __table_args__ = (Index("ix_associations_receiver_open", "receiver_id", "outcome"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     calling_aet: Mapped[str] = mapped_column(String(16))
@@ -43,6 +44,9 @@ class Association(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))
     stored: Mapped[int] = mapped_column(Integer, default=0)
     refused: Mapped[int] = mapped_column(Integer, default=0)
+    #: the receiver that holds it ([node] receiver_id): on restart a receiver closes its own
+    #: associations that its previous run left open (it died holding them)
+    receiver_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Patient(Base):
@@ -159,6 +163,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: the job's inputs are provisional until then (completed by a release rule that a split
+    #: transfer could fool): its results are held, not sent, until intake confirms that nothing
+    #: new arrived; None once confirmed, or when the evidence needed no window
+    confirm_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class SeriesIntake(Base):
@@ -183,6 +191,8 @@ class SeriesIntake(Base):
     #: Not ``completed_at``: a sweep reads its clock before it reads the series, so instances
     #: stored in between were seen, yet received after that clock.
     covered_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: the end of this generation's confirmation window (None: confirmed, or not needed)
+    confirm_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Send(Base):
