@@ -47,7 +47,7 @@ SPANS: tuple[tuple[str, str, str], ...] = (
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 #: Job states that ran to the end of their run (finished_at is the run's end).
-RAN = (JobState.SENDING.value, JobState.DONE.value)
+RAN = (JobState.CONFIRMING.value, JobState.SENDING.value, JobState.DONE.value)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -125,6 +125,13 @@ class CompletionSettings(_Section):
     quiet_s: float = Field(10.0, ge=0)  # no new instance for this long
     release_grace_s: float = Field(2.0, ge=0)  # after the sending association is released
     expected_counts: bool = True  # Images in Acquisition, frames, contiguous slice positions
+    #: a series completed by a rule a split transfer can fool (a released association, a quiet
+    #: spell) is analysed at once, but its results are sent only when nothing new arrived for
+    #: this long after its last instance; an instance inside the window supersedes the run
+    confirm_s: float = Field(10.0, ge=0)
+    #: calling AE titles declared to send each series whole in one association: a series they
+    #: send is complete, and confirmed, when that association is released
+    whole_series_senders: tuple[str, ...] = ()
     #: study-level routes: series name -> regular expression on Series Description (or on
     #: the sequence attributes), e.g. {T1 = "(?i)t1(?!.*(post|gd|\\+c))", FLAIR = "(?i)flair"}
     required_series: dict[str, str] = {}

@@ -80,11 +80,15 @@ class StudySummary:
 
 
 class JobState(StrEnum):
-    """Where a job is (DESIGN.md): waiting -> queued -> running -> sending -> done, or an end."""
+    """Where a job is (DESIGN.md): waiting -> queued -> running (-> confirming) -> sending ->
+    done, or an end."""
 
     WAITING = "waiting"  # its series or study is not complete yet
     QUEUED = "queued"
     RUNNING = "running"
+    #: results made from inputs still inside their confirmation window: held, not sent, until
+    #: intake confirms nothing new arrived (then ``sending`` or ``done``), or superseded
+    CONFIRMING = "confirming"
     SENDING = "sending"
     DONE = "done"
     FAILED = "failed"

@@ -8,7 +8,14 @@ C-STORE path does no routing work. Each sweep:
    route, or a ``skipped`` one saying no route matched);
 2. decides, with :mod:`dicomnode.completion`, whether each open series is complete; a complete
    series' waiting jobs are routed again with the final slice count and queued (or skipped);
-3. decides each waiting study-level job: run on the required series, wait, or fail.
+3. decides each waiting study-level job: run on the required series, wait, or fail;
+4. confirms the jobs whose inputs' confirmation window passed with nothing new, so their held
+   results go out (a new instance inside the window instead re-routes the series in step 1 of
+   the next sweep, which supersedes them).
+
+Several processes may sweep one database at once (the node wires a cross-process lock around
+the sweep, and every write here is also safe without it: jobs are deduplicated by key, the
+series' intake row is inserted unless present, each state change is a conditional update).
 """
 
 from __future__ import annotations
@@ -20,21 +27,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
-from sqlalchemy import and_, func, or_, select, true
+from sqlalchemy import Table, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import audit
 from dicomnode.completion import (
     SeriesSnapshot,
     StudySeries,
+    confirm_after,
     recognition_text,
     series_verdict,
     study_verdict,
 )
 from dicomnode.config import CompletionSettings
 from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake, Study
+from dicomnode.db.session import insert_unless_present
 from dicomnode.domain import JobState
 from dicomnode.errors import JobStateError, SeriesNotVolume
 from dicomnode.queue.listing import JobFilter
@@ -43,7 +53,11 @@ from dicomnode.routing import Outcome, Router, SeriesFacts
 
 logger = logging.getLogger(__name__)
 
+intakes = cast(Table, SeriesIntake.__table__)
 MIN_CONTIGUOUS_SLICES = 3
+#: states of a job that a newer generation of its input makes moot: not started, or started on
+#: inputs still inside their confirmation window (nothing of it has been sent)
+SUPERSEDABLE = (JobState.QUEUED, JobState.RUNNING, JobState.CONFIRMING)
 #: how far before the previous sweep to look for new series: receivers on other hosts write
 #: their own clocks' times, and a slow transaction may commit after the sweep began
 RECENT_MARGIN = timedelta(seconds=60)
@@ -58,6 +72,7 @@ class SweepReport:
     queued: int = 0
     skipped: int = 0
     failed: int = 0
+    confirmed: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,11 +115,13 @@ class Intake:
             self._since = now - RECENT_MARGIN
             completed, queued, skipped = self._complete_series(now)
             study_queued, failed = self._decide_studies(now)
-        report = SweepReport(routed, completed, queued + study_queued, skipped, failed)
-        if routed or completed or report.queued or failed:
+            confirmed = self._confirm_jobs(now)
+        report = SweepReport(routed, completed, queued + study_queued, skipped, failed, confirmed)
+        if routed or completed or report.queued or failed or confirmed:
             logger.info(
-                "sweep: %d series routed, %d complete, %d jobs queued, %d skipped, %d failed",
-                routed, completed, report.queued, skipped, failed,
+                "sweep: %d series routed, %d complete, %d jobs queued, %d skipped, %d failed, "
+                "%d confirmed",
+                routed, completed, report.queued, skipped, failed, confirmed,
                 extra={"action": "intake_sweep"},
             )  # fmt: skip
         return report
@@ -160,7 +177,7 @@ class Intake:
         )
         decision = self.router.route(facts, partial=True)
         if generation > 1:
-            self._supersede(series_uid)
+            self._supersede(series_uid, study_uid)
         if decision.skipped:
             self.jobs.enqueue(
                 dedupe_key=f"-|{series_uid}|{generation}",
@@ -196,27 +213,43 @@ class Intake:
                 number = self._study_jobs(route.name, study_uid) + 1
                 enqueue(dedupe_key=f"{route.name}|{study_uid}|{number}")
         rules_route = decision.routes[0].name if decision.routes else None
-        with self.sessions.begin() as session:
-            intake = session.scalar(
-                select(SeriesIntake).where(SeriesIntake.series_instance_uid == series_uid)
-            )
-            if intake is None:
-                intake = SeriesIntake(series_instance_uid=series_uid, study_instance_uid=study_uid)
-                session.add(intake)
-            intake.generation, intake.rules_route = generation, rules_route
-            intake.routed_at, intake.completed_at, intake.complete_reason = now, None, None
-            intake.covered_until = None
+        routed = {
+            "generation": generation, "rules_route": rules_route, "routed_at": now,
+            "completed_at": None, "complete_reason": None, "covered_until": None,
+            "confirm_after": None,
+        }  # fmt: skip
+        with self.sessions.begin() as session:  # another process may be routing it too
+            row = {"series_instance_uid": series_uid, "study_instance_uid": study_uid, **routed}
+            if not insert_unless_present(session, intakes, row, ["series_instance_uid"]):
+                session.execute(
+                    update(intakes).where(intakes.c.series_instance_uid == series_uid)
+                    .values(**routed)
+                )  # fmt: skip
 
-    def _supersede(self, series_uid: str) -> None:
-        """A late instance: a job of the earlier generation that has not started yet is moot."""
-        for job in self.jobs.list(JobFilter(state=JobState.QUEUED, series=series_uid), limit=1000):
+    def _supersede(self, series_uid: str, study_uid: str) -> None:
+        """New instances of a series already declared complete: the earlier generation's jobs
+        that have not started, or that ran on inputs still inside their confirmation window
+        (so sent nothing), are moot; the series' next job runs on all of it. Study-level jobs
+        that took the series as an input likewise."""
+        candidates = self.jobs.list(JobFilter(state=SUPERSEDABLE, study=study_uid), limit=1000)
+        for job in candidates:
+            if series_uid not in (job.series_instance_uid, *job.inputs):
+                continue
+            if job.state is not JobState.QUEUED and job.confirm_after is None:
+                continue  # confirmed: it sends, and the new generation's job runs as well
+            within = "inside the confirmation window" if job.confirm_after else "late"
             try:
-                self.jobs.cancel(job.id, actor=audit.NODE, reason="superseded by a late instance")
+                self.jobs.cancel(
+                    job.id,
+                    actor=audit.NODE,
+                    reason=f"superseded: new instances of its input arrived ({within})",
+                )
             except JobStateError:
-                continue  # a worker took it meanwhile: it runs, and the new generation too
+                continue  # it ended meanwhile
             logger.info(
-                "job %s superseded by a late instance",
+                "job %s superseded: new instances of series input arrived (%s)",
                 job.id,
+                within,
                 extra={"action": "job_superseded", "job_id": job.id},
             )
 
@@ -255,6 +288,7 @@ class Intake:
             verdict = series_verdict(snapshot, rules, now)
             if not verdict.complete:
                 continue
+            confirm = confirm_after(snapshot, verdict, rules, now)
             completed += 1
             with self.sessions.begin() as session:
                 intake = session.get(SeriesIntake, series.intake_id)
@@ -262,18 +296,24 @@ class Intake:
                     continue  # another process got there first
                 intake.completed_at, intake.complete_reason = now, verdict.reason[:255]
                 intake.covered_until = snapshot.last_received_at
+                intake.confirm_after = confirm
             logger.info(
-                "series complete (%s): %s",
+                "series complete (%s): %s%s",
                 series.rules_route or "no route",
                 verdict.reason,
+                "" if confirm is None else f"; results held until {confirm:%H:%M:%S} (confirming)",
                 extra={"action": "series_complete"},
             )
-            q, s = self._queue_series_jobs(series, snapshot, now)
+            q, s = self._queue_series_jobs(series, snapshot, now, confirm)
             queued, skipped = queued + q, skipped + s
         return completed, queued, skipped
 
     def _queue_series_jobs(
-        self, series: _OpenSeries, snapshot: SeriesSnapshot, now: datetime
+        self,
+        series: _OpenSeries,
+        snapshot: SeriesSnapshot,
+        now: datetime,
+        confirm: datetime | None,
     ) -> tuple[int, int]:
         """Route again with the final slice count; queue the routes that still match."""
         waiting = self.jobs.list(
@@ -293,7 +333,7 @@ class Intake:
             if job.level != "series":
                 continue
             if job.route in still:
-                queued += self.jobs.mark_queued(job.id, completed_at=now)
+                queued += self.jobs.mark_queued(job.id, completed_at=now, confirm_after=confirm)
             else:
                 reasons = [
                     check.text
@@ -322,11 +362,12 @@ class Intake:
                 .order_by(Instance.received_at.desc(), Instance.id.desc())
                 .limit(1)
             ).one()
-            released_at, whole = None, False
+            released_at, whole, calling_aet = None, False, ""
             if last.association_pk is not None:
                 association = session.get(Association, last.association_pk)
                 if association is not None and association.outcome == "released":
                     released_at = association.closed_at
+                    calling_aet = association.calling_aet
                 from_last = session.scalar(
                     select(func.count(Instance.id)).where(
                         Instance.series_pk == series_pk,
@@ -350,6 +391,7 @@ class Intake:
             expected_instances=expected,
             single_multiframe=single_multiframe,
             contiguous=self._contiguous(paths) if paths and rules.expected_counts else None,
+            last_calling_aet=calling_aet,
         )
 
     def _contiguous(self, paths: list[str]) -> bool:
@@ -382,8 +424,12 @@ class Intake:
             series, first_received = self._study_series(job.study_instance_uid)
             verdict = study_verdict(series, rules, first_received, now)
             if verdict.action == "run":
+                inputs = list(verdict.inputs.values())
                 queued += self.jobs.mark_queued(
-                    job.id, completed_at=now, inputs=list(verdict.inputs.values())
+                    job.id,
+                    completed_at=now,
+                    inputs=inputs,
+                    confirm_after=self._inputs_confirm_after(inputs, now),
                 )
                 logger.info(
                     "job %s: %s",
@@ -394,6 +440,45 @@ class Intake:
             elif verdict.action == "fail":
                 failed += self.jobs.mark_failed(job.id, verdict.reason)
         return queued, failed
+
+    def _inputs_confirm_after(self, series_uids: list[str], now: datetime) -> datetime | None:
+        """The latest confirmation window among a study job's input series (None: all passed)."""
+        with self.sessions() as session:
+            latest = session.scalar(
+                select(func.max(SeriesIntake.confirm_after)).where(
+                    SeriesIntake.series_instance_uid.in_(series_uids)
+                )
+            )
+        return latest if latest is not None and latest > now else None
+
+    # -- 4. confirmation ---------------------------------------------------------------------
+
+    def _confirm_jobs(self, now: datetime) -> int:
+        """Release the results of jobs whose inputs' windows passed with nothing new."""
+        due = [
+            job
+            for job in self.jobs.list(JobFilter(state=SUPERSEDABLE), limit=10_000)
+            if job.confirm_after is not None and job.confirm_after <= now
+        ]
+        confirmed = 0
+        for job in due:
+            inputs = job.inputs or ((job.series_instance_uid,) if job.series_instance_uid else ())
+            if not all(self._unchanged(uid) for uid in inputs):
+                continue  # step 1 of the next sweep re-routes the series and supersedes the job
+            confirmed += self.jobs.confirm(job.id) is not None
+        return confirmed
+
+    def _unchanged(self, series_uid: str) -> bool:
+        """Nothing arrived for the series since the verdict that completed it."""
+        with self.sessions() as session:
+            row = session.execute(
+                select(SeriesIntake.covered_until, Series.last_received_at)
+                .join(Series, Series.series_instance_uid == SeriesIntake.series_instance_uid)
+                .where(SeriesIntake.series_instance_uid == series_uid)
+            ).first()
+        if row is None or row.covered_until is None:
+            return False  # being routed again, or not complete
+        return bool(row.last_received_at <= row.covered_until)
 
     def _study_series(self, study_uid: str) -> tuple[list[StudySeries], datetime]:
         with self.sessions() as session:

@@ -28,7 +28,13 @@ from dicomnode.api.context import ApiContext, Memo
 from dicomnode.db.models import Association, Instance, Job, Send
 from dicomnode.domain import JobState
 
-UNFINISHED = (JobState.WAITING, JobState.QUEUED, JobState.RUNNING, JobState.SENDING)
+UNFINISHED = (
+    JobState.WAITING,
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.CONFIRMING,
+    JobState.SENDING,
+)
 
 router = APIRouter(tags=["metrics"])
 

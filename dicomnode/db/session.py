@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -48,3 +50,30 @@ def rowcount(session: Session, statement: Executable) -> int:
     ``CursorResult`` that carries ``rowcount``.
     """
     return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
+def insert_unless_present(
+    session: Session, table: Table, values: dict[str, Any], unique: list[str]
+) -> bool:
+    """INSERT a row unless one with the same ``unique`` columns exists; True when inserted.
+
+    Concurrent processes inserting the same key do not fail each other: on PostgreSQL and SQLite
+    with ``ON CONFLICT DO NOTHING`` (PostgreSQL waits for the other writer's commit), elsewhere
+    with a savepoint that catches the duplicate.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        module = postgresql if dialect == "postgresql" else sqlite
+        statement = (
+            module.insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=unique)
+            .returning(*(table.c[name] for name in unique))
+        )
+        return session.execute(statement).first() is not None
+    try:
+        with session.begin_nested():
+            session.execute(table.insert().values(**values))
+        return True
+    except IntegrityError:
+        return False

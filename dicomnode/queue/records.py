@@ -40,6 +40,8 @@ class JobRecord:
     finished_at: datetime | None
     sent_at: datetime | None
     updated_at: datetime
+    #: results held until then, the inputs' confirmation window (None: confirmed)
+    confirm_after: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Self:

@@ -29,14 +29,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Engine, Row, Table, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import audit
 from dicomnode.config import QueueSettings
 from dicomnode.db.models import Job
-from dicomnode.db.session import make_session_factory, rowcount
+from dicomnode.db.session import insert_unless_present, make_session_factory, rowcount
 from dicomnode.domain import FINAL_STATES, JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
 from dicomnode.queue.listing import EVERY_JOB, JobFilter
@@ -173,21 +171,7 @@ class JobRepository:
         return record
 
     def _insert_new(self, session: Session, values: dict[str, Any]) -> bool:
-        if self._dialect in ("postgresql", "sqlite"):
-            dialect = postgresql if self._dialect == "postgresql" else sqlite
-            statement = (
-                dialect.insert(jobs)
-                .values(**values)
-                .on_conflict_do_nothing(index_elements=["dedupe_key"])
-                .returning(jobs.c.id)
-            )
-            return session.execute(statement).first() is not None
-        try:  # another database: a savepoint catches the duplicate
-            with session.begin_nested():
-                session.execute(jobs.insert().values(**values))
-            return True
-        except IntegrityError:
-            return False
+        return insert_unless_present(session, jobs, values, ["dedupe_key"])
 
     def mark_queued(
         self,
@@ -195,10 +179,13 @@ class JobRepository:
         *,
         completed_at: datetime | None = None,
         inputs: Sequence[str] | None = None,
+        confirm_after: datetime | None = None,
     ) -> bool:
         """A waiting job's series (or study) is complete: it may run now. False if not waiting.
 
         ``inputs`` replaces the job's series list (a study-level job runs on what arrived).
+        With ``confirm_after``, the completion is provisional: the job runs now, but its results
+        are held (``confirming``) until :meth:`confirm`.
         """
         now = self.now()
         values: dict[str, Any] = {
@@ -207,6 +194,7 @@ class JobRepository:
             "queued_at": now,
             "run_after": now,
             "updated_at": now,
+            "confirm_after": confirm_after,
         }
         if inputs is not None:
             values["inputs"] = list(inputs)
@@ -324,10 +312,12 @@ class JobRepository:
             )
         return bool(changed)
 
-    def _held(self, session: Session, job_id: int, worker_id: str) -> Row[Any, Any, Any] | None:
+    def _held(
+        self, session: Session, job_id: int, worker_id: str
+    ) -> Row[Any, Any, Any, Any] | None:
         """The job's row, locked, if ``worker_id`` holds its lease."""
         return session.execute(
-            select(jobs.c.attempts, jobs.c.max_attempts, jobs.c.destinations)
+            select(jobs.c.attempts, jobs.c.max_attempts, jobs.c.destinations, jobs.c.confirm_after)
             .where(
                 jobs.c.id == job_id,
                 jobs.c.lease_owner == worker_id,
@@ -339,7 +329,8 @@ class JobRepository:
     def finish(
         self, job_id: int, worker_id: str, result: Mapping[str, Any] | None = None
     ) -> JobState | None:
-        """The run succeeded: ``sending`` when the job has destinations, else ``done``.
+        """The run succeeded: ``sending`` when the job has destinations, else ``done``; but
+        ``confirming`` (nothing sent yet) while its inputs are unconfirmed (:meth:`confirm`).
 
         Returns the new state, or None (and changes nothing) when ``worker_id`` lost the lease.
         """
@@ -349,7 +340,10 @@ class JobRepository:
             if row is None:
                 state = None
             else:
-                state = JobState.SENDING if row.destinations else JobState.DONE
+                if row.confirm_after is not None:
+                    state = JobState.CONFIRMING
+                else:
+                    state = JobState.SENDING if row.destinations else JobState.DONE
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -432,6 +426,36 @@ class JobRepository:
             )
         return state
 
+    def confirm(self, job_id: int) -> JobState | None:
+        """The job's inputs are confirmed whole: its results may go out. A ``confirming`` job
+        becomes ``sending`` (its sends written in this transaction) or ``done``; a job still
+        queued or running just loses its hold, so it sends as soon as it finishes. Returns the
+        job's state after, or None when it was no longer held (confirmed, or ended)."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            row = session.execute(
+                select(jobs.c.state, jobs.c.destinations, jobs.c.result)
+                .where(jobs.c.id == job_id, jobs.c.confirm_after.is_not(None))
+                .with_for_update()
+            ).first()
+            if row is None or JobState(row.state) in FINAL_STATES:
+                return None
+            state = JobState(row.state)
+            values: dict[str, Any] = {"confirm_after": None, "updated_at": now}
+            if state is JobState.CONFIRMING:
+                state = JobState.SENDING if row.destinations else JobState.DONE
+                values["state"] = state.value
+                if state is JobState.SENDING:
+                    add_sends(session, job_id, row.destinations, row.result, now)
+            session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+        logger.info(
+            "job %s: inputs confirmed, %s",
+            job_id,
+            state,
+            extra={"action": "job_confirmed", "job_id": job_id},
+        )
+        return state
+
     def mark_sent(self, job_id: int) -> bool:
         """Every result reached every destination: ``sending`` -> ``done``. False if not sending."""
         now = self.now()
@@ -453,18 +477,22 @@ class JobRepository:
     ) -> JobRecord:
         """Any unfinished job -> ``cancelled``. A running job's worker sees it at its next
         heartbeat and drops its result. Raises JobNotFound, or JobStateError when final.
-        With ``actor``, the ``cancelled`` audit event (detail ``reason``) commits with it."""
+        With ``actor``, the ``cancelled`` audit event (detail ``reason``) commits with it; the
+        ``reason`` is also the job's error, so its listing says why it ended."""
         now = self.now()
+        values: dict[str, Any] = {
+            "state": JobState.CANCELLED.value,
+            "lease_expires_at": None,
+            "finished_at": now,
+            "updated_at": now,
+        }
+        if reason:
+            values["error"] = _clip(f"cancelled: {reason}")
         return self._admin_transition(
             job_id,
             allowed=lambda state: state not in FINAL_STATES,
             refusal="only unfinished jobs can be cancelled",
-            values={
-                "state": JobState.CANCELLED.value,
-                "lease_expires_at": None,
-                "finished_at": now,
-                "updated_at": now,
-            },
+            values=values,
             action="job_cancelled",
             done="cancelled",
             audit_event=("cancelled", actor, reason),

@@ -9,6 +9,7 @@ import pytest
 from dicomnode.completion import (
     SeriesSnapshot,
     StudySeries,
+    confirm_after,
     recognise,
     recognition_text,
     series_verdict,
@@ -66,6 +67,47 @@ def test_whole_contiguous_series_in_one_released_association_completes_at_once()
     )
     assert not series_verdict(lone, RULES, _at(0.1)).complete
     assert series_verdict(lone, RULES, _at(2.1)).complete
+
+
+def test_evidence_a_split_transfer_can_fool_is_provisional() -> None:
+    whole = _series(released_at=_at(0.1), whole_in_last_association=True, contiguous=True)
+    verdict = series_verdict(whole, RULES, _at(0.1))
+    assert verdict.complete and verdict.provisional
+    # held until confirm_s after the last instance, then no longer
+    assert confirm_after(whole, verdict, RULES, _at(0.1)) == _at(10)
+    assert confirm_after(whole, verdict, RULES, _at(10)) is None
+    grace = _series(released_at=_at(1))
+    assert series_verdict(grace, RULES, _at(3)).provisional
+    quiet = series_verdict(_series(), RULES, _at(10))
+    assert quiet.provisional and confirm_after(_series(), quiet, RULES, _at(10)) is None
+    short_quiet = CompletionSettings(quiet_s=2, confirm_s=5)
+    verdict = series_verdict(_series(), short_quiet, _at(2))
+    assert confirm_after(_series(), verdict, short_quiet, _at(2)) == _at(5)
+
+
+def test_proof_needs_no_confirmation() -> None:
+    counted = _series(expected_instances=40)
+    verdict = series_verdict(counted, RULES, _at(0))
+    assert verdict.complete and not verdict.provisional
+    assert confirm_after(counted, verdict, RULES, _at(0)) is None
+    multiframe = _series(instances=1, single_multiframe=True)
+    assert not series_verdict(multiframe, RULES, _at(0)).provisional
+
+
+def test_a_sender_declared_whole_completes_and_confirms_at_release() -> None:
+    rules = CompletionSettings(whole_series_senders=("CT1",))
+    from_ct1 = _series(released_at=_at(0.1), whole_in_last_association=True, last_calling_aet="CT1")
+    verdict = series_verdict(from_ct1, rules, _at(0.1))
+    assert verdict.complete and not verdict.provisional and "CT1" in verdict.reason
+    # even one instance, or a stack with a gap: the site vouches for the sender
+    single = _series(instances=1, released_at=_at(0.1), whole_in_last_association=True,
+                     last_calling_aet="CT1", contiguous=False)  # fmt: skip
+    assert series_verdict(single, rules, _at(0.1)).complete
+    # another sender, or a series split over associations, gets no such trust
+    other = _series(released_at=_at(0.1), whole_in_last_association=True, last_calling_aet="PACS")
+    assert not series_verdict(other, rules, _at(0.1)).complete
+    split = _series(released_at=_at(0.1), whole_in_last_association=False, last_calling_aet="CT1")
+    assert not series_verdict(split, rules, _at(0.1)).complete
 
 
 def test_expected_counts() -> None:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from dicomnode.config import QueueSettings
-from dicomnode.db.models import Job
+from dicomnode.db.models import Job, Send
 from dicomnode.domain import JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
 from dicomnode.queue import JobRecord, JobRepository
@@ -54,6 +54,11 @@ def add(
         **values,
     }
     return repo.enqueue(model=model, priority=priority, state=state, **fields)  # type: ignore[arg-type]
+
+
+def send_count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count(Send.id))).scalar() or 0)
 
 
 def job_count(engine: Engine) -> int:
@@ -209,6 +214,44 @@ def test_a_job_with_destinations_is_sending_until_sent(repo: JobRepository, cloc
     done = repo.get(job.id)
     assert done is not None and done.state is JobState.DONE
     assert done.sent_at == clock.now and done.finished_at == clock.now - timedelta(seconds=2)
+
+
+def test_a_provisional_job_holds_its_results_until_confirmed(
+    repo: JobRepository, clock: Clock, engine: Engine
+) -> None:
+    job = add(repo, state=JobState.WAITING, destinations=["PACS"])
+    window = clock.now + timedelta(seconds=10)
+    assert repo.mark_queued(job.id, confirm_after=window)
+    assert repo.claim("w1") is not None
+    result = {"objects": [{"kind": "sr", "path": "r/sr.dcm", "sop_class_uid": "1.2",
+                           "sop_instance_uid": "1.2.3"}]}  # fmt: skip
+    assert repo.finish(job.id, "w1", result) is JobState.CONFIRMING
+    assert send_count(engine) == 0  # nothing goes out from unconfirmed inputs
+    assert repo.confirm(job.id) is JobState.SENDING
+    assert send_count(engine) == 1
+    confirmed = repo.get(job.id)
+    assert confirmed is not None and confirmed.confirm_after is None
+    assert repo.confirm(job.id) is None  # once
+
+
+def test_a_job_confirmed_while_it_runs_sends_when_it_finishes(
+    repo: JobRepository, clock: Clock
+) -> None:
+    job = add(repo, state=JobState.WAITING)
+    assert repo.mark_queued(job.id, confirm_after=clock.now + timedelta(seconds=10))
+    assert repo.claim("w1") is not None
+    assert repo.confirm(job.id) is JobState.RUNNING
+    assert repo.finish(job.id, "w1", {}) is JobState.DONE
+
+
+def test_a_superseded_job_never_sends(repo: JobRepository, clock: Clock, engine: Engine) -> None:
+    job = add(repo, state=JobState.WAITING, destinations=["PACS"])
+    assert repo.mark_queued(job.id, confirm_after=clock.now + timedelta(seconds=10))
+    assert repo.claim("w1") is not None
+    repo.cancel(job.id, reason="superseded")
+    assert repo.finish(job.id, "w1", {"objects": []}) is None  # its result is dropped
+    assert repo.confirm(job.id) is None
+    assert send_count(engine) == 0
 
 
 def test_cancel(repo: JobRepository) -> None:
