@@ -81,9 +81,9 @@ class EchoModel:
         }
 
     def _write(self, context: JobContext) -> None:
-        if context.storage_dir is None:
+        if context.output_root is None:
             raise RuntimeError("echo model told to write, but the job has no storage directory")
-        folder = context.storage_dir / "results" / str(context.job.id)
+        folder = context.output_root / "results" / str(context.job.id)
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"attempt": context.job.attempts, "worker_id": context.worker_id})
         (folder / "echo.json").write_text(text)

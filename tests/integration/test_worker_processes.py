@@ -250,10 +250,10 @@ def test_a_worker_paused_past_its_lease_changes_no_result_file(
             timeout=60,
             what="the survivor to finish the job",
         )
+        storage = workers.folder / "var"
+        published = result_files(storage)  # while the paused worker is still stopped
     finally:
         paused.send_signal(signal.SIGCONT)
-    storage = workers.folder / "var"
-    published = result_files(storage)
     assert list(published) == [f"{job.id}/echo.json"]
     written = (storage / "results" / str(job.id) / "echo.json").read_text()
     assert '"attempt": 2' in written and '"worker_id": "survivor"' in written
@@ -261,12 +261,16 @@ def test_a_worker_paused_past_its_lease_changes_no_result_file(
     # The paused worker wakes, ends its run (writing its files) and finds its lease gone.
     wait_until(lambda: ("end", job.id, 1, "paused") in workers.runs(), timeout=30)
     wait_until(lambda: "dropped" in workers.output("paused"), timeout=30, what="result dropped")
+    staging = storage / "results" / ".staging"
+    wait_until(
+        lambda: not staging.exists() or not any(staging.iterdir()),
+        timeout=30,
+        what="the paused worker's staging folder removed",
+    )
     assert result_files(storage) == published  # the same bytes, never rewritten
     after = repo.get(job.id)
     assert after is not None and after.state is JobState.DONE
     assert after.result == done.result and after.lease_owner == "survivor"
-    staging = storage / "results" / ".staging"
-    assert not staging.exists() or not any(staging.iterdir())
     assert workers.stop_all() == {"paused": 0, "survivor": 0}
 
 
