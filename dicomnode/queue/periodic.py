@@ -66,6 +66,14 @@ class Periodic:
         if self._scheduler.running and self._scheduler.get_job(name) is not None:
             self._scheduler.modify_job(name, next_run_time=datetime.now(UTC))
 
+    def task(self, name: str) -> Callable[[], None]:
+        """The function the named job runs (exceptions logged, as when scheduled), to run it by
+        hand; KeyError names a job that is not registered."""
+        job = self._scheduler.get_job(name)
+        if job is None:
+            raise KeyError(f"no periodic job {name!r}; there are {self.job_names()}")
+        return job.func
+
     def job_names(self) -> list[str]:
         return sorted(job.id for job in self._scheduler.get_jobs())
 
