@@ -225,3 +225,24 @@ def test_a_worker_cleans_leftover_staging_folders_when_it_starts(
         wait_until(lambda: not leftover.root.exists(), timeout=10, what="leftover removed")
     finally:
         worker.stop(timeout=10)
+
+
+def test_a_worker_whose_files_cannot_be_published_fails_the_attempt(
+    repo: JobRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = add(repo, "echo?write=1")
+    claimed = repo.claim("w1")
+    assert claimed is not None
+
+    def no_room(self: Staging) -> None:
+        raise ResultsError(f"job {self.job_id}: results could not be moved: disk full")
+
+    monkeypatch.setattr(Staging, "publish", no_room)
+    worker = Worker(repo, {"echo": EchoModel()}, worker_id="w1", storage_dir=tmp_path)
+    worker.load_models()
+    assert worker.execute(claimed) is JobState.QUEUED  # retried, as any failed run
+    again = repo.get(job.id)
+    assert again is not None and again.result is None
+    assert again.error == f"ResultsError: job {job.id}: results could not be moved: disk full"
+    assert not (tmp_path / RESULTS_DIR / str(job.id)).exists()
+    assert not any((tmp_path / RESULTS_DIR / STAGING_DIR).iterdir())
