@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.app import RETENTION_JOB, SWEEP_JOB, Node
+from dicomnode.db.locks import TaskLocks
 from dicomnode.domain import JobState
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
@@ -65,6 +66,11 @@ def test_two_nodes_sweeping_the_same_new_series_make_each_job_once(
     caplog.set_level(logging.INFO, logger="dicomnode")
     sweeps = [node.periodic.task(SWEEP_JOB) for node in nodes]
     jobs = nodes[0].jobs
+    # a third process holds the sweep: both nodes skip their turn and change nothing
+    with TaskLocks(nodes[0].database.engine).hold(SWEEP_JOB) as held:
+        assert held
+        _together(sweeps)
+        assert jobs.count() == 0
 
     def swept_all() -> bool:
         _together(sweeps)  # both nodes' sweeps (as the scheduler runs them), at once
