@@ -14,6 +14,7 @@ from dicomnode.api.context import ApiContext
 from dicomnode.api.server import ApiServer
 from dicomnode.config import Settings
 from dicomnode.db import make_engine, make_session_factory, upgrade
+from dicomnode.db.locks import TaskLocks
 from dicomnode.db.migrate import current_revision, head_revision
 from dicomnode.errors import DatabaseError
 from dicomnode.inference.device import resolve_device
@@ -130,14 +131,22 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
     jobs = JobRepository(database.sessions, settings.queue)
     intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs)
     periodic = Periodic()
-    schedule_queue_maintenance(periodic, jobs)
-    periodic.add_job(intake.sweep, SWEEP_EVERY_S, SWEEP_JOB, run_now=True)
+    # several serves on one database: each of these runs in one of them at a time, the others
+    # skip their turn (lease reaping is atomic, every process does it)
+    locks = TaskLocks(database.engine)
+    schedule_queue_maintenance(periodic, jobs, locks=locks)
+    periodic.add_job(
+        locks.exclusively(SWEEP_JOB, intake.sweep), SWEEP_EVERY_S, SWEEP_JOB, run_now=True
+    )
     if settings.node.retention_days > 0:
         keep = timedelta(days=settings.node.retention_days)
         periodic.add_job(
-            lambda: (
-                purge_studies(database.sessions, spool, datetime.now(UTC) - keep),
-                purge_results(database.sessions, spool.root, datetime.now(UTC) - keep),
+            locks.exclusively(
+                RETENTION_JOB,
+                lambda: (
+                    purge_studies(database.sessions, spool, datetime.now(UTC) - keep),
+                    purge_results(database.sessions, spool.root, datetime.now(UTC) - keep),
+                ),
             ),
             RETENTION_EVERY_S,
             RETENTION_JOB,

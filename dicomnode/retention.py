@@ -80,9 +80,13 @@ def _remove(sessions: sessionmaker[Session], spool: Spool, study_pk: int, study_
 def purge_results(sessions: sessionmaker[Session], storage_dir: Path, older_than: datetime) -> int:
     """Remove ``results/<job id>/`` folders of jobs that are final, last changed before
     ``older_than``, and owe no destination an object (no ``pending`` send), and the folders of
-    jobs no longer in the table. Results a destination still waits for stay. Returns how many."""
+    jobs no longer in the table. Results a destination still waits for stay. Returns how many.
+    Staging folders no live run can publish (a worker killed mid-write) go too."""
     from dicomnode.inference.findings import RESULTS_DIR
     from dicomnode.queue.sends import PENDING
+    from dicomnode.queue.staging import clean_staging
+
+    clean_staging(Path(storage_dir), sessions)
 
     root = Path(storage_dir) / RESULTS_DIR
     if not root.is_dir():

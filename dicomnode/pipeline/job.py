@@ -107,6 +107,9 @@ class ModelPipeline:
             raise ModelError(f"model {self.name!r} needs the storage directory of the spool")
         started = time.perf_counter()
         job, storage_dir = context.job, context.storage_dir
+        # the files go to the run's private folder, published only while it holds the lease;
+        # their recorded paths, relative to it, are the final ones
+        output = context.output_root or storage_dir
         with self._session() as session:
             series = find_series(session, job.inputs, storage_dir, self.name)
         patterns = self.settings.required_series.get(job.route.partition("?")[0], {})
@@ -114,7 +117,7 @@ class ModelPipeline:
         loaded = time.perf_counter()
         findings = predict(self.model, inputs, seed=self.settings.seed, cancelled=context.cancelled)
         predicted = time.perf_counter()
-        result = findings_to_json(findings, write_masks(findings, storage_dir, job.id))
+        result = findings_to_json(findings, write_masks(findings, output, job.id))
         result["inputs"] = described
         result["device"] = str(self.device)
         objects = write_results(
@@ -123,7 +126,7 @@ class ModelPipeline:
             inputs,
             series,
             self.results,
-            storage_dir,
+            output,
             job_id=job.id,
             route=job.route,
             received_at=job.received_at,

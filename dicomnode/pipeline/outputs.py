@@ -45,9 +45,10 @@ def write_results(
     route: str,
     received_at: datetime,
 ) -> list[dict[str, str]] | None:
-    """The job's SEG, SR and SC in ``results/<job id>/dicom/`` (None: results are off), as the
-    result's ``objects``. Dated when the inputs' last instance arrived (``received_at`` for a
-    job whose series have no time), so a rerun writes the same objects."""
+    """The job's SEG, SR and SC in ``results/<job id>/dicom/`` under ``storage_dir`` (the run's
+    staging root), as the result's ``objects`` (None: results are off). Dated when the inputs'
+    last instance arrived (``received_at`` for a job whose series have no time), so a rerun
+    writes the same objects."""
     from dicomnode.results import FindingClass, build_results
 
     if not settings.enabled:

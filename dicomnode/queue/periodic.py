@@ -2,8 +2,9 @@
 parts register (the completion sweep) through :meth:`Periodic.add_job`.
 
 Every job runs in the scheduler's thread pool, never two runs of the same job at once, and missed
-runs coalesce into one. Each task is safe to run in several processes at the same time (``serve``
-and every ``dicomnode worker`` reap leases): the database statements behind them are atomic.
+runs coalesce into one. Lease reaping is safe to run in several processes at the same time
+(``serve`` and every ``dicomnode worker`` reap leases): its statements are atomic. The purge, like
+the intake sweep and the retention, runs in one process at a time (:mod:`dicomnode.db.locks`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.config import QueueSettings
+from dicomnode.db.locks import TaskLocks
 from dicomnode.queue.repository import JobRepository
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ class Periodic:
         if self._scheduler.running and self._scheduler.get_job(name) is not None:
             self._scheduler.modify_job(name, next_run_time=datetime.now(UTC))
 
+    def task(self, name: str) -> Callable[[], None]:
+        """The function the named job runs (exceptions logged, as when scheduled), to run it by
+        hand; KeyError names a job that is not registered."""
+        job = self._scheduler.get_job(name)
+        if job is None:
+            raise KeyError(f"no periodic job {name!r}; there are {self.job_names()}")
+        return job.func
+
     def job_names(self) -> list[str]:
         return sorted(job.id for job in self._scheduler.get_jobs())
 
@@ -113,9 +123,11 @@ def schedule_queue_maintenance(
     purge: bool = True,
     reap_every_s: float | None = None,
     purge_every_s: float = 3600.0,
+    locks: TaskLocks | None = None,
 ) -> None:
     """Register lease reaping (every few seconds) and, with ``purge``, the retention purge
-    of finished jobs older than ``retention_days`` (hourly)."""
+    of finished jobs older than ``retention_days`` (hourly); with ``locks``, a purge another
+    process is running is skipped."""
     settings = settings or repository.settings
     periodic.add_job(
         repository.reap_expired_leases,
@@ -125,8 +137,12 @@ def schedule_queue_maintenance(
     )
     if purge:
         retention = timedelta(days=settings.retention_days)
+
+        def purge_jobs() -> None:
+            repository.purge(repository.now() - retention)
+
         periodic.add_job(
-            lambda: repository.purge(repository.now() - retention),
+            locks.exclusively(PURGE_JOB, purge_jobs) if locks is not None else purge_jobs,
             purge_every_s,
             PURGE_JOB,
             run_now=True,

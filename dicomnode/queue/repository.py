@@ -327,12 +327,19 @@ class JobRepository:
         ).first()
 
     def finish(
-        self, job_id: int, worker_id: str, result: Mapping[str, Any] | None = None
+        self,
+        job_id: int,
+        worker_id: str,
+        result: Mapping[str, Any] | None = None,
+        *,
+        publish: Callable[[], None] | None = None,
     ) -> JobState | None:
         """The run succeeded: ``sending`` when the job has destinations, else ``done``; but
         ``confirming`` (nothing sent yet) while its inputs are unconfirmed (:meth:`confirm`).
 
         Returns the new state, or None (and changes nothing) when ``worker_id`` lost the lease.
+        ``publish`` (moving the run's files into place) runs only while the lease is held, with
+        the job's row locked, before the commit; if it raises, nothing is recorded.
         """
         now = self.now()
         with self._sessions.begin() as session:
@@ -340,6 +347,8 @@ class JobRepository:
             if row is None:
                 state = None
             else:
+                if publish is not None:
+                    publish()
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
                 else:

@@ -9,6 +9,11 @@ event is set so the model can stop early, and whatever it returns is dropped.
 On stop (the event passed to :meth:`Worker.run` is set, e.g. by SIGTERM) the worker finishes the
 job in hand and returns. A worker that dies instead (SIGKILL, power loss) leaves a lease that
 expires; the periodic reaper then puts the job back in the queue for another worker.
+
+A run writes its files into a private staging folder (:mod:`dicomnode.queue.staging`), which
+the worker moves into ``results/<job id>/`` only in the transaction that records the run while
+it holds the lease: a worker that lost its lease (paused past it) never touches a finished job's
+files.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from dicomnode.domain import JobState
+from dicomnode.errors import ResultsError
 from dicomnode.queue.repository import ClaimedJob, JobRepository
+from dicomnode.queue.staging import Staging, clean_staging
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,15 @@ class JobContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
     #: The shared spool the job's input series are in (None in tests that need none).
     storage_dir: Path | None = None
+    #: The run's private folder, laid out like ``storage_dir``: it writes the job's files
+    #: into ``results/<job id>/`` under it, and records paths relative to it (the same paths
+    #: once published). None: straight into ``storage_dir``.
+    staging_root: Path | None = None
+
+    @property
+    def output_root(self) -> Path | None:
+        """Where the run writes ``results/<job id>/``: its staging folder, else the spool."""
+        return self.staging_root or self.storage_dir
 
 
 @runtime_checkable
@@ -120,6 +136,16 @@ class Worker:
         """Claim and run jobs until ``stop`` is set; the job in hand is finished first."""
         stop = stop or self._stop
         self.load_models()
+        if self.storage_dir is not None:
+            try:
+                clean_staging(self.storage_dir, self.repository.sessions)
+            except Exception:  # the next start tries again; runs never depend on it
+                logger.warning(
+                    "worker %s: staging folders could not be cleaned",
+                    self.worker_id,
+                    exc_info=True,
+                    extra={"action": "staging_clean_failed", "worker_id": self.worker_id},
+                )
         logger.info(
             "worker %s started: models %s on %s",
             self.worker_id,
@@ -162,7 +188,16 @@ class Worker:
 
     def execute(self, job: ClaimedJob) -> JobState | None:
         """Run a job this worker claimed; returns its new state (None: the lease was lost)."""
-        context = JobContext(job, self.device, self.worker_id, storage_dir=self.storage_dir)
+        staging = None
+        if self.storage_dir is not None:
+            staging = Staging.for_run(self.storage_dir, job.id, job.attempts)
+        context = JobContext(
+            job,
+            self.device,
+            self.worker_id,
+            storage_dir=self.storage_dir,
+            staging_root=staging.root if staging is not None else None,
+        )
         done = threading.Event()
         beat = threading.Thread(
             target=self._heartbeat,
@@ -204,12 +239,22 @@ class Worker:
                 return self._record(
                     lambda: self.repository.fail(job.id, self.worker_id, error), job.id
                 )
-            return self._record(
-                lambda: self.repository.finish(job.id, self.worker_id, result), job.id
-            )
+            publish = staging.publish if staging is not None else None
+            try:
+                return self._record(
+                    lambda: self.repository.finish(job.id, self.worker_id, result, publish=publish),
+                    job.id,
+                )
+            except ResultsError as exc:  # the files could not be moved into place
+                error = _describe(exc)
+                return self._record(
+                    lambda: self.repository.fail(job.id, self.worker_id, error), job.id
+                )
         finally:
             done.set()
             beat.join()
+            if staging is not None:  # published (then empty), or not this worker's to publish
+                staging.discard()
             self.jobs_run += 1
 
     def _record(self, write: Callable[[], JobState | None], job_id: int) -> JobState | None:

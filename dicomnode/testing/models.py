@@ -5,7 +5,9 @@
 ``?``, as in a URL query, which tests use to steer it:
 
 - ``sleep=S``: take S seconds (ends early when the job is cancelled or its lease is lost);
-- ``fail=N``: raise on the first N attempts (``fail=always``: on every one).
+- ``fail=N``: raise on the first N attempts (``fail=always``: on every one);
+- ``write=1``: write ``results/<job id>/echo.json`` (its attempt and worker) as a model's
+  result files are written, after the sleep, whether or not the lease was lost meanwhile.
 
 Example route: ``"slow?sleep=2&fail=1"``. With ``$DICOMNODE_TEST_RUN_LOG`` naming a file, each run
 appends ``start <job id> <attempt> <worker id>`` when it begins and ``end ...`` when it returns,
@@ -14,6 +16,7 @@ each line in one O_APPEND write, so several processes can share the file.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -66,6 +69,8 @@ class EchoModel:
         fail = steer.get("fail", "0")
         if fail == "always" or job.attempts <= int(fail):
             raise ModelFailure(f"told to fail (attempt {job.attempts})")
+        if steer.get("write") == "1":
+            self._write(context)
         self._record("end", context)
         return {
             "model": self.name,
@@ -74,6 +79,14 @@ class EchoModel:
             "device": self.device,
             "worker_id": context.worker_id,
         }
+
+    def _write(self, context: JobContext) -> None:
+        if context.output_root is None:
+            raise RuntimeError("echo model told to write, but the job has no storage directory")
+        folder = context.output_root / "results" / str(context.job.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"attempt": context.job.attempts, "worker_id": context.worker_id})
+        (folder / "echo.json").write_text(text)
 
     def _record(self, event: str, context: JobContext) -> None:
         if self.run_log is None:

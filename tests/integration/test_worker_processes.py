@@ -7,6 +7,7 @@ test sees every run, not only the end state in the database.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -203,6 +204,74 @@ def test_a_killed_workers_job_is_finished_by_another(
     # lease (2 s) + a reap interval (1 s) + the run (3 s), with room for a slow machine
     assert recovery_s < 15
     assert workers.stop_all()["survivor"] == 0
+
+
+def result_files(storage: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``results/`` (staging folders included): relative path -> (sha256,
+    mtime in ns)."""
+    root = storage / "results"
+    return {
+        str(path.relative_to(root)): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime_ns,
+        )
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("queue_database", ["postgresql", "sqlite"], indirect=True)
+def test_a_worker_paused_past_its_lease_changes_no_result_file(
+    queue_database: tuple[str, Engine], workers: Workers
+) -> None:
+    """SIGSTOP (a GC pause, a partition) past the lease: another worker runs the job and
+    publishes its files; the paused one, resumed, writes its own but publishes nothing."""
+    short_lease = {"DICOMNODE_QUEUE__LEASE_S": "2", "DICOMNODE_QUEUE__HEARTBEAT_S": "0.3"}
+    workers.start("paused", **short_lease)
+    workers.wait_ready("paused")
+    repo = JobRepository(queue_database[1])
+    job = repo.enqueue(
+        dedupe_key="slow/1",
+        route="slow?sleep=1&write=1",
+        model="echo",
+        study_instance_uid=STUDY,
+        inputs=[f"{STUDY}.1"],
+        state=JobState.QUEUED,
+    )
+    wait_until(lambda: ("start", job.id, 1, "paused") in workers.runs(), timeout=30)
+    paused = workers.processes["paused"]
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        workers.start("survivor", **short_lease)
+        workers.wait_ready("survivor")
+        done = wait_until(
+            lambda: (j := repo.get(job.id)) and j.state is JobState.DONE and j,
+            timeout=60,
+            what="the survivor to finish the job",
+        )
+        storage = workers.folder / "var"
+        published = result_files(storage)  # while the paused worker is still stopped
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    assert list(published) == [f"{job.id}/echo.json"]
+    written = (storage / "results" / str(job.id) / "echo.json").read_text()
+    assert '"attempt": 2' in written and '"worker_id": "survivor"' in written
+
+    # The paused worker wakes, ends its run (writing its files) and finds its lease gone.
+    wait_until(lambda: ("end", job.id, 1, "paused") in workers.runs(), timeout=30)
+    wait_until(lambda: "dropped" in workers.output("paused"), timeout=30, what="result dropped")
+    staging = storage / "results" / ".staging"
+    wait_until(
+        lambda: not staging.exists() or not any(staging.iterdir()),
+        timeout=30,
+        what="the paused worker's staging folder removed",
+    )
+    assert result_files(storage) == published  # the same bytes, never rewritten
+    after = repo.get(job.id)
+    assert after is not None and after.state is JobState.DONE
+    assert after.result == done.result and after.lease_owner == "survivor"
+    assert workers.stop_all() == {"paused": 0, "survivor": 0}
 
 
 @pytest.mark.slow
