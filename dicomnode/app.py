@@ -120,7 +120,7 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
     """Open the database (migrating if configured) and wire every part; nothing runs yet.
     ``builtin_models`` run beside the model packages (the tests' ``echo``)."""
     database = open_database(settings, migrate=settings.node.auto_migrate)
-    spool = Spool(settings.node.storage_dir)
+    spool = Spool(settings.node.storage_dir, settings.node.receiver_id)
     store = InstanceStore(
         spool,
         database.sessions,
