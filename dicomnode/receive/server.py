@@ -90,9 +90,15 @@ class Receiver:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def receiver_id(self) -> str:
+        return self.settings.node.receiver_id
+
     def start(self) -> None:
-        """Bind and serve in a background thread."""
+        """Close the associations an earlier run of this receiver died holding, then bind and
+        serve in a background thread."""
         node = self.settings.node
+        self.close_lost_associations()
         self._server = _Server((node.host, node.port), self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicom-listener", daemon=True
@@ -100,13 +106,28 @@ class Receiver:
         self._thread.start()
         host, port = self.address
         logger.info(
-            "Listening as %s on %s:%d%s",
+            "Listening as %s on %s:%d%s, receiver %s",
             node.ae_title,
             host,
             port,
             " (TLS)" if self.ssl_context else "",
+            self.receiver_id,
             extra={"action": "listen"},
         )
+
+    def close_lost_associations(self) -> int:
+        """Mark this receiver's associations still open in the index as lost: they died with its
+        previous run (only this receiver's: others sharing the database are alive)."""
+        with self.sessions.begin() as session:
+            lost = index.close_lost_associations(session, self.receiver_id, datetime.now(UTC))
+        if lost:
+            logger.warning(
+                "Closed %d associations that receiver %s's previous run left open, as lost",
+                lost,
+                self.receiver_id,
+                extra={"action": "association_lost"},
+            )
+        return lost
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, and give open associations a moment to finish."""
@@ -132,7 +153,9 @@ class Receiver:
         assert handler.peer is not None
         try:
             with self.sessions.begin() as session:
-                handler.pk = index.open_association(session, handler.peer, datetime.now(UTC))
+                handler.pk = index.open_association(
+                    session, handler.peer, datetime.now(UTC), receiver_id=self.receiver_id
+                )
         except Exception:
             logger.exception("Could not record association", extra={"action": "association_open"})
         logger.info(
