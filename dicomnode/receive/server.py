@@ -45,9 +45,11 @@ class _Server(socketserver.ThreadingTCPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], receiver: Receiver) -> None:
+    def __init__(self, address: tuple[str, int], receiver: Receiver, *, reuse_port: bool) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver = receiver
+        # serve --processes: every process binds the port, the kernel spreads connections
+        self.allow_reuse_port = reuse_port
         super().__init__(address, socketserver.BaseRequestHandler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -99,7 +101,7 @@ class Receiver:
         serve in a background thread."""
         node = self.settings.node
         self.close_lost_associations()
-        self._server = _Server((node.host, node.port), self)
+        self._server = _Server((node.host, node.port), self, reuse_port=node.processes > 1)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicom-listener", daemon=True
         )
