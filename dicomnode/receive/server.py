@@ -140,6 +140,14 @@ class Receiver:
         if self._thread is not None:
             self._thread.join(timeout)
         self._server = None
+        if self.store.written:
+            logger.info(
+                "Receiver %s indexed %d instances in %d transactions",
+                self.receiver_id,
+                self.store.written,
+                self.store.transactions,
+                extra={"action": "store_stats"},
+            )
 
     # -- called by AssociationHandler --------------------------------------------------
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dicomnode.config import default_receiver_id
 from dicomnode.domain import InstanceHeader
-from dicomnode.errors import OutOfResources, StoreFailed
+from dicomnode.errors import OutOfResources, StoreFailed, StoreRefused
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ class Spool:
 
     def commit(self, received: Path, relative: str) -> int:
         """Move a received, fsynced file into place durably; return its size in bytes."""
+        folder = self.place(received, relative)
+        self.sync_folders({folder})
+        return (self.root / relative).stat().st_size
+
+    def place(self, received: Path, relative: str) -> Path:
+        """Move a received, fsynced file into place; return its folder, which
+        :meth:`sync_folders` must fsync before the file counts as durable (once per folder for
+        many files: group commit)."""
         target = self.root / relative
         try:
             self._make_parents(target.parent)
@@ -106,12 +114,17 @@ class Spool:
                 if exc.errno != errno.EXDEV:
                     raise
                 self._copy_into_place(received, target)
-            _fsync_dir(target.parent)
-            return target.stat().st_size
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfResources(f"disk full while storing: {exc.strerror}") from exc
-            raise StoreFailed(f"could not write to the spool: {exc.strerror}") from exc
+            raise _spool_error(exc) from exc
+        return target.parent
+
+    def sync_folders(self, folders: set[Path]) -> None:
+        """Make the renames into ``folders`` durable."""
+        try:
+            for folder in folders:
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)
@@ -149,6 +162,12 @@ class Spool:
         shutil.copyfile(received, temporary)
         fsync_file(temporary)
         os.replace(temporary, target)
+
+
+def _spool_error(exc: OSError) -> StoreRefused:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfResources(f"disk full while storing: {exc.strerror}")
+    return StoreFailed(f"could not write to the spool: {exc.strerror}")
 
 
 def fsync_file(path: Path) -> None:

@@ -1,8 +1,12 @@
-"""The same instance arriving at two receivers at once (issue 15): the one that loses the race
-answers per ``duplicate_policy``, never "could not index the instance: IntegrityError", and the
-file in the spool is the one the index row describes.
+"""Concurrent stores (issue 15).
 
-Two InstanceStores on two engines stand for two receiver processes (each has its own lock).
+The same instance arriving at two receivers at once: the one that loses the race answers per
+``duplicate_policy``, never "could not index the instance: IntegrityError", and the file in the
+spool is the one the index row describes. Two InstanceStores on two engines stand for two
+receiver processes (each has its own lock).
+
+Group commit: instances that arrive while the writer works go in one transaction together; one
+bad instance among them is refused alone.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db import writer as index_writer
 from dicomnode.db.models import Instance
 from dicomnode.domain import Peer, StoredInstance
+from dicomnode.errors import StoreFailed
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
+from dicomnode.testing.waiting import wait_until
 
 PEER = Peer(calling_aet="SCANNER", called_aet="DICOMNODE", host="127.0.0.1", port=4242)
 
@@ -160,3 +166,64 @@ def test_the_same_instance_at_two_receivers_at_once(
         assert stored[last].size_bytes == size
         expected = _copies()[last]
     assert dcmread(on_disk).get("ImageComments") == expected.get("ImageComments")
+
+
+def test_instances_arriving_together_are_committed_together(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    policy = DuplicatePolicy.KEEP_FIRST
+    store = InstanceStore(
+        Spool(tmp_path / "storage", "recv"), sessions, duplicate_policy=policy, min_free_bytes=0
+    )
+    store.spool.prepare()
+    datasets = list(ct_slices(SeriesSpec(slices=6, rows=8, columns=8, seed=43)))
+    (again,) = ct_slices(SeriesSpec(slices=1, rows=8, columns=8, seed=43))  # slice 1, once more
+    work = [(ds, None) for ds in datasets] + [(again, None), (datasets[0], 123456)]
+    # 123456: no such association, the foreign key refuses that row (and so its batch at first)
+    results: dict[int, StoredInstance | BaseException] = {}
+
+    def send(k: int) -> None:
+        ds, association_pk = work[k]
+        received = store.spool.new_incoming()
+        ds.save_as(received, enforce_file_format=True)
+        try:
+            results[k] = store.store(received, sop_class_uid=str(ds.SOPClassUID),
+                                     sop_instance_uid=str(ds.SOPInstanceUID), peer=PEER,
+                                     association_pk=association_pk)  # fmt: skip
+        except BaseException as exc:
+            results[k] = exc
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(work) - 1)]
+    with store._lock:  # the writer is busy: everyone queues behind it
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(store._queue) == len(threads), timeout=30, what="all queued")
+    for thread in threads:
+        thread.join(timeout=60)
+    assert (store.transactions, store.written) == (1, len(threads))  # one COMMIT for them all
+    assert sum(isinstance(r, StoredInstance) and r.duplicate for r in results.values()) == 1
+    assert all(isinstance(r, StoredInstance) for r in results.values()), results
+
+    # A bad instance in a batch: the batch falls back to one transaction each.
+    results.clear()
+    fresh = list(ct_slices(SeriesSpec(slices=3, rows=8, columns=8, seed=44)))
+    work = [(ds, None) for ds in fresh] + [(datasets[0], 123456)]
+    store.duplicate_policy = DuplicatePolicy.REPLACE  # so the bad one is written, and refused
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(work))]
+    with store._lock:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(store._queue) == len(threads), timeout=30, what="all queued")
+    for thread in threads:
+        thread.join(timeout=60)
+    refused = results.pop(len(work) - 1)
+    assert isinstance(refused, StoreFailed) and "IntegrityError" in str(refused)
+    assert all(isinstance(r, StoredInstance) and not r.duplicate for r in results.values())
+    with engine.connect() as connection:
+        rows = connection.execute(select(Instance.path, Instance.size_bytes)).all()
+    assert len(rows) == 6 + 3
+    for path, size in rows:  # each row's file is in place, whole
+        assert (store.spool.root / path).stat().st_size == size
+    engine.dispose()
