@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/receive.py [--slices 300] [--runs 3] [--big 1000] [--out DIR]
 
-Four measurements, all on loopback; the first three against all three receivers:
+Four measurements, all on loopback; the first three against all three receivers. Our node
+receives only (no routes, no embedded worker, no HTTP API): the receiver is what is measured.
 
 1. One association: ``storescu`` sends a ``--slices`` slice 512x512 16-bit CT series; the time
    runs from the start of storescu until it exits with status 0 (every instance acknowledged).
@@ -11,11 +12,10 @@ Four measurements, all on loopback; the first three against all three receivers:
 2. Four associations at once: four storescu processes, four different series (seeds 2..5).
 3. Memory: VmRSS before and VmHWM (peak RSS) after one association that sends ``--big`` slices.
 4. Several receivers (issue 15): ``--load-senders`` storescu processes at once, each sending its
-   own series of ``--load-each`` small (128x128) instances, against our node receiving only (no
-   routes, no workers) as one serve with 1 process, one serve with ``--processes`` 2 (SQLite and
-   PostgreSQL), two serves on one PostgreSQL and one spool (different ports, half the senders
-   each), and ``storescp --fork``; ``--runs`` times each, interleaved. ``--only-load`` runs this
-   one alone.
+   own series of ``--load-each`` small (128x128) instances, against our node as one serve with
+   1 process, one serve with ``--processes`` 2 (SQLite and PostgreSQL), two serves on one
+   PostgreSQL and one spool (different ports, half the senders each), and ``storescp --fork``;
+   ``--runs`` times each, interleaved. ``--only-load`` runs this one alone.
 
 A run counts only if the receiver then holds every instance (our node: ``dicomnode studies list
 --json``; Orthanc: ``GET /statistics``; storescp: the files in its output folder); otherwise the
@@ -224,6 +224,9 @@ class Receiver:
             DICOMNODE_API__HOST=HOST,
             DICOMNODE_API__PORT=str(free_port()),
         )
+        # The receiver alone: the embedded worker would load the demo models (torch) as the
+        # serve starts and run the lung model on the CPU while the next series arrives.
+        self.env.update(RECEIVE_ONLY)
         self.env.update(self.settings)
         self._spawn([str(DICOMNODE), "serve"])
         self._wait_ready(lambda: "listening on" in self.log.read_text(errors="replace"))
@@ -867,7 +870,8 @@ def render_load(
         )
     lines += [
         "",
-        "Ours receive only (no routes, no worker, no API); every instance is fsynced and indexed "
+        "Ours receive only (no routes, no worker, no API); the serve's own C-ECHO at start is one "
+        "of its associations. Every instance is fsynced and indexed "
         "before its Success (SQLite: WAL, synchronous=FULL; PostgreSQL: fsync on, synchronous "
         "commit). storescp --fork writes each file without fsync and indexes nothing. CPU s: "
         "user+system of the receiver processes and their children during the send.",
@@ -961,7 +965,8 @@ def render(
         f"(target < 300 MB: {'met' if ours_peak < 300 else 'MISSED'})",
         "",
         "Notes: every receiver is started fresh with empty storage for each run; startup is not "
-        "timed. dicomnode and Orthanc fsync each file and commit an index row before "
+        "timed. dicomnode receives only (no routes, no embedded worker, no API). dicomnode and "
+        "Orthanc fsync each file and commit an index row before "
         "acknowledging (Orthanc SyncStorageArea=true, its default); storescp only writes the file. "
         "Max PDU as each receiver offers by default: dicomnode unlimited (storescu then sends "
         "128 KB PDVs), storescp and Orthanc 16 KB. Receiver CPU s: user+system time of the "
