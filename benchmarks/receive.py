@@ -3,13 +3,19 @@
 
     .venv/bin/python benchmarks/receive.py [--slices 300] [--runs 3] [--big 1000] [--out DIR]
 
-Three measurements, each against all three receivers, all on loopback:
+Four measurements, all on loopback; the first three against all three receivers. Our node
+receives only (no routes, no embedded worker, no HTTP API): the receiver is what is measured.
 
 1. One association: ``storescu`` sends a ``--slices`` slice 512x512 16-bit CT series; the time
    runs from the start of storescu until it exits with status 0 (every instance acknowledged).
    ``--runs`` times per receiver, each run on a freshly started receiver with empty storage.
 2. Four associations at once: four storescu processes, four different series (seeds 2..5).
 3. Memory: VmRSS before and VmHWM (peak RSS) after one association that sends ``--big`` slices.
+4. Several receivers (issue 15): ``--load-senders`` storescu processes at once, each sending its
+   own series of ``--load-each`` small (128x128) instances, against our node as one serve with
+   1 process, one serve with ``--processes`` 2 (SQLite and PostgreSQL), two serves on one
+   PostgreSQL and one spool (different ports, half the senders each), and ``storescp --fork``;
+   ``--runs`` times each, interleaved. ``--only-load`` runs this one alone.
 
 A run counts only if the receiver then holds every instance (our node: ``dicomnode studies list
 --json``; Orthanc: ``GET /statistics``; storescp: the files in its output folder); otherwise the
@@ -92,6 +98,25 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of all its live descendants (serve --processes' children,
+    PostgreSQL's backends), each with the children it has reaped."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += [child for child, parent in parents.items() if parent == current]
+    total = 0.0
+    for member in tree:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(member)
+    return total
+
+
 def echo_ok(aet: str, port: int, env: dict[str, str]) -> bool:
     result = subprocess.run(
         ["echoscu", "-to", "5", "-aec", aet, HOST, str(port)],
@@ -135,6 +160,8 @@ class Receiver:
     http_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=base_env)
+    #: ours only: more DICOMNODE_* settings (processes, database, receiver id, storage)
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def log(self) -> Path:
@@ -197,6 +224,10 @@ class Receiver:
             DICOMNODE_API__HOST=HOST,
             DICOMNODE_API__PORT=str(free_port()),
         )
+        # The receiver alone: the embedded worker would load the demo models (torch) as the
+        # serve starts and run the lung model on the CPU while the next series arrives.
+        self.env.update(RECEIVE_ONLY)
+        self.env.update(self.settings)
         self._spawn([str(DICOMNODE), "serve"])
         self._wait_ready(lambda: "listening on" in self.log.read_text(errors="replace"))
 
@@ -307,11 +338,16 @@ def storescu_argv(receiver: Receiver, files: Sequence[Path]) -> list[str]:
 
 def send(receiver: Receiver, series: Sequence[Sequence[Path]]) -> float:
     """Run one storescu per series at once; return the seconds until the last exits 0."""
+    return send_to([(receiver, files) for files in series])
+
+
+def send_to(work: Sequence[tuple[Receiver, Sequence[Path]]]) -> float:
+    """Run one storescu per (receiver, series) at once; the seconds until the last exits 0."""
     failures = []
     with contextlib.ExitStack() as stack:
-        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in series]
+        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in work]
         start = time.perf_counter()
-        for files, out in zip(series, outputs, strict=True):
+        for (receiver, files), out in zip(work, outputs, strict=True):
             SENDERS.append(
                 subprocess.Popen(
                     storescu_argv(receiver, files),
@@ -335,7 +371,8 @@ def send(receiver: Receiver, series: Sequence[Sequence[Path]]) -> float:
         elapsed = time.perf_counter() - start
         SENDERS.clear()
     if failures:
-        raise BenchmarkError(f"sending to {receiver.name} failed:\n" + "\n".join(failures))
+        names = sorted({receiver.name for receiver, _ in work})
+        raise BenchmarkError(f"sending to {', '.join(names)} failed:\n" + "\n".join(failures))
     return elapsed
 
 
@@ -375,10 +412,10 @@ def measure(
 # -- data ---------------------------------------------------------------------------------------
 
 
-def generate(folder: Path, *, slices: int, seed: int) -> list[Path]:
-    """Write (or reuse) a slices x 512 x 512 16-bit CT series."""
+def generate(folder: Path, *, slices: int, seed: int, rows: int = ROWS) -> list[Path]:
+    """Write (or reuse) a slices x rows x rows (512 unless told) 16-bit CT series."""
     marker = folder / "complete.json"
-    spec = {"slices": slices, "rows": ROWS, "columns": COLUMNS, "seed": seed}
+    spec = {"slices": slices, "rows": rows, "columns": rows, "seed": seed}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return sorted(folder.glob("*.dcm"))
     from dicomnode.phantoms.simple import SeriesSpec, ct_slices
@@ -386,7 +423,7 @@ def generate(folder: Path, *, slices: int, seed: int) -> list[Path]:
 
     shutil.rmtree(folder, ignore_errors=True)
     paths = write_series(
-        ct_slices(SeriesSpec(slices=slices, rows=ROWS, columns=COLUMNS, seed=seed)), folder
+        ct_slices(SeriesSpec(slices=slices, rows=rows, columns=rows, seed=seed)), folder
     )
     marker.write_text(json.dumps(spec))
     return paths
@@ -394,6 +431,205 @@ def generate(folder: Path, *, slices: int, seed: int) -> list[Path]:
 
 def megabytes(files: Sequence[Path]) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
+
+
+# -- several receivers (issue 15) ---------------------------------------------------------------
+
+LOAD_ROWS = 128
+ONE, TWO_PROCESSES, TWO_PROCESSES_PG, TWO_SERVES_PG, FORK = (
+    "dicomnode, 1 process (SQLite)",
+    "dicomnode, --processes 2 (SQLite)",
+    "dicomnode, --processes 2 (PostgreSQL)",
+    "2 serves, 1 process each, one PostgreSQL + one spool",
+    "storescp --fork",
+)
+LOAD_CONFIGS = (ONE, TWO_PROCESSES, TWO_PROCESSES_PG, TWO_SERVES_PG, FORK)
+#: the node receiving only: no routes (nothing queued), no embedded worker, no HTTP API
+RECEIVE_ONLY = {
+    "DICOMNODE_WORKERS": "[]",
+    "DICOMNODE_ROUTES": "[]",
+    "DICOMNODE_API__ENABLED": "false",
+}
+
+
+@dataclass
+class LoadSample:
+    seconds: float
+    cpu_s: float  # every receiver process (serves, their children; storescp and its forks)
+    db_cpu_s: float  # the PostgreSQL server, where one is used
+    associations: dict[str, int]  # receiver id -> associations it handled (ours)
+
+
+class Postgres:
+    """One PostgreSQL (fsync on) for the load scenario; a fresh database per run."""
+
+    def __init__(self) -> None:
+        from dicomnode.testing.postgres import PostgresServer
+
+        self.server = PostgresServer().start()
+        self.runs = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.server.process is not None
+        return self.server.process.pid
+
+    def new_database(self) -> str:
+        from sqlalchemy import create_engine, text
+
+        self.runs += 1
+        name = f"bench{self.runs}"
+        engine = create_engine(self.server.url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                connection.execute(text(f"CREATE DATABASE {name}"))
+        finally:
+            engine.dispose()
+        return self.server.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def remove(self) -> None:
+        self.server.remove()
+
+
+def associations_by_receiver(database_url: str) -> dict[str, int]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT receiver_id, count(*) FROM associations GROUP BY receiver_id")
+            ).all()
+    finally:
+        engine.dispose()
+    return {str(receiver): int(count) for receiver, count in rows}
+
+
+def start_ours(root: Path, **settings: str) -> Receiver:
+    root.mkdir(parents=True, exist_ok=True)
+    receiver = Receiver(OURS, root, AET[OURS], settings={**RECEIVE_ONLY, **settings})
+    return receiver.start()
+
+
+def measure_load(
+    config: str,
+    workdir: Path,
+    series: Sequence[Sequence[Path]],
+    postgres: Postgres,
+    py_spy: Path | None = None,
+) -> tuple[LoadSample, str]:
+    """Start fresh receivers as ``config`` says, send every series at once, check every
+    instance is stored once, stop them; the sample and (with ``py_spy``) the profile's raw
+    stacks."""
+    root = Path(tempfile.mkdtemp(prefix="load-", dir=workdir))
+    storage = root / "storage"
+    receivers: list[Receiver] = []
+    database_url = ""
+    try:
+        if config == FORK:
+            receivers.append(Receiver(STORESCP, root, AET[STORESCP]).start(fork=True))
+        else:
+            settings = {"DICOMNODE_NODE__STORAGE_DIR": str(storage)}
+            if config in (TWO_PROCESSES_PG, TWO_SERVES_PG):
+                database_url = postgres.new_database()
+                settings["DICOMNODE_NODE__DATABASE_URL"] = database_url
+            else:
+                database_url = f"sqlite:///{storage / 'dicomnode.db'}"
+            if config == TWO_SERVES_PG:  # one at a time: the first migrates the new database
+                for name in ("a", "b"):
+                    receivers.append(
+                        start_ours(root / name, DICOMNODE_NODE__RECEIVER_ID=name, **settings)
+                    )
+            else:
+                processes = "1" if config == ONE else "2"
+                receivers.append(
+                    start_ours(
+                        root / "serve",
+                        DICOMNODE_NODE__RECEIVER_ID="serve",
+                        DICOMNODE_NODE__PROCESSES=processes,
+                        **settings,
+                    )
+                )
+        work = [(receivers[i % len(receivers)], files) for i, files in enumerate(series)]
+        pg_before = tree_cpu_seconds(postgres.pid)
+        before = sum(tree_cpu_seconds(r.pid) for r in receivers)
+        profile = root / "profile.raw"
+        spy = None
+        if py_spy is not None:
+            spy_log = root / "py-spy.log"
+            with open(spy_log, "wb") as out:
+                spy = subprocess.Popen(
+                    [str(py_spy), "record", "--pid", str(receivers[0].pid), "--idle", "--rate",
+                     "250", "--format", "raw", "--output", str(profile)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            from dicomnode.testing.waiting import wait_until
+
+            wait_until(lambda: b"Sampling" in spy_log.read_bytes(), timeout=30, what="py-spy")
+        seconds = send_to(work)
+        cpu = sum(tree_cpu_seconds(r.pid) for r in receivers) - before
+        db_cpu = tree_cpu_seconds(postgres.pid) - pg_before if "PostgreSQL" in config else 0.0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+        expected = sum(len(files) for files in series)
+        stored = receivers[0].instance_count()  # the serves share one index
+        if stored != expected:
+            raise BenchmarkError(
+                f"{config} holds {stored} instances after the send, expected {expected}\n"
+                + tail(receivers[0].log)
+            )
+        counts = associations_by_receiver(database_url) if database_url else {}
+        stacks = profile.read_text() if profile.exists() else ""
+        return LoadSample(seconds, cpu, db_cpu, counts), stacks
+    finally:
+        for receiver in receivers:
+            receiver.stop()
+        drop_tree(root)
+
+
+#: where an association thread's time goes, by the innermost frame that names one
+PROFILE_BUCKETS = (
+    ("fsync of the received file (outside the lock)", ("fsync_file ",)),
+    ("fsync of the spool folder after the rename (in the lock)", ("_fsync_dir ",)),
+    ("SQLite BEGIN IMMEDIATE / COMMIT with its WAL fsync (in the lock)",
+     ("sqlite_transaction ",)),
+    ("index statements (in the lock)", ("dicomnode/db/writer.py", "dicomnode/db/executor.py")),
+    ("association row open/close + audit (SQLAlchemy ORM)", ("association_opened ",
+     "association_closed ")),
+    ("header read and validation", ("dicomnode/receive/validate.py",)),
+    ("reading the network (recv, waiting for the sender)", ("dicomnode/receive/pdu.py",)),
+)  # fmt: skip
+LOCK_WAIT = "waiting for the store lock (another thread indexes: one writer per process)"
+
+
+def summarise_profile(stacks: str) -> list[str]:
+    """Share of the association threads' samples (on CPU or blocked) per bucket."""
+    totals: dict[str, int] = {}
+    all_samples = 0
+    for line in stacks.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "AssociationHandler.run " not in stack:
+            continue
+        samples = int(count)
+        all_samples += samples
+        frames = stack.split(";")
+        bucket = "other (Python of the receive path, DIMSE, logging)"
+        if frames[-1].startswith("InstanceStore.store "):  # blocked in `with self._lock`
+            bucket = LOCK_WAIT
+        for frame in reversed(frames if bucket != LOCK_WAIT else []):  # innermost first
+            name = next((b for b, marks in PROFILE_BUCKETS if any(m in frame for m in marks)), None)
+            if name is not None:
+                bucket = name
+                break
+        totals[bucket] = totals.get(bucket, 0) + samples
+    if not all_samples:
+        return ["(no samples of association threads)"]
+    lines = ["| where the association threads are | share of their samples |", "| --- | ---: |"]
+    for bucket, samples in sorted(totals.items(), key=lambda item: -item[1]):
+        lines.append(f"| {bucket} | {100 * samples / all_samples:.0f}% |")
+    return lines
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -449,6 +685,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--big", type=int, default=1000, help="slices of the memory test series")
     parser.add_argument("--out", type=Path, help="keep generated data and receive.md here")
     parser.add_argument("--senders", type=int, default=4, help="concurrent senders (default 4)")
+    parser.add_argument("--load-senders", type=int, default=8, help="senders at once (default 8)")
+    parser.add_argument("--load-each", type=int, default=200, help="instances each (default 200)")
+    parser.add_argument("--only-load", action="store_true", help="run the several-receivers one")
+    parser.add_argument(
+        "--py-spy", type=Path, help="py-spy binary: profile the 1-process serve in its first run"
+    )
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "echoscu", "/usr/sbin/Orthanc", str(DICOMNODE)):
         if shutil.which(tool) is None:
@@ -463,9 +705,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.out.resolve() if keep else Path(tempfile.mkdtemp(prefix="receive-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     names = (OURS, ORTHANC, STORESCP)
+    postgres: Postgres | None = None
     try:
         t0 = time.monotonic()
         print(f"generating series in {workdir} ...", file=sys.stderr, flush=True)
+        load_series = [
+            generate(workdir / f"load-{seed}", slices=args.load_each, seed=seed, rows=LOAD_ROWS)
+            for seed in range(500, 500 + args.load_senders)
+        ]
+        if args.only_load:
+            postgres = Postgres()
+            load, profile = run_load(args, workdir, load_series, postgres)
+            report = "\n".join(
+                [*machine(), f"- command: `.venv/bin/python benchmarks/receive.py "
+                 f"--only-load --runs {args.runs}` (took {time.monotonic() - t0:.0f}s)", "",
+                 *render_load(load, load_series, profile)]
+            )  # fmt: skip
+            print(report)
+            if keep:
+                (workdir / "receive.md").write_text(report + "\n")
+            return 0
         main_series = generate(workdir / "series-1", slices=args.slices, seed=1)
         many = [
             generate(workdir / f"series-{seed}", slices=args.slices, seed=seed)
@@ -518,6 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
 
+        # 4. several receivers
+        postgres = Postgres()
+        load, profile = run_load(args, workdir, load_series, postgres)
+
         report = render(
             args,
             single,
@@ -529,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             orthanc_version,
             time.monotonic() - t0,
         )
+        report += "\n\n" + "\n".join(render_load(load, load_series, profile))
         print(report)
         if keep:
             (workdir / "receive.md").write_text(report + "\n")
@@ -545,8 +809,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         for receiver in list(LIVE):
             receiver.stop()
             drop_tree(receiver.root)
+        if postgres is not None:
+            postgres.remove()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_load(
+    args: argparse.Namespace,
+    workdir: Path,
+    series: Sequence[Sequence[Path]],
+    postgres: Postgres,
+) -> tuple[dict[str, list[LoadSample]], str]:
+    """The several-receivers scenario, ``--runs`` times, configurations interleaved."""
+    load: dict[str, list[LoadSample]] = {config: [] for config in LOAD_CONFIGS}
+    profile = ""
+    for run in range(args.runs):
+        for config in LOAD_CONFIGS:
+            spy = args.py_spy if (run == 0 and config == ONE) else None
+            sample, stacks = measure_load(config, workdir, series, postgres, spy)
+            profile = profile or stacks
+            load[config].append(sample)
+            print(
+                f"  load run {run + 1}/{args.runs} {config:52s} {sample.seconds:6.2f}s  "
+                f"CPU {sample.cpu_s:5.2f}s  {sample.associations}",
+                file=sys.stderr,
+                flush=True,
+            )
+    if profile and args.out is not None:
+        (workdir / "profile-serve.raw").write_text(profile)  # py-spy's raw (collapsed) stacks
+    if args.py_spy is not None:  # the profiled run is slower: measure it once more, unwatched
+        load[ONE][0] = measure_load(ONE, workdir, series, postgres)[0]
+    return load, profile
+
+
+def render_load(
+    load: dict[str, list[LoadSample]], series: Sequence[Sequence[Path]], profile: str
+) -> list[str]:
+    total = sum(len(files) for files in series)
+    runs = len(load[FORK])
+    fork = statistics.median(s.seconds for s in load[FORK])
+    lines = [
+        f"### Several receivers: {len(series)} storescu at once, {len(series[0])} instances "
+        f"each ({LOAD_ROWS}x{LOAD_ROWS} CT, {megabytes([p for s in series for p in s]):.0f} MB), "
+        f"start to last exit 0, {runs} runs",
+        "",
+        "| receivers | median s | min s | instances/s | / storescp --fork | receivers CPU s "
+        "| PostgreSQL CPU s | associations per receiver (last run) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for config, samples in load.items():
+        med = statistics.median(s.seconds for s in samples)
+        db = statistics.median(s.db_cpu_s for s in samples)
+        per = ", ".join(f"{k}: {v}" for k, v in sorted(samples[-1].associations.items()))
+        lines.append(
+            f"| {config} | {med:.2f} | {min(s.seconds for s in samples):.2f} | "
+            f"{total / med:.0f} | {med / fork:.2f} | "
+            f"{statistics.median(s.cpu_s for s in samples):.2f} | "
+            f"{f'{db:.2f}' if db else '-'} | {per or '-'} |"
+        )
+    lines += [
+        "",
+        "Ours receive only (no routes, no worker, no API); the serve's own C-ECHO at start is one "
+        "of its associations. Every instance is fsynced and indexed "
+        "before its Success (SQLite: WAL, synchronous=FULL; PostgreSQL: fsync on, synchronous "
+        "commit). storescp --fork writes each file without fsync and indexes nothing. CPU s: "
+        "user+system of the receiver processes and their children during the send.",
+    ]
+    if profile:
+        lines += [
+            "",
+            "Profile of the 1-process serve (py-spy, 250 Hz, idle samples included, first run):",
+            "",
+            *summarise_profile(profile),
+        ]
+    return lines
 
 
 def render(
@@ -628,7 +965,8 @@ def render(
         f"(target < 300 MB: {'met' if ours_peak < 300 else 'MISSED'})",
         "",
         "Notes: every receiver is started fresh with empty storage for each run; startup is not "
-        "timed. dicomnode and Orthanc fsync each file and commit an index row before "
+        "timed. dicomnode receives only (no routes, no embedded worker, no API). dicomnode and "
+        "Orthanc fsync each file and commit an index row before "
         "acknowledging (Orthanc SyncStorageArea=true, its default); storescp only writes the file. "
         "Max PDU as each receiver offers by default: dicomnode unlimited (storescu then sends "
         "128 KB PDVs), storescp and Orthanc 16 KB. Receiver CPU s: user+system time of the "

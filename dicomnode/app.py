@@ -25,6 +25,7 @@ from dicomnode.pipeline.models import BuiltinModels
 from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
 from dicomnode.queue.repository import JobRepository
 from dicomnode.queue.worker import Worker
+from dicomnode.receive.processes import ReceiverProcesses
 from dicomnode.receive.server import Receiver
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
@@ -86,11 +87,15 @@ class Node:
     sender: Sender | None = None  # the send queue's deliveries (None: no destinations)
     #: the HTTP API, dashboard and /metrics (None: ``[api] enabled = false``)
     api: ApiServer | None = None
+    #: the extra receiver processes on the DICOM port (None: ``[node] processes = 1``)
+    receivers: ReceiverProcesses | None = None
 
     def start(self, *, background: bool = True) -> None:
         """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
         self.spool.prepare()
         self.receiver.start()
+        if self.receivers is not None:
+            self.receivers.start(self.receiver.address[1])
         if self.api is not None:
             self.api.start()
         if background:
@@ -105,6 +110,8 @@ class Node:
         if self.api is not None:
             self.api.stop()
         self.receiver.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         for worker in self.workers:
             worker.stop(timeout)
         if self.sender is not None:
@@ -121,7 +128,7 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
     """Open the database (migrating if configured) and wire every part; nothing runs yet.
     ``builtin_models`` run beside the model packages (the tests' ``echo``)."""
     database = open_database(settings, migrate=settings.node.auto_migrate)
-    spool = Spool(settings.node.storage_dir)
+    spool = Spool(settings.node.storage_dir, settings.node.receiver_id)
     store = InstanceStore(
         spool,
         database.sessions,
@@ -188,4 +195,37 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
         settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
     )
     receiver.on_association_closed = node.wake_intake
+    if settings.node.processes > 1:
+        node.receivers = ReceiverProcesses(settings, node.wake_intake)
     return node
+
+
+@dataclass(frozen=True)
+class ReceiverNode:
+    """What an extra receiver process of ``serve --processes`` runs: the receiver alone, on the
+    serve's database and spool (its intake, workers and sender run in the serve)."""
+
+    database: Database
+    spool: Spool
+    receiver: Receiver
+
+    def start(self) -> None:
+        self.spool.prepare()
+        self.receiver.start()
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.database.engine.dispose()
+
+
+def build_receiver_node(settings: Settings) -> ReceiverNode:
+    """The receiver of one extra process; the serve has migrated the database already."""
+    database = open_database(settings, migrate=False)
+    spool = Spool(settings.node.storage_dir, settings.node.receiver_id)
+    store = InstanceStore(
+        spool,
+        database.sessions,
+        duplicate_policy=settings.node.duplicate_policy,
+        min_free_bytes=settings.node.min_free_disk_mb * 2**20,
+    )
+    return ReceiverNode(database, spool, Receiver(settings, store, database.sessions))

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the node (receiver) until stopped")
     _config_option(serve)
+    serve.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="receiver processes on the DICOM port (default: [node] processes, 1)",
+    )
+    # an extra receiver process of another serve: settings on stdin (dicomnode.receive.processes)
+    serve.add_argument("--receiver-child", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     studies = commands.add_parser("studies", help="studies in the index")
@@ -172,8 +180,16 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from dicomnode.app import build_node, restrict_new_files
     from dicomnode.config import load_settings
+    from dicomnode.errors import ConfigError
 
+    if args.receiver_child:
+        return _serve_receiver_child()
     settings = load_settings(args.config)
+    if args.processes is not None:
+        if not 1 <= args.processes <= 64:
+            raise ConfigError(f"--processes {args.processes} must be 1 to 64")
+        node_settings = settings.node.model_copy(update={"processes": args.processes})
+        settings = settings.model_copy(update={"node": node_settings})
     restrict_new_files()
     node = build_node(settings, builtin_models=args.builtin_models)
     stopping = threading.Event()
@@ -191,6 +207,27 @@ def _serve(args: argparse.Namespace) -> int:
     logger.info("Stopping", extra={"action": "shutdown"})
     node.stop()
     return 0
+
+
+def _serve_receiver_child() -> int:
+    """One extra receiver process of ``serve --processes``; it stops when the serve does."""
+    from dicomnode.app import build_receiver_node, restrict_new_files
+    from dicomnode.config import Settings
+    from dicomnode.receive.processes import run_child
+
+    def start(settings: Settings, released: Callable[[], None]) -> Callable[[], None]:
+        restrict_new_files()
+        node = build_receiver_node(settings)
+        node.receiver.on_association_closed = released
+        node.start()
+        return node.stop
+
+    def interrupted(*_: object) -> None:
+        raise SystemExit(0)  # out of the wait on stdin; run_child then stops the receiver
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupted)
+    return run_child(start)
 
 
 def _studies_list(args: argparse.Namespace) -> int:

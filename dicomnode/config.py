@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -24,6 +25,10 @@ from dicomnode.errors import ConfigError
 ENV_PREFIX = "DICOMNODE_"
 CONFIG_ENV = "DICOMNODE_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+#: a receiver id names a folder of the shared spool (``incoming/<id>/``): no separators, no dots
+#: to start, room for the ``-<k>`` of ``serve --processes``
+_RECEIVER_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+RECEIVER_ID_MAX = 64
 
 
 class DuplicatePolicy(StrEnum):
@@ -41,6 +46,12 @@ def _check_ae_title(value: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ValueError(f"AE title {value!r} must be 1 to 16 printable characters, no backslash")
     return value.strip()
+
+
+def default_receiver_id() -> str:
+    """The host name, made a safe folder name: each container or host is a receiver of its own."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip(".-") or "receiver"
+    return name[: RECEIVER_ID_MAX - 8]  # leaves room for "-<k>" of serve --processes
 
 
 class NodeSettings(_Section):
@@ -62,8 +73,40 @@ class NodeSettings(_Section):
     #: studies last received longer ago than this lose their files and index rows, unless a
     #: job of theirs is unfinished; 0 keeps everything
     retention_days: float = Field(30.0, ge=0)
+    #: names this receiver in the shared spool (``incoming/<id>/``) and on its associations;
+    #: unique per running receiver (default: the host name). Receivers sharing a database and
+    #: a spool must not share an id: each cleans its own folder and closes its own
+    #: associations at start.
+    receiver_id: str = Field(default_factory=default_receiver_id)
+    #: receiver processes on the DICOM port (SO_REUSEPORT); the extra ones only receive
+    processes: int = Field(1, ge=1, le=64)
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("receiver_id")
+    @classmethod
+    def _check_receiver_id(cls, value: str) -> str:
+        if not _RECEIVER_ID.match(value) or len(value) > RECEIVER_ID_MAX:
+            raise ValueError(
+                f"receiver_id {value!r} must be 1 to {RECEIVER_ID_MAX} letters, digits, '_', "
+                "'.' or '-', not starting with '.' or '-' (it names a folder)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _room_for_processes(self) -> NodeSettings:
+        longest = len(self.process_receiver_id(self.processes - 1))
+        if longest > RECEIVER_ID_MAX:
+            raise ValueError(
+                f"receiver_id {self.receiver_id!r} is too long for {self.processes} processes: "
+                f"{self.process_receiver_id(self.processes - 1)!r} has {longest} characters, "
+                f"at most {RECEIVER_ID_MAX}"
+            )
+        return self
+
+    def process_receiver_id(self, k: int) -> str:
+        """The receiver id of ``serve``'s extra receiver process ``k`` (0: the serve itself)."""
+        return self.receiver_id if k == 0 else f"{self.receiver_id}-{k}"
 
     @property
     def resolved_database_url(self) -> str:
@@ -371,7 +414,7 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    node: NodeSettings = NodeSettings()
+    node: NodeSettings = Field(default_factory=NodeSettings)  # the host name read at load
     security: SecuritySettings = SecuritySettings()
     api: ApiSettings = ApiSettings()
     routing: RoutingSettings = RoutingSettings()

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Association, Instance, Patient, Series, Study
+from dicomnode.db.session import rowcount
 from dicomnode.domain import Peer, StudySummary
 
+#: the outcome of an association its receiver died holding (closed by the receiver's next run);
+#: not "released": the sender never said it had sent everything
+LOST = "lost"
 
-def open_association(session: Session, peer: Peer, opened_at: datetime) -> int:
+
+def open_association(
+    session: Session, peer: Peer, opened_at: datetime, *, receiver_id: str | None = None
+) -> int:
     row = Association(
+        receiver_id=receiver_id,
         calling_aet=peer.calling_aet,
         called_aet=peer.called_aet,
         host=peer.host,
@@ -35,6 +43,20 @@ def close_association(
     row = session.get(Association, pk)
     if row is not None:
         row.outcome, row.closed_at, row.stored, row.refused = outcome, closed_at, stored, refused
+
+
+def close_lost_associations(session: Session, receiver_id: str, closed_at: datetime) -> int:
+    """Close the associations ``receiver_id`` still holds open, as ``lost``; return how many.
+
+    Called as a receiver starts: whatever it held open died with its previous run. One UPDATE,
+    on ix_associations_receiver_open.
+    """
+    return rowcount(
+        session,
+        update(Association)
+        .where(Association.receiver_id == receiver_id, Association.outcome.is_(None))
+        .values(outcome=LOST, closed_at=closed_at),
+    )
 
 
 # -- reads ---------------------------------------------------------------------------------------

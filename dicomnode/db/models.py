@@ -40,7 +40,8 @@ class Association(Base):
     port: Mapped[int] = mapped_column(Integer)
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    #: "released", "aborted" or null while open (or when the process died).
+    #: "released", "aborted", "lost" (its receiver died holding it; closed by the receiver's
+    #: next start) or null while open.
     outcome: Mapped[str | None] = mapped_column(String(16))
     stored: Mapped[int] = mapped_column(Integer, default=0)
     refused: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,7 +1,8 @@
 """One association, acceptor side: negotiate, then serve C-ECHO and C-STORE until release.
 
-Each C-STORE dataset streams from the socket into a temporary file in the spool's ``incoming/``
-folder, one bounded buffer at a time, so no dataset is ever held in memory whatever its size.
+Each C-STORE dataset streams from the socket into a temporary file in the receiver's own
+``incoming/<receiver_id>/`` folder of the spool, one bounded buffer at a time, so no dataset is
+ever held in memory whatever its size.
 """
 
 from __future__ import annotations
@@ -261,10 +262,9 @@ class AssociationHandler:
         transfer.file.write(header)
 
     def _incoming_name(self) -> Path:
-        """A name no other association uses: process, association, instance number."""
+        """A name no other association or receiver uses (see Spool.new_incoming)."""
         self.received += 1
-        name = f"{os.getpid()}-{id(self):x}-{self.received}.part"
-        return self.receiver.store.spool.incoming / name
+        return self.receiver.store.spool.new_incoming()
 
     def _dataset_fragment(self, size: int, context_id: int, *, last: bool) -> None:
         transfer = self.transfer

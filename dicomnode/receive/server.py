@@ -45,9 +45,11 @@ class _Server(socketserver.ThreadingTCPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], receiver: Receiver) -> None:
+    def __init__(self, address: tuple[str, int], receiver: Receiver, *, reuse_port: bool) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver = receiver
+        # serve --processes: every process binds the port, the kernel spreads connections
+        self.allow_reuse_port = reuse_port
         super().__init__(address, socketserver.BaseRequestHandler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -90,23 +92,44 @@ class Receiver:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def receiver_id(self) -> str:
+        return self.settings.node.receiver_id
+
     def start(self) -> None:
-        """Bind and serve in a background thread."""
+        """Close the associations an earlier run of this receiver died holding, then bind and
+        serve in a background thread."""
         node = self.settings.node
-        self._server = _Server((node.host, node.port), self)
+        self.close_lost_associations()
+        self._server = _Server((node.host, node.port), self, reuse_port=node.processes > 1)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicom-listener", daemon=True
         )
         self._thread.start()
         host, port = self.address
         logger.info(
-            "Listening as %s on %s:%d%s",
+            "Listening as %s on %s:%d%s, receiver %s",
             node.ae_title,
             host,
             port,
             " (TLS)" if self.ssl_context else "",
+            self.receiver_id,
             extra={"action": "listen"},
         )
+
+    def close_lost_associations(self) -> int:
+        """Mark this receiver's associations still open in the index as lost: they died with its
+        previous run (only this receiver's: others sharing the database are alive)."""
+        with self.sessions.begin() as session:
+            lost = index.close_lost_associations(session, self.receiver_id, datetime.now(UTC))
+        if lost:
+            logger.warning(
+                "Closed %d associations that receiver %s's previous run left open, as lost",
+                lost,
+                self.receiver_id,
+                extra={"action": "association_lost"},
+            )
+        return lost
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, and give open associations a moment to finish."""
@@ -117,6 +140,14 @@ class Receiver:
         if self._thread is not None:
             self._thread.join(timeout)
         self._server = None
+        if self.store.written:
+            logger.info(
+                "Receiver %s indexed %d instances in %d transactions",
+                self.receiver_id,
+                self.store.written,
+                self.store.transactions,
+                extra={"action": "store_stats"},
+            )
 
     # -- called by AssociationHandler --------------------------------------------------
 
@@ -132,7 +163,9 @@ class Receiver:
         assert handler.peer is not None
         try:
             with self.sessions.begin() as session:
-                handler.pk = index.open_association(session, handler.peer, datetime.now(UTC))
+                handler.pk = index.open_association(
+                    session, handler.peer, datetime.now(UTC), receiver_id=self.receiver_id
+                )
         except Exception:
             logger.exception("Could not record association", extra={"action": "association_open"})
         logger.info(

@@ -2,8 +2,13 @@
 
 Layout under the storage directory::
 
-    incoming/                     files being received (never acknowledged yet)
+    incoming/<receiver_id>/       files being received by one receiver (never acknowledged yet)
     spool/<study>/<series>/<sop>.dcm
+
+Several receivers (hosts, containers, ``serve --processes``) may share one storage directory;
+each writes and cleans only its own ``incoming/<receiver_id>/``, so a receiver that restarts
+never deletes a file another one is receiving. Names in it are unique without the process id
+(containers all run as PID 1).
 
 A file reaches ``spool/`` by a rename after fsync, and the rename is made durable by an fsync of
 its directory, so an acknowledged instance survives a crash or a power cut, and a reader never
@@ -14,30 +19,42 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
+import secrets
 import shutil
 import struct
+import time
 from pathlib import Path
 
+from dicomnode.config import default_receiver_id
 from dicomnode.domain import InstanceHeader
-from dicomnode.errors import OutOfResources, StoreFailed
+from dicomnode.errors import OutOfResources, StoreFailed, StoreRefused
 
 logger = logging.getLogger(__name__)
 
 DIR_MODE = 0o750
+#: files directly in ``incoming/`` come from versions before receiver folders; one this old is
+#: no longer being written by a receiver of such a version still running beside us
+LEGACY_PARTIAL_AGE_S = 24 * 3600.0
 
 
 class Spool:
-    """Where instances live on disk."""
+    """Where instances live on disk; ``receiver_id`` names this receiver's ``incoming/`` folder."""
 
-    def __init__(self, storage_dir: Path) -> None:
+    def __init__(self, storage_dir: Path, receiver_id: str | None = None) -> None:
         self.root = storage_dir.resolve()
-        self.incoming = self.root / "incoming"
+        self.receiver_id = receiver_id or default_receiver_id()
+        self.incoming = self.root / "incoming" / self.receiver_id
         self.data = self.root / "spool"
+        # Unique among this receiver's runs (a random run token) and within a run (a counter).
+        self._run = secrets.token_hex(6)
+        self._serial = itertools.count(1)
 
     def prepare(self) -> int:
-        """Create the folders and drop files left in ``incoming/`` by a crash; return how many."""
+        """Create the folders and drop the files this receiver's earlier run left in its
+        ``incoming/<receiver_id>/`` (it died receiving them); return how many."""
         for folder in (self.root, self.incoming, self.data):
             folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         stale = 0
@@ -45,13 +62,24 @@ class Spool:
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 stale += 1
+        cutoff = time.time() - LEGACY_PARTIAL_AGE_S
+        for leftover in self.incoming.parent.iterdir():
+            with contextlib.suppress(OSError):  # another receiver removed it first
+                if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+                    stale += 1
         if stale:
             logger.info(
-                "Removed %d partial files left by an earlier run",
+                "Removed %d partial files left by an earlier run of receiver %s",
                 stale,
+                self.receiver_id,
                 extra={"action": "spool_cleanup"},
             )
         return stale
+
+    def new_incoming(self) -> Path:
+        """A fresh name in this receiver's ``incoming/`` folder, for one arriving instance."""
+        return self.incoming / f"{self._run}-{next(self._serial)}.part"
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -69,6 +97,14 @@ class Spool:
 
     def commit(self, received: Path, relative: str) -> int:
         """Move a received, fsynced file into place durably; return its size in bytes."""
+        folder = self.place(received, relative)
+        self.sync_folders({folder})
+        return (self.root / relative).stat().st_size
+
+    def place(self, received: Path, relative: str) -> Path:
+        """Move a received, fsynced file into place; return its folder, which
+        :meth:`sync_folders` must fsync before the file counts as durable (once per folder for
+        many files: group commit)."""
         target = self.root / relative
         try:
             self._make_parents(target.parent)
@@ -78,12 +114,17 @@ class Spool:
                 if exc.errno != errno.EXDEV:
                     raise
                 self._copy_into_place(received, target)
-            _fsync_dir(target.parent)
-            return target.stat().st_size
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfResources(f"disk full while storing: {exc.strerror}") from exc
-            raise StoreFailed(f"could not write to the spool: {exc.strerror}") from exc
+            raise _spool_error(exc) from exc
+        return target.parent
+
+    def sync_folders(self, folders: set[Path]) -> None:
+        """Make the renames into ``folders`` durable."""
+        try:
+            for folder in folders:
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)
@@ -117,10 +158,16 @@ class Spool:
 
     def _copy_into_place(self, received: Path, target: Path) -> None:
         """Received on another filesystem: copy next to the target, fsync, then rename."""
-        temporary = self.incoming / (target.name + ".part")
+        temporary = self.new_incoming()
         shutil.copyfile(received, temporary)
         fsync_file(temporary)
         os.replace(temporary, target)
+
+
+def _spool_error(exc: OSError) -> StoreRefused:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfResources(f"disk full while storing: {exc.strerror}")
+    return StoreFailed(f"could not write to the spool: {exc.strerror}")
 
 
 def fsync_file(path: Path) -> None:

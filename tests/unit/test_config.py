@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,11 @@ def test_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("[security.tls]\nenabled = true\n", "tls.cert"),
         ("[unknown]\nx = 1\n", "unknown"),
         ("[node\n", "not valid TOML"),
+        ('[node]\nreceiver_id = "../spool"\n', "'../spool'"),
+        ('[node]\nreceiver_id = ""\n', "receiver_id ''"),
+        (f'[node]\nreceiver_id = "{"r" * 65}"\n', "r" * 65),
+        (f'[node]\nreceiver_id = "{"r" * 63}"\nprocesses = 2\n', "r" * 63 + "-1"),
+        ("[node]\nprocesses = 0\n", "node.processes"),
     ],
 )
 def test_bad_config_is_refused_naming_the_value(tmp_path: Path, text: str, named: str) -> None:
@@ -100,3 +106,28 @@ def test_embedded_defaults_route_each_demo_model() -> None:
     example = tomllib.loads((repo / "deploy/dicomnode.example.toml").read_text())
     (brain,) = [route for route in example["routes"] if route["name"] == "brain-mri"]
     assert brain["completion"]["required_series"] == BRAIN_SEQUENCES
+
+
+def test_receiver_id_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    monkeypatch.setattr(socket, "gethostname", lambda: "ct-gw.radiology.example")
+    node = load_settings().node
+    assert (node.receiver_id, node.processes) == ("ct-gw.radiology.example", 1)
+    assert node.process_receiver_id(0) == "ct-gw.radiology.example"
+    assert node.process_receiver_id(2) == "ct-gw.radiology.example-2"
+
+
+def test_receiver_id_from_a_host_name_is_made_a_safe_folder_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "-odd/host name" + "x" * 80)
+    node = load_settings().node
+    assert node.receiver_id.startswith("odd-host-namex") and len(node.receiver_id) <= 56
+
+
+def test_receiver_id_and_processes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    monkeypatch.setenv("DICOMNODE_NODE__RECEIVER_ID", "recv-a")
+    monkeypatch.setenv("DICOMNODE_NODE__PROCESSES", "3")
+    node = load_settings().node
+    assert (node.receiver_id, node.processes) == ("recv-a", 3)

@@ -449,14 +449,14 @@ def test_a_failed_store_rolls_back_and_the_next_one_succeeds(
     store = make_store()
     first, second = slices(2, seed=14)
 
-    def broken(*_args: object, **_kwargs: object) -> int:
+    def broken(*_args: object, **_kwargs: object) -> Path:
         raise RuntimeError("disk went away")
 
-    original = store.spool.commit
-    monkeypatch.setattr(store.spool, "commit", broken)
+    original = store.spool.place
+    monkeypatch.setattr(store.spool, "place", broken)
     with pytest.raises(RuntimeError):
         send(store, first)
-    monkeypatch.setattr(store.spool, "commit", original)
+    monkeypatch.setattr(store.spool, "place", original)
     assert counts(sessions) == (0, 0, 0, 0)
     send(store, second)
     assert counts(sessions) == (1, 1, 1, 1)
