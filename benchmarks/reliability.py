@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chaos-interval",
         type=float,
         nargs=2,
-        default=(3.0, 6.0),
+        default=(2.0, 5.0),
         metavar=("MIN", "MAX"),
         help="seconds between two kills of the chaos run",
     )
