@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -298,8 +299,14 @@ def outage_report(outage: dict[str, Any], args: argparse.Namespace) -> list[str]
     ]
 
 
+def _counts(counter: Counter[str]) -> str:
+    total = sum(counter.values())
+    named = {k: v for k, v in counter.items() if k}
+    return f"{total} {dict(sorted(named.items()))}" if named else str(total)
+
+
 def chaos_report(c: dict[str, Any]) -> list[str]:
-    kills = c["kills"]
+    kills, events = c["kills"], c["events"]
     kills_text = f"{kills.get('receiver', 0)} receivers, {kills.get('worker', 0)} workers"
 
     def verdict(found: int) -> str:
@@ -337,6 +344,13 @@ def chaos_report(c: dict[str, Any]) -> list[str]:
         f"| retries (attempts after the first: a worker killed mid-job) | {c['retries']} "
         f"({c['retried_jobs']} jobs) |",
         f"| series whose results were sent by more than one job | {c['series_sent_twice']} |",
+        f"| runs that failed and were retried | {_counts(events['job_retry_scheduled'])} |",
+        f"| leases expired (a worker killed mid-job) | {_counts(events['job_lease_expired'])} |",
+        f"| results dropped (a run that lost its job) | {_counts(events['job_result_dropped'])} |",
+        f"| instances refused by a receiver, by status | {_counts(events['store_refused'])} |",
+        f"| associations left open in the index at the end, by receiver | "
+        f"{c['open_associations'] or 0} |",
+        f"| files left in transit (incoming/) at the end | {c['in_transit']} |",
         f"| result objects in Orthanc | {c['pacs_instances']} |",
         f"| time: sending / with kills / until every job settled | {c['sent_s']:.0f} s / "
         f"{c['chaos_s']:.0f} s / {c['took_s']:.0f} s |",
@@ -804,6 +818,7 @@ def chaos_run(
         )
         took = time.monotonic() - started
         checks = _chaos_checks(database, spool, pacs, load, tally, found)
+        checks.update(_leftovers(database, spool), events=_log_events(root))
         (root / "jobs.json").write_text(
             json.dumps([_job_summary(job) for job in sorted(found, key=lambda j: j.id)], indent=1)
         )
@@ -836,6 +851,49 @@ def chaos_run(
         "chaos_s": chaos_s,
         "took_s": took,
     }
+
+
+def _leftovers(database: Any, spool: Path) -> dict[str, Any]:
+    """What the receivers left behind once everything settled (none should be left): their
+    associations still open in the index, and files in transit."""
+    from sqlalchemy import func, select
+
+    from dicomnode.db.models import Association
+
+    with database.sessions() as session:
+        open_ = session.execute(
+            select(Association.receiver_id, func.count())
+            .where(Association.outcome.is_(None))
+            .group_by(Association.receiver_id)
+        ).all()
+    incoming = spool / "incoming"
+    in_transit = sum(p.is_file() for p in incoming.rglob("*")) if incoming.exists() else 0
+    return {"open_associations": {str(r): n for r, n in open_}, "in_transit": in_transit}
+
+
+#: "LEVEL logger [action] message" in the processes' logs
+_LOG_ACTION = re.compile(r" (?:WARNING|ERROR|INFO)\s+\S+ \[(\w+)\] (.*)$")
+#: the log actions the chaos report counts
+_COUNTED = ("job_lease_expired", "job_retry_scheduled", "job_result_dropped", "store_refused",
+            "job_superseded")  # fmt: skip
+
+
+def _log_events(root: Path) -> dict[str, Counter[str]]:
+    """The processes' log lines of interest, by action, then by cause (the exception named
+    after the last colon-separated part, for retries)."""
+    events: dict[str, Counter[str]] = {action: Counter() for action in _COUNTED}
+    for log in sorted(root.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            found = _LOG_ACTION.search(line)
+            if found is None or found[1] not in events:
+                continue
+            cause = ""
+            if found[1] == "job_retry_scheduled":
+                cause = found[2].partition(" s: ")[2].partition(":")[0]
+            elif found[1] == "store_refused":
+                cause = found[2].partition("status ")[2].partition(")")[0]
+            events[found[1]][cause] += 1
+    return events
 
 
 def _job_summary(job: Any) -> dict[str, Any]:
