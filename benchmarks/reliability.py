@@ -593,7 +593,8 @@ class ChaosProcess:
         self.starts = 0
 
     def start(self) -> None:
-        before = self._log_text().count(" running ")
+        ready = f"worker {self.name} running "  # a worker's line once its models are loaded
+        before = self._log_text().count(ready)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -601,9 +602,9 @@ class ChaosProcess:
         self.starts += 1
         if self.port is not None:
             peers.wait_for_port(self.port, timeout=120)
-        else:  # a worker says "worker ID running MODELS" once its models are loaded
+        else:
             wait_until(
-                lambda: self._alive() and self._log_text().count(" running ") > before,
+                lambda: self._alive() and self._log_text().count(ready) > before,
                 timeout=180,
                 what=f"{self.name} running",
                 detail=lambda: self._log_text()[-2000:],
