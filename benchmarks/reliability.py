@@ -331,6 +331,7 @@ def chaos_report(c: dict[str, Any]) -> list[str]:
         f"| series with two result sets in Orthanc | {verdict(len(c['duplicate_sets']))} |",
         f"| objects in Orthanc no job made | {verdict(c['unknown_objects'])} |",
         f"| results of done jobs missing from Orthanc | {verdict(c['missing_objects'])} |",
+        f"| series whose results more than one job sent | {verdict(c['series_sent_twice'])} |",
         "",
         "| run | |",
         "|---|---|",
@@ -341,9 +342,8 @@ def chaos_report(c: dict[str, Any]) -> list[str]:
         f"| series a sender gave up on | {c['gave_up']} |",
         f"| jobs by state | {c['states']} |",
         f"| superseded jobs (cancelled: a new instance inside the window) | {c['superseded']} |",
-        f"| retries (attempts after the first: a worker killed mid-job) | {c['retries']} "
-        f"({c['retried_jobs']} jobs) |",
-        f"| series whose results were sent by more than one job | {c['series_sent_twice']} |",
+        f"| runs after a job's first (a worker killed mid-job, a run that failed) | "
+        f"{c['retries']} ({c['retried_jobs']} jobs) |",
         f"| runs that failed and were retried | {_counts(events['job_retry_scheduled'])} |",
         f"| leases expired (a worker killed mid-job) | {_counts(events['job_lease_expired'])} |",
         f"| results dropped (a run that lost its job) | {_counts(events['job_result_dropped'])} |",
