@@ -57,7 +57,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from dicomnode.domain import FINAL_STATES, JobState
@@ -352,6 +352,8 @@ def chaos_report(c: dict[str, Any]) -> list[str]:
         f"{c['open_associations'] or 0} |",
         f"| files left in transit (incoming/) at the end | {c['in_transit']} |",
         f"| result objects in Orthanc | {c['pacs_instances']} |",
+        f"| results sent more than 60 s after their job was done (longest) | "
+        f"{sum(lag > 60 for lag in c['send_lags'])} ({max(c['send_lags'], default=0):.0f} s) |",
         f"| time: sending / with kills / until every job settled | {c['sent_s']:.0f} s / "
         f"{c['chaos_s']:.0f} s / {c['took_s']:.0f} s |",
         "",
@@ -718,17 +720,25 @@ class ChaosMonkey(threading.Thread):
         self.stopping = threading.Event()
         self.kills: Counter[str] = Counter()
         self.error: BaseException | None = None
+        #: when each process was killed and back (the logs' clock), for the evidence
+        self.journal = processes[0].log.with_name("chaos.log")
 
     def run(self) -> None:
         try:
             while not self.stopping.wait(self.rng.uniform(*self.interval_s)):
                 target = self.rng.choice(self.processes)
+                self._note(f"kill {target.name}")
                 target.kill()
                 self.kills[target.kind] += 1
                 time.sleep(self.rng.uniform(*self.pause_s))  # down for a moment, then back
                 target.start()
+                self._note(f"back {target.name}")
         except BaseException as exc:  # reported by the run, which then stops
             self.error = exc
+
+    def _note(self, event: str) -> None:
+        with self.journal.open("a") as journal:
+            journal.write(f"{datetime.now().isoformat(' ', 'milliseconds')} {event}\n")
 
 
 def chaos_run(
@@ -988,6 +998,12 @@ def _chaos_checks(
             if job.series_instance_uid == series.series_uid and job.state is JobState.DONE:
                 missing += sum(o["sop_instance_uid"] not in uids for o in job.result["objects"])
     per_series = Counter(j.series_instance_uid for j in sent)
+    # how long results waited after their job was done and its inputs confirmed
+    lags = sorted(
+        (j.sent_at - max(j.finished_at, j.completed_at)).total_seconds()
+        for j in found
+        if j.state is JobState.DONE and j.sent_at and j.finished_at and j.completed_at
+    )
     return {
         "acknowledged": len(tally.acknowledged),
         "lost": lost,
@@ -998,6 +1014,7 @@ def _chaos_checks(
         "unknown_objects": unknown,
         "missing_objects": missing,
         "series_sent_twice": sum(n > 1 for n in per_series.values()),
+        "send_lags": lags,
         "pacs_instances": pacs.instance_count(),
     }
 
