@@ -19,6 +19,8 @@ from dicomnode.config import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
+#: the compose file's receivers: two `serve`s on one database and one spool
+RECEIVERS = ("receiver-a", "receiver-b")
 
 
 def _compose_command() -> list[str]:
@@ -45,6 +47,15 @@ def _accepted_by_cli(args: list[str]) -> None:
     assert result.returncode == 0, f"dicomnode {' '.join(args)}: {result.stderr}"
 
 
+def _mount(volume: str | dict[str, Any]) -> tuple[str, str]:
+    """(source, target) of a volume as `compose config` writes it: "src:dst[:mode]" (compose
+    1.29) or a mapping (the compose plugin)."""
+    if isinstance(volume, str):
+        source, target = volume.split(":")[:2]
+        return source, target
+    return str(volume["source"]), str(volume["target"])
+
+
 def test_compose_file_is_accepted_by_docker_compose_config() -> None:
     result = subprocess.run(
         [*_compose_command(), "-f", str(DEPLOY / "compose.yaml"), "--env-file",
@@ -54,19 +65,35 @@ def test_compose_file_is_accepted_by_docker_compose_config() -> None:
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
-    assert {"node", "worker-gpu0", "postgres", "orthanc"} <= set(services)
+    assert set(RECEIVERS) | {"worker-gpu0", "postgres", "orthanc"} <= set(services)
     gpu = services["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and gpu["device_ids"] == ["0"]
-    for name in ("node", "worker-gpu0"):
+    for name in (*RECEIVERS, "worker-gpu0"):
         _accepted_by_cli(services[name]["command"])
         env = services[name]["environment"]
         assert env["DICOMNODE_NODE__DATABASE_URL"].startswith("postgresql+psycopg://")
+        # one spool for all: every receiver and worker mounts the same volume at the same path
+        mounts = [_mount(volume) for volume in services[name]["volumes"]]
+        assert ("spool", env["DICOMNODE_NODE__STORAGE_DIR"]) in mounts
+    # each receiver its own id (its in-transit files, its associations) and its own host port
+    ids = [services[name]["environment"]["DICOMNODE_NODE__RECEIVER_ID"] for name in RECEIVERS]
+    assert ids == list(RECEIVERS)
+    published = [
+        (str(port["published"]), port["target"])
+        for name in RECEIVERS
+        for port in services[name]["ports"]
+        if int(port["target"]) == 11112
+    ]
+    assert len({host for host, _ in published}) == len(RECEIVERS) == len(published)
 
 
-def test_compose_environment_builds_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The node's environment in the compose file, with the example config, loads."""
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_compose_environment_builds_valid_settings(
+    receiver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each receiver's environment in the compose file, with the example config, loads."""
     config = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    env = {**config["x-node"]["environment"], **config["services"]["node"]["environment"]}
+    env = {**config["x-node"]["environment"], **config["services"][receiver]["environment"]}
     for key, value in env.items():
         if key == "DICOMNODE_CONFIG":
             value = str(DEPLOY / "dicomnode.example.toml")
@@ -75,6 +102,7 @@ def test_compose_environment_builds_valid_settings(monkeypatch: pytest.MonkeyPat
     settings = load_settings()
     assert settings.node.database_url.startswith("postgresql+psycopg://dicomnode:secret@")
     assert settings.workers == ()
+    assert settings.node.receiver_id == receiver
 
 
 def _executables(unit: str) -> list[list[str]]:
@@ -132,4 +160,31 @@ def test_kubernetes_manifests_are_whole() -> None:
     limits = worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1  # one GPU reserved per worker
     spool = next(d for d in documents if d["kind"] == "PersistentVolumeClaim")
-    assert spool["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by receiver and workers
+    assert spool["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by receivers and workers
+
+
+def test_kubernetes_receivers_scale_behind_one_service() -> None:
+    """The receiver is a StatefulSet of several replicas, each named by its pod (its receiver
+    id, stable across restarts), behind one DICOM Service."""
+    documents = _manifests()
+    receiver = next(d for d in documents if d["kind"] == "StatefulSet")
+    assert receiver["spec"]["replicas"] > 1
+    (container,) = receiver["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    source = env["DICOMNODE_NODE__RECEIVER_ID"]["valueFrom"]["fieldRef"]
+    assert source["fieldPath"] == "metadata.name"
+    services = [d for d in documents if d["kind"] == "Service"]
+    pods = receiver["spec"]["template"]["metadata"]["labels"]
+    # the governing Service the StatefulSet names exists, headless (a DNS name per pod)
+    governing = next(
+        s for s in services if s["metadata"]["name"] == receiver["spec"]["serviceName"]
+    )
+    assert governing["spec"]["clusterIP"] == "None"
+    # one load-balanced Service sends DICOM to every replica
+    dicom = [
+        s for s in services
+        if s["spec"].get("clusterIP") != "None"
+        and any(p["port"] == 11112 for p in s["spec"]["ports"])
+    ]  # fmt: skip
+    assert len(dicom) == 1
+    assert dicom[0]["spec"]["selector"].items() <= pods.items()
