@@ -30,7 +30,7 @@ ROUTE = {
     "name": "chest",
     "model": "echo",
     "match": {"Modality": "CT"},
-    "completion": {"quiet_s": 30, "release_grace_s": 0.2},
+    "completion": {"quiet_s": 30, "release_grace_s": 0.2, "confirm_s": 0},
 }
 
 

@@ -88,7 +88,7 @@ def _route(**completion: Any) -> dict[str, Any]:
         "name": "brain-mri", "model": "brain_tumor", "level": "study",
         "match": {"Modality": "MR", "StudyDescription": "re:(?i)brain|head|neuro"},
         "completion": {"quiet_s": 1.0, "release_grace_s": 0.3, "study_timeout_s": 60,
-                       "required_series": PATTERNS, **completion},
+                       "confirm_s": 0, "required_series": PATTERNS, **completion},
     }  # fmt: skip
 
 

@@ -36,7 +36,7 @@ name = "chest"
 model = "lung_nodule"
 destinations = ["pacs"]
 match = {{ Modality = "CT" }}
-completion = {{ quiet_s = 30, release_grace_s = 1 }}
+completion = {{ quiet_s = 30, release_grace_s = 1, confirm_s = 0 }}
 
 [[destinations]]
 name = "pacs"

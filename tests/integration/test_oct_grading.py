@@ -37,7 +37,7 @@ def test_oct_and_fundus_series_are_graded_by_the_nodes_worker(
                 "name": "retina",
                 "model": "oct_grading",
                 "match": {"Modality": ["OPT", "OP"]},
-                "completion": {"quiet_s": 0.5, "release_grace_s": 0.2},
+                "completion": {"quiet_s": 0.5, "release_grace_s": 0.2, "confirm_s": 0},
             }
         ],
     )

@@ -174,7 +174,7 @@ def test_a_routed_series_runs_through_the_nodes_worker(
                 "name": "chest",
                 "model": "stats",
                 "match": {"Modality": "CT"},
-                "completion": {"quiet_s": 0.5, "release_grace_s": 0.2},
+                "completion": {"quiet_s": 0.5, "release_grace_s": 0.2, "confirm_s": 0},
             }
         ],
     )

@@ -20,7 +20,7 @@ CONFIG = """
 name = "chest"
 model = "echo"
 match = { Modality = "CT" }
-completion = { quiet_s = 30, release_grace_s = 1 }
+completion = { quiet_s = 30, release_grace_s = 1, confirm_s = 0 }
 """
 CANARIES = {
     "PatientName": "Zqcanary^Xyprivate",
