@@ -124,10 +124,8 @@ class Node:
         self.periodic.run_soon(SWEEP_JOB)
 
 
-def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = None) -> Node:
-    """Open the database (migrating if configured) and wire every part; nothing runs yet.
-    ``builtin_models`` run beside the model packages (the tests' ``echo``)."""
-    database = open_database(settings, migrate=settings.node.auto_migrate)
+def _spool_and_store(settings: Settings, database: Database) -> tuple[Spool, InstanceStore]:
+    """This receiver's spool and the store that files and indexes what it receives."""
     spool = Spool(settings.node.storage_dir, settings.node.receiver_id)
     store = InstanceStore(
         spool,
@@ -135,6 +133,14 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
         duplicate_policy=settings.node.duplicate_policy,
         min_free_bytes=settings.node.min_free_disk_mb * 2**20,
     )
+    return spool, store
+
+
+def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = None) -> Node:
+    """Open the database (migrating if configured) and wire every part; nothing runs yet.
+    ``builtin_models`` run beside the model packages (the tests' ``echo``)."""
+    database = open_database(settings, migrate=settings.node.auto_migrate)
+    spool, store = _spool_and_store(settings, database)
     jobs = JobRepository(database.sessions, settings.queue)
     intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs)
     periodic = Periodic()
@@ -221,11 +227,5 @@ class ReceiverNode:
 def build_receiver_node(settings: Settings) -> ReceiverNode:
     """The receiver of one extra process; the serve has migrated the database already."""
     database = open_database(settings, migrate=False)
-    spool = Spool(settings.node.storage_dir, settings.node.receiver_id)
-    store = InstanceStore(
-        spool,
-        database.sessions,
-        duplicate_policy=settings.node.duplicate_policy,
-        min_free_bytes=settings.node.min_free_disk_mb * 2**20,
-    )
+    spool, store = _spool_and_store(settings, database)
     return ReceiverNode(database, spool, Receiver(settings, store, database.sessions))
