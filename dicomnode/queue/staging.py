@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job
 from dicomnode.domain import JobState
+from dicomnode.durable import fsync_dir
 from dicomnode.errors import ResultsError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Staging:
                 if replaced:  # put the earlier attempt's files back
                     os.rename(aside, self.target)
                 raise
-            _fsync_dir(self.target.parent)
+            fsync_dir(self.target.parent)
         except OSError as exc:
             raise ResultsError(
                 f"job {self.job_id}: results could not be moved from {self.folder} "
@@ -136,12 +137,3 @@ def _runs(entries: Iterable[Path]) -> Iterable[tuple[Path, int, int]]:
         attempt, _, token = rest.partition("-")
         if job_id.isdigit() and attempt.isdigit() and token and entry.is_dir():
             yield entry, int(job_id), int(attempt)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """The renames survive a power loss before the transaction's commit does."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from dicomnode.config import default_receiver_id
 from dicomnode.domain import InstanceHeader
+from dicomnode.durable import fsync_dir, fsync_file
 from dicomnode.errors import OutOfResources, StoreFailed, StoreRefused
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Spool:
         """Make the renames into ``folders`` durable."""
         try:
             for folder in folders:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as exc:
             raise _spool_error(exc) from exc
 
@@ -154,7 +155,7 @@ class Spool:
                 level.mkdir(mode=DIR_MODE)
             except FileExistsError:
                 continue
-            _fsync_dir(level.parent)
+            fsync_dir(level.parent)
 
     def _copy_into_place(self, received: Path, target: Path) -> None:
         """Received on another filesystem: copy next to the target, fsync, then rename."""
@@ -168,23 +169,6 @@ def _spool_error(exc: OSError) -> StoreRefused:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutOfResources(f"disk full while storing: {exc.strerror}")
     return StoreFailed(f"could not write to the spool: {exc.strerror}")
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk (any descriptor of the inode will do on POSIX)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_meta(

@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import DuplicatePolicy
 from dicomnode.db import writer
 from dicomnode.domain import InstanceHeader, Peer, StoredInstance
+from dicomnode.durable import fsync_file
 from dicomnode.errors import OutOfResources, StoreFailed
-from dicomnode.receive.spool import Spool, fsync_file
+from dicomnode.receive.spool import Spool
 from dicomnode.receive.validate import read_header
 
 logger = logging.getLogger(__name__)
