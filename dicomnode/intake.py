@@ -455,13 +455,8 @@ class Intake:
 
     def _confirm_jobs(self, now: datetime) -> int:
         """Release the results of jobs whose inputs' windows passed with nothing new."""
-        due = [
-            job
-            for job in self.jobs.list(JobFilter(state=SUPERSEDABLE), limit=10_000)
-            if job.confirm_after is not None and job.confirm_after <= now
-        ]
         confirmed = 0
-        for job in due:
+        for job in self.jobs.held_past(now):
             inputs = job.inputs or ((job.series_instance_uid,) if job.series_instance_uid else ())
             if not all(self._unchanged(uid) for uid in inputs):
                 continue  # step 1 of the next sweep re-routes the series and supersedes the job

@@ -351,8 +351,8 @@ class JobRepository:
                     publish()
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
-                else:
-                    state = JobState.SENDING if row.destinations else JobState.DONE
+                else:  # in this transaction: a crash loses no send
+                    state = _release(session, job_id, row.destinations, result, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -365,8 +365,6 @@ class JobRepository:
                         updated_at=now,
                     )
                 )
-                if state is JobState.SENDING:  # in this transaction: a crash loses no send
-                    add_sends(session, job_id, row.destinations, result, now)
         if state is None:
             logger.warning(
                 "job %s: result from %s dropped, it no longer holds the lease",
@@ -452,10 +450,8 @@ class JobRepository:
             state = JobState(row.state)
             values: dict[str, Any] = {"confirm_after": None, "updated_at": now}
             if state is JobState.CONFIRMING:
-                state = JobState.SENDING if row.destinations else JobState.DONE
+                state = _release(session, job_id, row.destinations, row.result, now)
                 values["state"] = state.value
-                if state is JobState.SENDING:
-                    add_sends(session, job_id, row.destinations, row.result, now)
             session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
         logger.info(
             "job %s: inputs confirmed, %s",
@@ -464,6 +460,20 @@ class JobRepository:
             extra={"action": "job_confirmed", "job_id": job_id},
         )
         return state
+
+    def held_past(self, now: datetime) -> list[JobRecord]:
+        """Unfinished jobs whose inputs' confirmation window ended before ``now``."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(jobs)
+                .where(
+                    jobs.c.confirm_after.is_not(None),
+                    jobs.c.confirm_after <= now.astimezone(UTC),
+                    jobs.c.state.not_in([state.value for state in FINAL_STATES]),
+                )
+                .order_by(jobs.c.id)
+            ).all()
+        return [JobRecord.from_row(row) for row in rows]
 
     def mark_sent(self, job_id: int) -> bool:
         """Every result reached every destination: ``sending`` -> ``done``. False if not sending."""
@@ -676,6 +686,21 @@ class JobRepository:
         for state, count in rows:
             counts[JobState(state)] = count
         return counts
+
+
+def _release(
+    session: Session,
+    job_id: int,
+    destinations: Sequence[str],
+    result: Mapping[str, Any] | None,
+    now: datetime,
+) -> JobState:
+    """A run's results may go out: ``sending``, its sends written in the caller's transaction,
+    or ``done`` when the job has no destination."""
+    if not destinations:
+        return JobState.DONE
+    add_sends(session, job_id, destinations, result, now)
+    return JobState.SENDING
 
 
 def _clip(error: str | None) -> str | None:
