@@ -29,6 +29,7 @@ from dicomnode.receive.processes import ReceiverProcesses
 from dicomnode.receive.server import Receiver
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
+from dicomnode.receive.validate import Limits
 from dicomnode.retention import purge_results, purge_studies
 from dicomnode.routing import Router
 from dicomnode.send.sender import Sender
@@ -132,6 +133,11 @@ def _spool_and_store(settings: Settings, database: Database) -> tuple[Spool, Ins
         database.sessions,
         duplicate_policy=settings.node.duplicate_policy,
         min_free_bytes=settings.node.min_free_disk_mb * 2**20,
+        limits=Limits(
+            lenient_uids=settings.node.lenient_uids,
+            max_pixel_bytes=settings.node.max_pixel_data_mb * 2**20,
+        ),
+        max_inflated_bytes=settings.node.max_inflated_mb * 2**20,
     )
     return spool, store
 

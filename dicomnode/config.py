@@ -80,6 +80,13 @@ class NodeSettings(_Section):
     receiver_id: str = Field(default_factory=default_receiver_id)
     #: receiver processes on the DICOM port (SO_REUSEPORT); the extra ones only receive
     processes: int = Field(1, ge=1, le=64)
+    #: a deflated dataset is inflated on receipt (and stored as explicit VR little endian);
+    #: one that inflates past this is refused (0xC007): a few hundred kB can hold gigabytes
+    max_inflated_mb: int = Field(512, ge=1)
+    #: the most an instance's pixel data may decode to (compressed data declares its size)
+    max_pixel_data_mb: int = Field(2048, ge=1)
+    #: accept UIDs with leading zeros in a component (``1.02.3``), which PS3.5 forbids
+    lenient_uids: bool = False
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
 

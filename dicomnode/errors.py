@@ -84,6 +84,13 @@ class PixelDescriptionInvalid(DatasetRejected):
     dicom_status = 0xC006
 
 
+class DatasetTooLarge(DatasetRejected):
+    """The dataset asks for more than the node's limits: it inflates, or its pixel data
+    decodes, past the configured maximum."""
+
+    dicom_status = 0xC007
+
+
 class SOPClassMismatch(DatasetRejected):
     """The dataset's SOP Class UID differs from the one negotiated for it."""
 

@@ -47,6 +47,7 @@ from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake
 from dicomnode.db.session import insert_unless_present
 from dicomnode.domain import JobState
 from dicomnode.errors import JobStateError, SeriesNotVolume
+from dicomnode.imaging.frames import read_dataset
 from dicomnode.queue.listing import JobFilter
 from dicomnode.queue.repository import JobRepository
 from dicomnode.routing import Outcome, Router, SeriesFacts
@@ -172,7 +173,7 @@ class Intake:
     ) -> None:
         first = self._first_instance(series_pk)
         facts = SeriesFacts.from_dataset(
-            dcmread(self.storage_dir / first.path, stop_before_pixels=True),
+            read_dataset(self.storage_dir / first.path, pixels=False),
             calling_aet=first.calling_aet,
         )
         decision = self.router.route(facts, partial=True)
@@ -323,7 +324,7 @@ class Intake:
             return 0, 0
         first = self._first_instance(series.series_pk)
         facts = SeriesFacts.from_dataset(
-            dcmread(self.storage_dir / first.path, stop_before_pixels=True),
+            read_dataset(self.storage_dir / first.path, pixels=False),
             slices=snapshot.instances,
             calling_aet=first.calling_aet,
         )
@@ -487,7 +488,7 @@ class Intake:
             firsts = {series.id: self._first_instance(series.id, session) for series, _ in rows}
         result = []
         for series, completed_at in rows:
-            ds = dcmread(self.storage_dir / firsts[series.id].path, stop_before_pixels=True)
+            ds = read_dataset(self.storage_dir / firsts[series.id].path, pixels=False)
             text = recognition_text(
                 str(ds.get("SeriesDescription", "")),
                 str(ds.get("ProtocolName", "")),

@@ -7,6 +7,7 @@ Log lines carry an ``action`` tag (``extra={"action": ...}``) and the ids that m
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import TextIO
 
@@ -35,6 +36,38 @@ class _ActionDefault(logging.Filter):
         return True
 
 
+#: loggers of the libraries that quote a dataset's values in what they say (pydicom's and
+#: highdicom's checks of a name or a date, and the Python warnings they raise)
+QUOTING_LOGGERS = ("py.warnings", "pydicom", "highdicom", "pynetdicom")
+_WARNING_HEAD = re.compile(r"(?P<file>[^\n]*?):(?P<line>\d+): (?P<category>\w+): ")
+
+
+class WithholdLibraryText(logging.Filter):
+    """Keep a library's log lines and warnings, but not their text: it may quote a patient's
+    name or birth date (highdicom's "The string 'DOE JOHN' is unlikely to represent...").
+
+    The line says which library warned, where, and that the text is withheld; running at DEBUG
+    (where patient data may appear anyway) shows the text.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record.name == name or record.name.startswith(name + ".")
+                   for name in QUOTING_LOGGERS):  # fmt: skip
+            return True
+        where = f"{record.module}:{record.lineno}"
+        source = record.name
+        if record.name == "py.warnings":
+            args = record.args if isinstance(record.args, tuple) else ()
+            head = _WARNING_HEAD.match(str(args[0] if args else record.msg))
+            if head is not None:
+                module = head["file"].rsplit("site-packages/", 1)[-1]
+                source, where = head["category"], f"{module}:{head['line']}"
+        record.msg = "%s at %s (text withheld: it may quote patient data; level DEBUG shows it)"
+        record.args = (source, where)
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(level: str | int = "INFO") -> None:
     """Send dicomnode's logs to stderr; pynetdicom's own chatter only at DEBUG."""
     handler = _StderrNow()
@@ -43,7 +76,12 @@ def configure(level: str | int = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    debug = logging.getLevelName(level) == "DEBUG" or level == logging.DEBUG
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    debug = numeric == logging.DEBUG
+    # Warnings go to the log, not bare to stderr; their text only at DEBUG.
+    logging.captureWarnings(True)
+    if not debug:
+        handler.addFilter(WithholdLibraryText())
     # pynetdicom logs request identifiers and dataset summaries at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
     # Libraries that log every run or statement at INFO: only at DEBUG.

@@ -266,12 +266,17 @@ def frames_of(ds: Dataset, path: str, source: int) -> list[FrameInfo]:
     return [_single_frame(ds, path, source)]
 
 
+#: values longer than this stay on disk until used: a large private element (an attacker's
+#: padding, a vendor blob) costs no memory unless something reads it
+DEFER_SIZE = 1 << 20
+
+
 def read_dataset(path: Path | str, *, pixels: bool = True) -> Dataset:
     """One file as DICOM; SeriesNotVolume naming the file when it is not DICOM, is damaged, or
-    has no SOP Instance UID (no result could refer to it)."""
+    has no SOP Instance UID (no result could refer to it). Long values are read when used."""
     name = Path(path).name
     try:
-        ds = dcmread(path, stop_before_pixels=not pixels)
+        ds = dcmread(path, stop_before_pixels=not pixels, defer_size=DEFER_SIZE)
     except InvalidDicomError as exc:
         raise SeriesNotVolume(f"{name} is not a DICOM file: {exc}") from exc
     except Exception as exc:  # pydicom raises many kinds for damaged files

@@ -120,12 +120,13 @@ def name_inputs(
     from pydicom import dcmread
 
     from dicomnode.completion import StudySeries, recognise, recognition_text
+    from dicomnode.imaging.frames import DEFER_SIZE
 
     if not patterns:
         return {item.series_instance_uid: item for item in series}
     candidates = []
     for item in series:
-        ds = dcmread(item.paths[0], stop_before_pixels=True)
+        ds = dcmread(item.paths[0], stop_before_pixels=True, defer_size=DEFER_SIZE)
         text = recognition_text(
             str(ds.get("SeriesDescription", "")),
             str(ds.get("ProtocolName", "")),

@@ -1,4 +1,4 @@
-"""The C-STORE pipeline: disk guard, validation, duplicate policy, spool, index.
+"""The C-STORE pipeline: disk guard, inflation, validation, duplicate policy, spool, index.
 
 Only when the file is durably in the spool and its rows are committed does the caller answer
 Success, so an acknowledged instance is never lost. The same instance arriving at two receivers
@@ -30,8 +30,9 @@ from dicomnode.db import writer
 from dicomnode.domain import InstanceHeader, Peer, StoredInstance
 from dicomnode.durable import fsync_file
 from dicomnode.errors import OutOfResources, StoreFailed
+from dicomnode.receive.inflate import inflate_in_place, is_deflated
 from dicomnode.receive.spool import Spool
-from dicomnode.receive.validate import read_header
+from dicomnode.receive.validate import Limits, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,12 @@ class InstanceStore:
         *,
         duplicate_policy: DuplicatePolicy,
         min_free_bytes: int,
+        limits: Limits | None = None,
+        max_inflated_bytes: int = 512 << 20,
     ) -> None:
         self.spool = spool
+        self.limits = limits or Limits()
+        self.max_inflated_bytes = max_inflated_bytes
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
         self.min_free_bytes = min_free_bytes
@@ -98,8 +103,13 @@ class InstanceStore:
     ) -> StoredInstance:
         """Validate and store one received file; raises a StoreRefused subclass to refuse it."""
         self.check_disk()
+        if is_deflated(received):
+            inflate_in_place(received, limit=self.max_inflated_bytes, check_disk=self.check_disk)
         header = read_header(
-            received, expected_sop_class=sop_class_uid, expected_sop_instance=sop_instance_uid
+            received,
+            expected_sop_class=sop_class_uid,
+            expected_sop_instance=sop_instance_uid,
+            limits=self.limits,
         )
         relative = self.spool.relative_path(header)
         fsync_file(received)  # outside the lock: the slow part runs in parallel

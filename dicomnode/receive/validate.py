@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import re
 import struct
-import tempfile
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
@@ -26,6 +22,7 @@ from pydicom.uid import UID
 
 from dicomnode.domain import InstanceHeader
 from dicomnode.errors import (
+    DatasetTooLarge,
     EmptyPixelData,
     InvalidIdentifier,
     MalformedDataset,
@@ -35,30 +32,31 @@ from dicomnode.errors import (
     SOPClassMismatch,
     SOPInstanceMismatch,
 )
+from dicomnode.receive.inflate import LONG_VRS, meta_end
 
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = (0x7FE00008, 0x7FE00009)
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # digits and dots, safe as a file name
+#: PS3.5 9.1: digits and dots, no component with a leading zero (a full match: safe as a name)
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: ``[node] lenient_uids``: leading zeros allowed, for senders that write them
+_LENIENT_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MAX_DEPTH = 32
 _MAX_VALUE = 1 << 12  # a wanted value longer than this is not read (no sane header value is)
-_SPOOL_IN_MEMORY = 8 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a received dataset may ask of the node (``[node]`` settings)."""
+
+    #: accept UID components with leading zeros (``1.02.3``), which PS3.5 forbids
+    lenient_uids: bool = False
+    #: the most bytes an instance's pixel data may decode to (compressed data declares it)
+    max_pixel_bytes: int = 2048 << 20
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ class _Walker:
         if self.implicit:
             return None, struct.unpack(self.endian + "I", self._read(4, "an element length"))[0]
         vr = self._read(2, "an element VR")
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             return vr, struct.unpack(self.endian + "2xI", self._read(6, "an element length"))[0]
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise MalformedDataset(
@@ -193,14 +191,12 @@ def scan(path: Path) -> Scan:
         ts = UID(str(meta.get("TransferSyntaxUID", "")))
         if not ts or not ts.is_transfer_syntax:
             raise MalformedDataset(f"unknown transfer syntax {str(ts)!r}")
+        if ts.is_deflated:  # receive.inflate turns these into explicit VR little endian first
+            raise MalformedDataset("a deflated dataset must be inflated before it is scanned")
         with path.open("rb") as fp:
-            fp.seek(_meta_end(fp))
-            if ts.is_deflated:
-                with _inflated(fp) as inflated:
-                    walker = _walk(inflated, implicit=False, little=True)
-            else:
-                walker = _walk(fp, implicit=ts.is_implicit_VR, little=ts.is_little_endian)
-    except (InvalidDicomError, struct.error, zlib.error, ValueError, EOFError, OSError) as exc:
+            fp.seek(meta_end(fp))
+            walker = _walk(fp, implicit=ts.is_implicit_VR, little=ts.is_little_endian)
+    except (InvalidDicomError, struct.error, ValueError, EOFError, OSError) as exc:
         raise MalformedDataset(f"dataset could not be parsed: {exc}") from exc
     return Scan(str(ts), walker.pixel, _decode(walker.values, walker.endian))
 
@@ -214,39 +210,12 @@ def _walk(fp: IO[bytes], *, implicit: bool, little: bool) -> _Walker:
     return walker
 
 
-@contextmanager
-def _inflated(fp: BinaryIO) -> Iterator[IO[bytes]]:
-    """Inflate a deflated dataset into a spooled file (memory only while it is small)."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as out:
-        while chunk := fp.read(1 << 20):
-            out.write(inflater.decompress(chunk, 1 << 20))
-            while inflater.unconsumed_tail:
-                out.write(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
-        if not inflater.eof:
-            raise MalformedDataset("deflated dataset is truncated")
-        out.seek(0)
-        yield out
-
-
-def _meta_end(fp: BinaryIO) -> int:
-    """Offset of the first dataset byte after the preamble and File Meta group."""
-    fp.seek(132)
-    while True:
-        pos = fp.tell()
-        head = fp.read(8)
-        if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
-            return pos
-        vr = head[4:6]
-        if vr in _LONG_VRS:
-            length = struct.unpack("<I", fp.read(4))[0]
-        else:
-            length = struct.unpack("<H", head[6:8])[0]
-        fp.seek(length, 1)
-
-
 def read_header(
-    path: Path, *, expected_sop_class: str, expected_sop_instance: str
+    path: Path,
+    *,
+    expected_sop_class: str,
+    expected_sop_instance: str,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> InstanceHeader:
     """Validate a received file and return the attributes the index keeps.
 
@@ -259,9 +228,10 @@ def read_header(
     if missing:
         raise MissingIdentifier(f"dataset has no {', '.join(missing)}")
     for key, value in uids.items():
-        if len(value) > 64 or not _UID.match(value):
+        if len(value) > 64 or not is_valid_uid(value, lenient=limits.lenient_uids):
             raise InvalidIdentifier(
-                f"{key} {value[:80]!r} is not a valid UID (digits and dots, at most 64 characters)"
+                f"{key} {value[:80]!r} is not a valid UID (digits and dots, no leading zeros, "
+                "at most 64 characters)"
             )
     if uids["SOPClassUID"] != expected_sop_class:
         raise SOPClassMismatch(
@@ -273,7 +243,7 @@ def read_header(
             f"dataset SOP Instance UID {uids['SOPInstanceUID']} differs from "
             f"the request's {expected_sop_instance}"
         )
-    _check_pixels(values, found.pixel)
+    _check_pixels(values, found.pixel, limits.max_pixel_bytes)
 
     def text(keyword: str) -> str:
         value = values.get(keyword, "")
@@ -312,7 +282,13 @@ def read_header(
     )
 
 
-def _check_pixels(values: dict[str, str | int], pixel: PixelDataInfo) -> None:
+def is_valid_uid(value: str, *, lenient: bool = False) -> bool:
+    """A UID as PS3.5 9.1 writes it (``lenient``: leading zeros too), whole, at most 64 long."""
+    pattern = _LENIENT_UID if lenient else _UID
+    return len(value) <= 64 and pattern.fullmatch(value) is not None
+
+
+def _check_pixels(values: dict[str, str | int], pixel: PixelDataInfo, max_bytes: int) -> None:
     if not pixel.present:
         # An image IOD always has pixels (JPIP references them by URL instead): a dataset
         # without them was cut short at an element boundary, or built wrong.
@@ -323,9 +299,15 @@ def _check_pixels(values: dict[str, str | int], pixel: PixelDataInfo) -> None:
     if pixel.length == 0:
         raise EmptyPixelData()
     _check_pixel_description(values)
+    needed = _native_pixel_bytes(values)
+    if needed is not None and needed > max_bytes:
+        # Compressed data can declare any size in a few bytes; a decoder would allocate it.
+        raise DatasetTooLarge(
+            f"the image attributes declare {needed // 2**20} MB of pixel data, more than the "
+            f"limit of {max_bytes // 2**20} MB ([node] max_pixel_data_mb)"
+        )
     if pixel.encapsulated:
         return
-    needed = _native_pixel_bytes(values)
     if needed is not None and pixel.length < needed:
         raise PixelDataSizeMismatch(
             f"Pixel Data has {pixel.length} bytes; Rows, Columns, frames, "

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode.errors import ResultsError
+from dicomnode.imaging.frames import DEFER_SIZE
 
 if TYPE_CHECKING:
     from dicomnode.imaging import FrameRef
@@ -37,7 +38,7 @@ def read_headers(paths: Iterable[Path | str]) -> dict[str, Dataset]:
     headers: dict[str, Dataset] = {}
     for path in paths:
         try:
-            ds = dcmread(path, stop_before_pixels=True)
+            ds = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
         except Exception as exc:
             raise ResultsError(f"source file {str(path)!r} cannot be read: {exc}") from exc
         for keyword in TYPE2_DEFAULTS:

@@ -4,9 +4,11 @@ and keep its memory bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +16,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from dicomnode.errors import DatasetTooLarge
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
+from dicomnode.testing.bombs import bomb
 from dicomnode.testing.fuzz import (
     ATTEMPTS,
     Mutation,
@@ -30,6 +35,7 @@ from dicomnode.testing.fuzz import (
 )
 from dicomnode.testing.process import ServeProcess
 from dicomnode.testing.rawstore import AssociationRefused, RawAssociation
+from dicomnode.testing.waiting import wait_until
 from dicomnode.testing.watch import watch
 from tests.helpers import lenient_pydicom
 
@@ -137,3 +143,65 @@ def test_eight_senders_at_once_lose_nothing(hostile_node: ServeProcess, tmp_path
         for path in files:
             assert lookup(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)) is not None
     _alive(hostile_node)
+
+
+#: deflate bombs by their size on the wire: each inflates about 1,000 times
+BOMBS_MB = (1, 12)
+
+
+@pytest.mark.parametrize("wire_mb", BOMBS_MB, ids=lambda mb: f"{mb}MB-on-the-wire")
+def test_deflate_bomb_is_refused_with_memory_bounded(
+    hostile_node: ServeProcess, wire_mb: int
+) -> None:
+    attack = bomb(wire_mb << 30)
+    assert abs(len(attack.payload) / 2**20 - wire_mb) < wire_mb * 0.1 + 0.1
+    incoming = hostile_node.storage / "incoming"
+    with watch(hostile_node.pid, hostile_node.port) as seen:
+        with RawAssociation(
+            "127.0.0.1",
+            hostile_node.port,
+            calling="RAW",
+            transfer_syntax=DeflatedExplicitVRLittleEndian,
+            fragment=1 << 20,
+        ) as association:
+            status = association.store(attack.payload, attack.sop_instance_uid)
+        wait_until(lambda: seen.good_sent >= 2, timeout=60, what="a good sender alongside")
+    assert status == DatasetTooLarge.dicom_status, hex(status)
+    assert stored_bytes(hostile_node.storage)(attack.sop_instance_uid) is None
+    assert not [p for p in incoming.rglob("*") if p.is_file()], "nothing is left in transit"
+    _alive(hostile_node)
+    assert not seen.good_failures and seen.good_sent > 0, seen.good_failures
+    assert seen.peak_rss_mb < MAX_RSS_MB, f"peak RSS {seen.peak_rss_mb:.0f} MB"
+
+
+def test_deflated_padding_under_the_limit_is_stored_and_read_bounded(
+    hostile_node: ServeProcess,
+) -> None:
+    """256 MB of zeros in 256 kB: stored inflated, and the intake's read of it stays small."""
+    padded = bomb(256 << 20, seed=2)
+    with watch(hostile_node.pid, hostile_node.port) as seen:
+        with RawAssociation(
+            "127.0.0.1",
+            hostile_node.port,
+            calling="RAW",
+            transfer_syntax=DeflatedExplicitVRLittleEndian,
+        ) as association:
+            status = association.store(padded.payload, padded.sop_instance_uid)
+        assert status == 0x0000, hex(status)
+        path = _stored_path(hostile_node, padded.sop_instance_uid)
+        wait_until(lambda: seen.good_sent >= 2, timeout=60, what="a good sender alongside")
+    stored = dcmread(path, stop_before_pixels=True, defer_size=1 << 20)
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    _alive(hostile_node)
+    assert not seen.good_failures, seen.good_failures
+    assert seen.peak_rss_mb < MAX_RSS_MB, f"peak RSS {seen.peak_rss_mb:.0f} MB"
+
+
+def _stored_path(node: ServeProcess, sop_instance_uid: str) -> Path:
+    uri = f"file:{node.storage / 'dicomnode.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+        row = db.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+    assert row is not None, f"{sop_instance_uid} is not indexed"
+    return node.storage / row[0]
