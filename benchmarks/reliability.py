@@ -68,10 +68,10 @@ from dicomnode.testing import peers
 from dicomnode.testing.fuzz import (
     ATTEMPTS,
     Tally,
-    base_dataset,
+    fuzz_association,
     hostile_attempt,
-    judge,
     random_mutations,
+    send_mutation,
     stored_bytes,
 )
 from dicomnode.testing.peers import LOOPBACK
@@ -84,20 +84,17 @@ from dicomnode.testing.watch import watch
 def fuzz_datasets(node: ServeProcess, count: int) -> Tally:
     tally = Tally()
     lookup = stored_bytes(node.storage)
-    assoc = RawAssociation("127.0.0.1", node.port, calling="RAW")
+    assoc = fuzz_association("127.0.0.1", node.port)
     for index, mutation in enumerate(random_mutations(count, seed=1)):
-        ds = base_dataset(100_000 + index)
-        uid = str(ds.SOPInstanceUID)
-        payload = mutation.apply(ds)
         try:
-            status = assoc.store(payload, uid)
-            outcome = judge(status, payload, uid, lookup)
+            outcome = send_mutation(assoc, mutation, 100_000 + index, lookup)
         except (ConnectionError, OSError):
             outcome = "hung up"
-            assoc = RawAssociation("127.0.0.1", node.port, calling="RAW")
         except AssertionError as exc:
             outcome = f"NOT CLEAN: {exc}"
-        tally.add(mutation.kind, outcome)
+        if outcome in ("hung up", "aborted"):
+            assoc = fuzz_association("127.0.0.1", node.port)
+        tally.add(f"{mutation.kind}/{mutation.syntax}", outcome)
     assoc.release()
     return tally
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
@@ -49,15 +46,3 @@ def assert_same_dataset(sent: Path, stored: Path) -> None:
     assert stored_tags == sent_tags
     for tag in sent_tags:
         assert received[tag].value == original[tag].value, f"{tag} differs"
-
-
-@contextmanager
-def lenient_pydicom() -> Iterator[None]:
-    """Let a test build deliberately invalid values despite the session's RAISE mode."""
-    settings = pydicom_config.settings
-    saved = settings.reading_validation_mode, settings.writing_validation_mode
-    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        yield
-    finally:
-        settings.reading_validation_mode, settings.writing_validation_mode = saved

@@ -1,11 +1,13 @@
 """Malformed datasets and hostile association attempts, for the reliability suite.
 
 A :class:`Mutation` is a recipe (its kind and parameters, drawn by hypothesis or a seeded
-generator) that turns a valid CT dataset, encoded in explicit VR little endian, into bytes a
-broken or hostile sender might put in a C-STORE: truncated, bytes flipped, a wrong VR, an
-absurd length, huge declared pixel data, a bad UID, or plain garbage. :func:`judge` says
-whether the node handled one cleanly: a failure status and nothing stored, or Success with
-the bytes stored exactly as sent (a mutation may leave a dataset that is still well formed).
+generator) that turns a valid CT dataset, in explicit VR little endian, deflated or RLE
+compressed, into bytes a broken or hostile sender might put in a C-STORE: truncated, bytes
+flipped, a wrong VR, an absurd length, huge declared pixel data, a bad UID, plain garbage, or
+a broken command set (bad Affected SOP Instance UID bytes, missing elements, absurd lengths).
+:func:`judge` says whether the node handled one cleanly: a failure status and nothing stored,
+or Success with the bytes stored exactly as sent (a deflated dataset: as sent, inflated); a
+broken command set may also end the association with an A-ABORT, storing nothing.
 """
 
 from __future__ import annotations
@@ -15,19 +17,49 @@ import random
 import socket
 import sqlite3
 import struct
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive import pdu
-from dicomnode.testing.rawstore import associate_rq, encode_dataset
+from dicomnode.testing.rawstore import (
+    RawAssociation,
+    associate_rq,
+    command_elements,
+    encode_command,
+    encode_dataset,
+)
 
-KINDS = ("truncate", "flip", "vr", "length", "pixels", "uid", "garbage", "insert")
+KINDS = ("truncate", "flip", "vr", "length", "pixels", "uid", "garbage", "insert", "command")
+#: the transfer syntaxes a mutation's dataset travels in: as encoded, deflated, RLE-compressed
+SYNTAXES = {
+    "explicit": "1.2.840.10008.1.2.1",
+    "deflated": "1.2.840.10008.1.2.1.99",
+    "rle": "1.2.840.10008.1.2.5",
+}
+#: kinds that break the bytes as they travel (for a deflated dataset: the deflated stream)
+BYTE_KINDS = frozenset({"truncate", "flip", "garbage", "insert"})
+#: ways to break the C-STORE-RQ command set itself (the dataset is a good one)
+COMMAND_BREAKS = (
+    "uid-ff-fe",
+    "uid-newline",
+    "uid-too-long",
+    "uid-empty",
+    "class-garbage",
+    "drop-element",
+    "group-length",
+    "element-length",
+    "command-field",
+    "noise",
+)
 #: VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2)
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 _VR_NAMES = (
@@ -106,9 +138,70 @@ class Mutation:
     at: float = 0.0  # where, as a fraction of the stream or of the element list
     choice: int = 0  # which VR, length, UID, pixel change...
     noise: bytes = b""  # bytes to write or insert
+    syntax: str = "explicit"  # a key of SYNTAXES
+
+    @property
+    def transfer_syntax(self) -> str:
+        return SYNTAXES[self.syntax]
 
     def apply(self, ds: Dataset) -> bytes:
-        """The mutated bytes of ``ds`` (which is changed only by the dataset-level kinds)."""
+        """The mutated bytes of ``ds`` as they travel in :attr:`transfer_syntax` (``ds`` is
+        changed by the dataset-level kinds, and compressed for ``rle``)."""
+        if self.syntax == "rle":
+            from pydicom.uid import RLELossless
+
+            ds.compress(RLELossless)
+        if self.syntax != "deflated":
+            return self._mutate(ds, encoded=None)
+        if self.kind in BYTE_KINDS:
+            return self._mutate(ds, encoded=deflate(encode_dataset(ds)))
+        return deflate(self._mutate(ds, encoded=None))
+
+    def command(self, message_id: int, sop_instance: str) -> bytes | None:
+        """The C-STORE-RQ command set to send: a broken one for the ``command`` kind."""
+        if self.kind != "command":
+            return None
+        elements = command_elements(message_id, sop_instance)
+        how = COMMAND_BREAKS[self.choice % len(COMMAND_BREAKS)]
+        where = min(int(self.at * len(elements)), len(elements) - 1)
+        replace = {
+            "uid-ff-fe": (0x1000, b"1.2.\xff\xfe"),
+            "uid-newline": (0x1000, sop_instance.encode()[:60] + b"\n\0"),
+            "uid-too-long": (0x1000, b"1." * 40),
+            "uid-empty": (0x1000, b""),
+            "class-garbage": (0x0002, (self.noise or b"\x00\x01")[:64]),
+            "command-field": (0x0100, struct.pack("<H", self.choice & 0xFFFF)),
+        }
+        if how in replace:
+            number, value = replace[how]
+            elements = [(n, value if n == number else v) for n, v in elements]
+        elif how == "drop-element":
+            del elements[where]
+        elif how == "noise":
+            elements.insert(where, (0x0000 + 0x10 * (1 + where), self.noise))
+        encoded = bytearray(encode_command(elements))
+        if how == "group-length":
+            struct.pack_into("<I", encoded, 8, self.choice * 7919)
+        elif how == "element-length":
+            offset = 12 + sum(8 + len(v) for _, v in elements[:where])
+            struct.pack_into("<I", encoded, offset + 4, ABSURD_LENGTHS[self.choice % 8])
+        return bytes(encoded)
+
+    def stored_form(self, payload: bytes) -> bytes:
+        """The dataset bytes the node keeps when it stores ``payload``: a deflated dataset is
+        kept inflated (receive.inflate)."""
+        if self.syntax != "deflated":
+            return payload
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(payload)
+        except zlib.error:
+            return b""  # not a deflate stream: nothing may be stored for it
+        return data if inflater.eof else b""
+
+    def _mutate(self, ds: Dataset, encoded: bytes | None) -> bytes:
+        if self.kind == "command":
+            return encoded if encoded is not None else encode_dataset(ds)
         if self.kind == "pixels":
             for keyword, value in PIXEL_CHANGES[self.choice % len(PIXEL_CHANGES)].items():
                 setattr(ds, keyword, value)
@@ -118,7 +211,7 @@ class Mutation:
             bad = BAD_UIDS[(self.choice // len(UID_KEYWORDS)) % len(BAD_UIDS)]
             ds[keyword].value = bad
             return encode_dataset(ds)
-        data = bytearray(encode_dataset(ds))
+        data = bytearray(encoded if encoded is not None else encode_dataset(ds))
         where = min(int(self.at * len(data)), len(data) - 1)
         if self.kind == "truncate":
             return bytes(data[:where])
@@ -145,6 +238,18 @@ class Mutation:
         raise ValueError(f"mutation kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
+@contextmanager
+def lenient_pydicom() -> Iterator[None]:
+    """Let a test build deliberately invalid values despite the session's RAISE mode."""
+    settings = pydicom_config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
+
+
 def base_dataset(seed: int) -> Dataset:
     """A valid 64x64 CT slice with UIDs of its own (so every sent instance is distinct)."""
     uid = generate_uid(entropy_srcs=["fuzz", str(seed)])
@@ -165,6 +270,7 @@ def mutations() -> Any:
         at=st.floats(min_value=0.0, max_value=1.0, allow_nan=False),
         choice=st.integers(min_value=0, max_value=1000),
         noise=st.binary(min_size=0, max_size=512),
+        syntax=st.sampled_from(tuple(SYNTAXES)),
     )
 
 
@@ -177,7 +283,14 @@ def random_mutations(count: int, seed: int = 0) -> Iterator[Mutation]:
             rng.random(),
             rng.randrange(1000),
             rng.randbytes(rng.randrange(513)),
+            tuple(SYNTAXES)[(index // len(KINDS)) % len(SYNTAXES)],
         )
+
+
+def deflate(data: bytes) -> bytes:
+    """``data`` as a Deflated Explicit VR Little Endian dataset travels (raw deflate)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
 
 
 #: statuses that mean "refused, with a reason": out of resources, SOP class/instance mismatch,
@@ -209,15 +322,17 @@ def judge(
     payload: bytes,
     sop_instance: str,
     stored: Callable[[str], bytes | None],
+    expected: bytes | None = None,
 ) -> str:
     """``refused`` or ``stored`` when the node handled the input cleanly; raises otherwise.
 
     ``stored(uid)`` returns the dataset bytes the node keeps for the instance (after its File
-    Meta), or None when it keeps nothing.
+    Meta), or None when it keeps nothing; ``expected`` is what it should keep on Success
+    (default: ``payload``).
     """
     kept = stored(sop_instance)
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
-        if kept != payload:
+        if kept != (payload if expected is None else expected):
             raise AssertionError(
                 f"Success (0x{status:04X}) but the stored bytes differ from those sent "
                 f"({'nothing stored' if kept is None else f'{len(kept)} bytes stored'}, "
@@ -229,6 +344,44 @@ def judge(
     if kept is not None:
         raise AssertionError(f"refused with 0x{status:04X} but the instance was stored")
     return "refused"
+
+
+FUZZ_SYNTAXES = tuple(SYNTAXES.values())
+
+
+def fuzz_association(host: str, port: int, calling: str = "RAW") -> RawAssociation:
+    """An association offering every syntax a mutation travels in."""
+    first, *more = FUZZ_SYNTAXES
+    return RawAssociation(host, port, calling=calling, transfer_syntax=first, more_syntaxes=more)
+
+
+def send_mutation(
+    association: RawAssociation,
+    mutation: Mutation,
+    seed: int,
+    stored: Callable[[str], bytes | None],
+) -> str:
+    """Send one mutated instance; how the node handled it (``stored``, ``refused``, or, for a
+    broken command set only, ``aborted``). Raises AssertionError when it was not handled
+    cleanly, ConnectionError when the node hung up on a good command set."""
+    with lenient_pydicom():
+        ds = base_dataset(seed)
+        uid = str(ds.SOPInstanceUID)
+        payload = mutation.apply(ds)
+    try:
+        status = association.store(
+            payload,
+            uid,
+            syntax=mutation.transfer_syntax,
+            command=mutation.command(association.message_id + 1, uid),
+        )
+    except (ConnectionError, OSError):
+        if mutation.kind != "command":
+            raise
+        if stored(uid) is not None:
+            raise AssertionError(f"{mutation}: aborted, but the instance was stored") from None
+        return "aborted"
+    return judge(status, payload, uid, stored, mutation.stored_form(payload))
 
 
 def stored_bytes(storage: Path) -> Callable[[str], bytes | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -82,8 +83,10 @@ def associate_rq(
     sop_class: str = CT_IMAGE_STORAGE,
     transfer_syntax: str = EXPLICIT_LE,
     max_pdu: int = 16384,
+    more_syntaxes: Sequence[str] = (),
 ) -> bytes:
-    """An encoded A-ASSOCIATE-RQ proposing one context (ID 1): ``sop_class`` in one syntax."""
+    """An encoded A-ASSOCIATE-RQ proposing ``sop_class`` in ``transfer_syntax`` as context 1,
+    and in each of ``more_syntaxes`` as contexts 3, 5, ... (one syntax per context)."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
     from pynetdicom.presentation import build_context
@@ -93,9 +96,12 @@ def associate_rq(
     request = A_ASSOCIATE()
     request.application_context_name = context or pdu.APPLICATION_CONTEXT
     request.calling_ae_title, request.called_ae_title = calling, called
-    cx = build_context(sop_class, [transfer_syntax])
-    cx.context_id = 1
-    request.presentation_context_definition_list = [cx]
+    contexts = []
+    for index, syntax in enumerate((transfer_syntax, *more_syntaxes)):
+        cx = build_context(sop_class, [syntax])
+        cx.context_id = 1 + 2 * index
+        contexts.append(cx)
+    request.presentation_context_definition_list = contexts
     maximum = MaximumLengthNotification()
     maximum.maximum_length_received = max_pdu
     request.user_information = [maximum]
@@ -108,21 +114,34 @@ def store_command(
     message_id: int = 1, sop_instance: str = "1.2.3", sop_class: str = CT_IMAGE_STORAGE
 ) -> bytes:
     """A C-STORE-RQ command set (implicit VR little endian) announcing a dataset."""
+    return encode_command(command_elements(message_id, sop_instance, sop_class))
+
+
+def command_elements(
+    message_id: int, sop_instance: str | bytes, sop_class: str | bytes = CT_IMAGE_STORAGE
+) -> list[tuple[int, bytes]]:
+    """The elements (group 0000 element number, value) of a C-STORE-RQ, to send or to break."""
     from dicomnode.receive import dimse
 
-    def uid(value: str) -> bytes:
-        return value.encode() + (b"\0" if len(value) % 2 else b"")
+    def uid(value: str | bytes) -> bytes:
+        raw = value.encode() if isinstance(value, str) else value
+        return raw + (b"\0" if len(raw) % 2 else b"")
 
-    body = b""
-    for element, value in (
+    return [
         (0x0002, uid(sop_class)),
         (0x0100, struct.pack("<H", dimse.C_STORE_RQ)),
         (0x0110, struct.pack("<H", message_id & 0xFFFF)),
         (0x0700, struct.pack("<H", 0)),
         (0x0800, struct.pack("<H", 0x0000)),
         (0x1000, uid(sop_instance)),
-    ):
-        body += struct.pack("<HHI", 0, element, len(value)) + value
+    ]
+
+
+def encode_command(elements: Sequence[tuple[int, bytes]]) -> bytes:
+    """A command set of these elements, with its group length (implicit VR little endian)."""
+    body = b"".join(
+        struct.pack("<HHI", 0, element, len(value)) + value for element, value in elements
+    )
     return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
 
 
@@ -163,6 +182,7 @@ class RawAssociation:
         calling: str = "RAW",
         sop_class: str = CT_IMAGE_STORAGE,
         transfer_syntax: str = EXPLICIT_LE,
+        more_syntaxes: Sequence[str] = (),
         fragment: int = 16000,
         timeout: float = 30.0,
     ) -> None:
@@ -172,7 +192,11 @@ class RawAssociation:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.sendall(
             associate_rq(
-                called, calling=calling, sop_class=sop_class, transfer_syntax=transfer_syntax
+                called,
+                calling=calling,
+                sop_class=sop_class,
+                transfer_syntax=transfer_syntax,
+                more_syntaxes=more_syntaxes,
             )
         )
         pdu_type, length = pdu.read_header(self.sock)
@@ -181,18 +205,33 @@ class RawAssociation:
             self.sock.close()
             raise AssociationRefused(pdu_type, body)
         self.message_id = 0
+        #: transfer syntax -> the presentation context ID proposed for it
+        self.contexts = {
+            syntax: 1 + 2 * index for index, syntax in enumerate((transfer_syntax, *more_syntaxes))
+        }
 
-    def store(self, payload: bytes, sop_instance: str) -> int:
-        """Send one C-STORE; its response status (ConnectionError when the node hung up)."""
+    def store(
+        self,
+        payload: bytes,
+        sop_instance: str,
+        *,
+        syntax: str | None = None,
+        command: bytes | None = None,
+    ) -> int:
+        """Send one C-STORE (in the context of ``syntax``, the first by default; ``command``
+        replaces the well-formed command set); its response status (ConnectionError when the
+        node hung up)."""
         from dicomnode.receive import pdu
 
         self.message_id += 1
-        command = store_command(self.message_id, sop_instance, self.sop_class)
-        self.sock.sendall(pdu.encode_p_data(1, 0x03, command))
+        context = self.contexts[syntax] if syntax is not None else 1
+        if command is None:
+            command = store_command(self.message_id, sop_instance, self.sop_class)
+        self.sock.sendall(pdu.encode_p_data(context, 0x03, command))
         chunks = [payload[i : i + self.fragment] for i in range(0, len(payload), self.fragment)]
         for index, chunk in enumerate(chunks or [b""]):
             last = index == len(chunks or [b""]) - 1
-            self.sock.sendall(pdu.encode_p_data(1, 0x02 if last else 0x00, chunk))
+            self.sock.sendall(pdu.encode_p_data(context, 0x02 if last else 0x00, chunk))
         try:
             return read_status(self.sock)
         except PeerClosed as exc:

@@ -14,8 +14,9 @@ from dicomnode.app import Node
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import CT_IMAGE_STORAGE, write_series
 from dicomnode.testing import peers
+from dicomnode.testing.fuzz import lenient_pydicom
 from dicomnode.testing.rawstore import encode_dataset, send_raw
-from tests.helpers import instance_count, lenient_pydicom, port_of
+from tests.helpers import instance_count, port_of
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 

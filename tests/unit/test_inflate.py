@@ -27,7 +27,8 @@ from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive.inflate import inflate_in_place, is_deflated
 from dicomnode.receive.validate import Limits, is_valid_uid, read_header, scan
 from dicomnode.testing.bombs import bomb, deflate_bomb
-from tests.helpers import assert_same_dataset, lenient_pydicom
+from dicomnode.testing.fuzz import lenient_pydicom
+from tests.helpers import assert_same_dataset
 
 
 def _never_full() -> None:
