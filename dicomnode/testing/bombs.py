@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.testing.rawstore import encode_dataset
@@ -39,8 +39,8 @@ class Bomb:
     def file(self) -> bytes:
         """The same, as a DICOM file (preamble and File Meta before the payload)."""
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = self.sop_class_uid
-        meta.MediaStorageSOPInstanceUID = self.sop_instance_uid
+        meta.MediaStorageSOPClassUID = UID(self.sop_class_uid)
+        meta.MediaStorageSOPInstanceUID = UID(self.sop_instance_uid)
         meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
         out = DicomBytesIO()
         out.write(b"\0" * 128 + b"DICM")
