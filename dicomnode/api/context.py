@@ -112,8 +112,8 @@ def check_exposure(api: ApiSettings) -> None:
         if why:
             where = "[api] token" if credential.name == DEFAULT_TOKEN_NAME else "[api] tokens"
             raise ConfigError(
-                f"{where} {credential.name!r} {why}, and [api] host {api.host!r} is not a "
-                f"loopback address: use a random secret (openssl rand -hex 32)"
+                f"API token {credential.name!r} ({where}) {why}, and [api] host {api.host!r} "
+                "is not a loopback address: use a random secret (openssl rand -hex 32)"
             )
 
 
