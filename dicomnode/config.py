@@ -396,6 +396,11 @@ class ApiSettings(_Section):
     echo_timeout_s: float = Field(2.0, gt=0)
     health_cache_s: float = Field(30.0, ge=0)
 
+    @field_validator("tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _no_path(cls, value: Any) -> Any:
+        return None if value == "" else value  # tls_cert = "": plain HTTP
+
     @field_validator("tokens", mode="before")
     @classmethod
     def _plain_secrets(cls, value: Any) -> Any:

@@ -353,3 +353,16 @@ def test_serve_warns_about_its_readable_config(
     err = capsys.readouterr().err
     assert "holds secrets (api.token)" in err and "mode 0o644" in err, err
     assert "secret-x" not in err
+
+
+def test_the_compose_example_token_is_refused_off_loopback() -> None:
+    """deploy/env.example's token with compose's 0.0.0.0 bind: the node will not start."""
+    deploy = Path(__file__).parents[2] / "deploy"
+    env = dict(
+        line.split("=", 1)
+        for line in (deploy / "env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    api = Settings(api={"host": "0.0.0.0", "token": env["DICOMNODE_API_TOKEN"]}).api
+    with pytest.raises(ConfigError, match=r"API token 'admin' .* is an example value"):
+        check_exposure(api)
