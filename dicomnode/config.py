@@ -434,13 +434,11 @@ class ApiSettings(_Section):
         return "https" if self.tls_cert is not None else "http"
 
     def client_token(self, scope: ApiScope = "read") -> str:
-        """A secret that has ``scope`` (``token`` first), for this node's own clients (demo)."""
-        if self.token:
-            return self.token
-        for token in self.tokens.values():
-            if token.secret and (scope in token.scopes or "admin" in token.scopes):
-                return token.secret
-        return ""
+        """A secret for this node's own clients (demo): ``token``, else a named one that has
+        ``scope``, else any (whose 403 then names the scope it lacks)."""
+        named = [t for t in self.tokens.values() if t.secret]
+        fit = [t for t in named if scope in t.scopes or "admin" in t.scopes]
+        return self.token or next((t.secret for t in (*fit, *named)), "")
 
 
 #: The four MR sequences of a brain tumor study, as the brain-mri route of the embedded defaults

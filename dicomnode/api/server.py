@@ -165,6 +165,8 @@ class ApiServer:
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             sock.close()
             self._socket = None
+            if api.tls_cert is None:
+                raise
             from dicomnode.errors import ConfigError
 
             raise ConfigError(
