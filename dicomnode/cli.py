@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -178,13 +179,15 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from dicomnode.api.context import warn_readable_config
     from dicomnode.app import build_node, restrict_new_files
-    from dicomnode.config import load_settings
+    from dicomnode.config import CONFIG_ENV, load_settings
     from dicomnode.errors import ConfigError
 
     if args.receiver_child:
         return _serve_receiver_child()
     settings = load_settings(args.config)
+    warn_readable_config(args.config or os.environ.get(CONFIG_ENV) or None)
     if args.processes is not None:
         if not 1 <= args.processes <= 64:
             raise ConfigError(f"--processes {args.processes} must be 1 to 64")
@@ -540,8 +543,8 @@ def _demo(args: argparse.Namespace) -> int:
         args.to or f"{settings.node.ae_title}@{local}:{settings.node.port}"
     )
     api_host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::", "") else settings.api.host
-    token = args.token or settings.api.token or next(iter(settings.api.tokens.values()), "")
-    api = Api(args.api or f"http://{api_host}:{settings.api.port}", token)
+    token = args.token or settings.api.client_token("phi")  # the demo follows its studies
+    api = Api(args.api or f"{settings.api.scheme}://{api_host}:{settings.api.port}", token)
     names = [name.strip() for name in args.studies.split(",") if name.strip()]
     say = (lambda _text: None) if args.json else print
     with tempfile.TemporaryDirectory(prefix="dicomnode-demo-") as scratch:

@@ -361,22 +361,91 @@ class DestinationSettings(_Section):
         return "return_to_sender" if self.return_to_sender else "dimse"
 
 
+#: What an API token may do; each route names the one it needs (see dicomnode.api.auth).
+#: ``read``: jobs, models, summary, audit, metrics, health details, the OpenAPI document, all
+#: without patient or study attributes; ``phi``: those attributes too, /api/studies, and the
+#: study, accession and patient filters; ``operate``: retry, cancel, resend; ``admin``: all.
+ApiScope = Literal["read", "phi", "operate", "admin"]
+#: the scopes of a named token that names none (``tokens = {ris = "..."}``, the older form):
+#: reading without patient data; acting on jobs and seeing patients are opted into
+DEFAULT_TOKEN_SCOPES: tuple[ApiScope, ...] = ("read",)
+
+
+class ApiToken(_Section):
+    """One named API token: ``[api.tokens.<name>] secret = "...", scopes = ["read", "phi"]``."""
+
+    secret: str = ""
+    scopes: tuple[ApiScope, ...] = DEFAULT_TOKEN_SCOPES
+
+
 class ApiSettings(_Section):
     """The HTTP API, dashboard and /metrics that ``serve`` runs (port 0: any free port).
 
-    A bearer token guards everything but /api/health: ``token`` (audited as ``token:admin``) or
-    named ``tokens`` (name -> secret, audited as ``token:<name>``). With none the API is open,
-    which the node allows only on a loopback host.
+    A bearer token guards everything but the up/down answer of /api/health: ``token`` (every
+    scope, audited as ``token:admin``) or named ``tokens`` (audited as ``token:<name>``), each
+    a secret (scope read only) or a table with ``secret`` and ``scopes``. With none the
+    API is open, which the node allows only on a loopback host, and only to loopback Host names.
     """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str = ""
-    tokens: dict[str, str] = {}
+    tokens: dict[str, ApiToken] = {}
+    #: HTTPS: the certificate (chain) and its key, PEM files; both or neither
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_key_password: str = ""
+    #: the Host header names the API answers to (besides the loopback names); unset: any when
+    #: tokens are configured, else the loopback names only (DNS rebinding)
+    allowed_hosts: tuple[str, ...] | None = None
     #: health: C-ECHO each DIMSE destination with this timeout, at most once per cache period
     echo_timeout_s: float = Field(2.0, gt=0)
     health_cache_s: float = Field(30.0, ge=0)
+
+    @field_validator("tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _no_path(cls, value: Any) -> Any:
+        return None if value == "" else value  # tls_cert = "": plain HTTP
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _plain_secrets(cls, value: Any) -> Any:
+        """``tokens = {ris = "secret"}`` (the older form) is ``[api.tokens.ris] secret = ...``."""
+        if isinstance(value, dict):
+            return {k: {"secret": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_names(cls, value: dict[str, ApiToken]) -> dict[str, ApiToken]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"token name {name!r}: 1 to 64 letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ApiSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("[api] tls_cert and tls_key go together: set both or neither")
+        secrets: dict[str, str] = {}
+        named = [(name, t.secret) for name, t in self.tokens.items()] + [("admin", self.token)]
+        for name, secret in named:
+            if secret and secret in secrets and secrets[secret] != name:
+                raise ValueError(f"tokens {secrets[secret]!r} and {name!r} have the same secret")
+            secrets.setdefault(secret, name)
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
+
+    def client_token(self, scope: ApiScope = "read") -> str:
+        """A secret for this node's own clients (demo): ``token``, else a named one that has
+        ``scope``, else any (whose 403 then names the scope it lacks)."""
+        named = [t for t in self.tokens.values() if t.secret]
+        fit = [t for t in named if scope in t.scopes or "admin" in t.scopes]
+        return self.token or next((t.secret for t in (*fit, *named)), "")
 
 
 #: The four MR sequences of a brain tumor study, as the brain-mri route of the embedded defaults

@@ -256,3 +256,21 @@ class Unauthorized(DicomNodeError):
     """A valid bearer token is required."""
 
     http_status = 401
+
+
+class Forbidden(DicomNodeError):
+    """The bearer token lacks the scope this needs."""
+
+    http_status = 403
+
+
+class ValueOutOfRange(InvalidQuery):
+    """A parameter is outside the range the node accepts."""
+
+    http_status = 422
+
+
+class HostNotAllowed(DicomNodeError):
+    """The request's Host header names no host this API answers to."""
+
+    http_status = 400

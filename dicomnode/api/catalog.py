@@ -1,4 +1,5 @@
-"""/api/studies and /api/models: what the index holds and what the node can run."""
+"""/api/studies (``phi``: patient names, IDs, accessions) and /api/models (``read``): what the
+index holds and what the node can run."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from dicomnode import admin
-from dicomnode.api.auth import Actor, context
+from dicomnode.api.auth import PhiReader, Reader, context
+from dicomnode.api.params import MAX_LIMIT, Offset
 from dicomnode.db.index import list_studies
 
 router = APIRouter(prefix="/api")
 
 
-@router.get("/studies", tags=["studies"], summary="Studies in the index, newest first")
+@router.get("/studies", tags=["studies"], summary="Studies in the index, newest first (phi)")
 def studies(
     request: Request,
-    _actor: Actor,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    _principal: PhiReader,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
     with context(request).sessions() as session:
         found = list_studies(session, limit=limit, offset=offset)
@@ -27,6 +29,6 @@ def studies(
 
 
 @router.get("/models", tags=["models"], summary="Models: version, demo weights, devices")
-def models(request: Request, _actor: Actor) -> dict[str, Any]:
+def models(request: Request, _principal: Reader) -> dict[str, Any]:
     ctx = context(request)
     return {"models": [asdict(m) for m in admin.model_summaries(ctx.settings, ctx.builtin_models)]}

@@ -3,7 +3,9 @@
 The page itself carries no job or patient data (a browser cannot send a bearer token with a
 page load): the script asks for the token once, keeps it in sessionStorage, and fetches
 everything it shows from the token-guarded JSON API. No CDN: the script and style ship in
-the package, so the page works offline.
+the package, so the page works offline. With a token that lacks ``operate`` it hides the
+retry and cancel buttons (it asks /api/me for the token's scopes); it shows no patient data
+with any token.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from dicomnode.domain import JobState
 
 router = APIRouter(tags=["dashboard"])
 
-#: only our own script and style; nothing inline, nothing from elsewhere
-CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'"
+#: only our own script and style; nothing inline, nothing from elsewhere, in no frame
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 @router.get("/", response_class=HTMLResponse, summary="The dashboard page")

@@ -1,5 +1,7 @@
-"""/api/health: database, free disk, live workers, reachable destinations. No token needed,
-and no patient data in it.
+"""/api/health: database, free disk, live workers, reachable destinations. No patient data in
+it. Without a token (where tokens are configured) only up or down: ``{"status": "ok"}``, or
+503 ``{"status": "down"}``, and no destination is C-ECHOed for it; the details (destination
+AE titles, hosts and ports, worker ids, free disk, models) need a token with ``read``.
 
 Destinations are C-ECHOed (DIMSE ones; STOW-RS and return-to-sender are listed unchecked) with
 a short timeout, in parallel, and each answer is kept for ``[api] health_cache_s`` so a
@@ -21,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, text
 
-from dicomnode.api.auth import context
+from dicomnode.api.auth import OptionalPrincipal, context
 from dicomnode.db.models import Job
 from dicomnode.domain import JobState
 
@@ -115,8 +117,10 @@ def echo(
     return False, "no C-ECHO response" if code is None else f"C-ECHO status 0x{code:04X}"
 
 
-@router.get("/health", summary="Database, disk, workers, destinations (no token needed)")
-def health(request: Request) -> JSONResponse:
+@router.get(
+    "/health", summary="Up or down without a token; database, disk, workers, destinations with one"
+)
+def health(request: Request, principal: OptionalPrincipal) -> JSONResponse:
     ctx = context(request)
     settings = ctx.settings
     now = datetime.now(UTC)
@@ -125,19 +129,23 @@ def health(request: Request) -> JSONResponse:
     try:
         with ctx.sessions() as session:
             session.execute(text("SELECT 1"))
-            leases = [
-                {"worker_id": owner, "running": int(n)}
-                for owner, n in session.execute(
-                    select(Job.lease_owner, func.count())
-                    .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at > now)
-                    .group_by(Job.lease_owner)
-                )
-            ]
+            if principal is not None:
+                leases = [
+                    {"worker_id": owner, "running": int(n)}
+                    for owner, n in session.execute(
+                        select(Job.lease_owner, func.count())
+                        .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at > now)
+                        .group_by(Job.lease_owner)
+                    )
+                ]
     except Exception as exc:  # the point of health: say so rather than fail
         database = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
-    usage = shutil.disk_usage(settings.node.storage_dir)
     floor = settings.node.min_free_disk_mb * 2**20
-    disk = {"free_bytes": usage.free, "min_free_bytes": floor, "ok": usage.free >= floor}
+    try:
+        free: int | None = shutil.disk_usage(settings.node.storage_dir).free
+    except OSError:  # the storage folder is gone or unreadable: down, not a 500
+        free = None
+    disk = {"free_bytes": free, "min_free_bytes": floor, "ok": free is not None and free >= floor}
     embedded = [
         {
             "worker_id": worker.worker_id,
@@ -148,10 +156,13 @@ def health(request: Request) -> JSONResponse:
         }
         for worker in ctx.workers
     ]
-    cache: EchoCache = request.app.state.echo_cache
-    destinations = [asdict(r) for r in cache.check(getattr(settings, "destinations", ()))]
     workers_ok = all(w["alive"] for w in embedded)
     ok = database["ok"] and disk["ok"] and workers_ok
+    if principal is None:  # anonymous: up or down, nothing about the node's surroundings
+        return JSONResponse({"status": "ok" if ok else "down"}, status_code=200 if ok else 503)
+    principal.require("read", "the details of /api/health")
+    cache: EchoCache = request.app.state.echo_cache
+    destinations = [asdict(r) for r in cache.check(getattr(settings, "destinations", ()))]
     reachable = all(d["reachable"] is not False for d in destinations)
     status = "ok" if ok and reachable else "degraded" if ok else "failing"
     body = {

@@ -1,5 +1,8 @@
-"""/api/jobs: list with filters and pagination, one job in full, retry, cancel; /api/summary
-(the dashboard's counts and throughput); /api/audit."""
+"""/api/jobs: list with filters and pagination, one job in full, retry, cancel, resend;
+/api/summary (the dashboard's counts and throughput); /api/audit; /api/me (the token's scopes).
+
+Reading needs ``read`` (patient and study attributes blanked without ``phi``), acting
+``operate``."""
 
 from __future__ import annotations
 
@@ -9,28 +12,50 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from dicomnode import admin
-from dicomnode.api.auth import Actor, context
+from dicomnode import admin, audit
+from dicomnode.api.auth import Operator, Principal, Reader, context
 from dicomnode.api.context import Memo
-from dicomnode.audit import list_events
-from dicomnode.errors import JobNotFound
+from dicomnode.api.params import MAX_LIMIT, JobId, Offset, OptionalJobId, Since, since, text
+from dicomnode.api.phi import PHI_FILTERS, redact
+from dicomnode.errors import (
+    ConfigError,
+    InvalidQuery,
+    JobNotFound,
+    JobStateError,
+    NoResults,
+    SendError,
+)
 
 router = APIRouter(prefix="/api", tags=["jobs"])
+
+
+def shown(principal: Principal, value: Any) -> Any:
+    """``value`` as ``principal`` may see it: whole with ``phi``, redacted without."""
+    return value if principal.phi else redact(value)
+
+
+@router.get("/me", tags=["auth"], summary="The token's name and scopes")
+def me(principal: Reader) -> dict[str, Any]:
+    return {"name": principal.name, "actor": principal.actor, "scopes": sorted(principal.scopes)}
 
 
 @router.get("/jobs", summary="Jobs, newest first, one page at a time")
 def list_jobs(
     request: Request,
-    _actor: Actor,
-    status: Annotated[str | None, Query(description="states, comma-separated")] = None,
-    study: Annotated[str | None, Query(description="Study Instance UID")] = None,
-    model: str | None = None,
-    accession: Annotated[str | None, Query(description="Accession Number")] = None,
-    patient_id: Annotated[str | None, Query(description="Patient ID")] = None,
-    since: Annotated[str | None, Query(description="2h, 3d, or ISO 8601 (UTC)")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    principal: Reader,
+    status: Annotated[str | None, text("states, comma-separated")] = None,
+    study: Annotated[str | None, text("Study Instance UID (phi scope)", 64)] = None,
+    model: Annotated[str | None, text()] = None,
+    accession: Annotated[str | None, text("Accession Number (phi scope)", 64)] = None,
+    patient_id: Annotated[str | None, text("Patient ID (phi scope)", 64)] = None,
+    since_: Since = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
+    filters = {"study": study, "accession": accession, "patient_id": patient_id}
+    for name in PHI_FILTERS:
+        if filters[name]:
+            principal.require("phi", f"the {name} filter")
     page, total = admin.list_jobs(
         context(request).jobs,
         state=status,
@@ -38,7 +63,7 @@ def list_jobs(
         study=study,
         accession=accession,
         patient_id=patient_id,
-        since=since,
+        since=since(since_),
         limit=limit,
         offset=offset,
     )
@@ -46,33 +71,61 @@ def list_jobs(
         "total": total,
         "limit": limit,
         "offset": offset,
-        "jobs": [admin.job_summary(job) for job in page],
+        "jobs": [shown(principal, admin.job_summary(job)) for job in page],
     }
 
 
 @router.get("/jobs/{job_id}", summary="One job: stages, error, attempts, sends, audit")
-def get_job(request: Request, job_id: int, _actor: Actor) -> dict[str, Any]:
+def get_job(request: Request, job_id: JobId, principal: Reader) -> dict[str, Any]:
     ctx = context(request)
     job = ctx.jobs.get(job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id}")
-    return admin.job_detail(ctx.sessions, job)
+    return shown(principal, admin.job_detail(ctx.sessions, job))
 
 
-@router.post("/jobs/{job_id}/retry", summary="Queue a failed or cancelled job again")
-async def retry_job(request: Request, job_id: int, actor: Actor) -> dict[str, Any]:
-    job = await run_in_threadpool(context(request).jobs.retry, job_id, actor=actor)
-    return admin.job_summary(job)
+@router.post("/jobs/{job_id}/retry", summary="Queue a failed or cancelled job again (operate)")
+async def retry_job(request: Request, job_id: JobId, principal: Operator) -> dict[str, Any]:
+    job = await run_in_threadpool(context(request).jobs.retry, job_id, actor=principal.actor)
+    return shown(principal, admin.job_summary(job))
 
 
-@router.post("/jobs/{job_id}/cancel", summary="Cancel an unfinished job")
-async def cancel_job(request: Request, job_id: int, actor: Actor) -> dict[str, Any]:
-    job = await run_in_threadpool(context(request).jobs.cancel, job_id, actor=actor)
-    return admin.job_summary(job)
+@router.post("/jobs/{job_id}/cancel", summary="Cancel an unfinished job (operate)")
+async def cancel_job(request: Request, job_id: JobId, principal: Operator) -> dict[str, Any]:
+    job = await run_in_threadpool(context(request).jobs.cancel, job_id, actor=principal.actor)
+    return shown(principal, admin.job_summary(job))
+
+
+@router.post("/jobs/{job_id}/resend", summary="Send a job's result objects again (operate)")
+def resend_job(
+    request: Request,
+    job_id: JobId,
+    principal: Operator,
+    destination: Annotated[list[str] | None, Query(max_length=32)] = None,
+) -> dict[str, Any]:
+    """To the job's own destinations, or to each ``destination`` named (configured ones)."""
+    from dicomnode.queue.sends import SendQueue
+
+    ctx = context(request)
+    for name in destination or ():
+        try:
+            ctx.settings.destination(name)
+        except ConfigError as exc:
+            raise InvalidQuery(exc.message) from None
+    try:
+        targets = SendQueue(ctx.sessions).requeue(job_id, destination)
+    except (JobNotFound, JobStateError, NoResults):
+        raise
+    except SendError as exc:  # no destination to send to: the request, not the node
+        raise JobStateError(exc.message) from None
+    audit.record_event(
+        ctx.sessions, principal.actor, "resend", job_id=job_id, detail=f"to {', '.join(targets)}"
+    )
+    return {"id": job_id, "destinations": targets}
 
 
 @router.get("/summary", tags=["dashboard"], summary="Queue depth by state, throughput per model")
-def summary(request: Request, _actor: Actor) -> dict[str, Any]:
+def summary(request: Request, _principal: Reader) -> dict[str, Any]:
     ctx = context(request)
     counts = ctx.jobs.counts_by_state()
     memo: Memo = request.app.state.memo
@@ -91,22 +144,28 @@ def summary(request: Request, _actor: Actor) -> dict[str, Any]:
 @router.get("/audit", tags=["audit"], summary="Audit events, newest first")
 def audit_events(
     request: Request,
-    _actor: Actor,
-    job_id: int | None = None,
-    action: str | None = None,
-    actor: str | None = None,
-    since: Annotated[str | None, Query(description="2h, 3d, or ISO 8601 (UTC)")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    principal: Reader,
+    job_id: OptionalJobId = None,
+    action: Annotated[str | None, text(max_length=32)] = None,
+    actor: Annotated[str | None, text(max_length=128)] = None,
+    since_: Since = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
+    after = since(since_)
     with context(request).sessions() as session:
-        events, total = list_events(
+        events, total = audit.list_events(
             session,
             job_id=job_id,
             action=action,
             actor=actor,
-            since=admin.parse_since(since) if since else None,
+            since=after,
             limit=limit,
             offset=offset,
         )
-    return {"total": total, "limit": limit, "offset": offset, "events": [asdict(e) for e in events]}
+    return {
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "events": [shown(principal, asdict(e)) for e in events],
+    }

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, literal_column, select, union_all
 
 from dicomnode.admin import SPANS
-from dicomnode.api.auth import Actor
+from dicomnode.api.auth import Reader
 from dicomnode.api.context import ApiContext, Memo
 from dicomnode.db.models import Association, Instance, Job, Send
 from dicomnode.domain import JobState
@@ -234,7 +234,7 @@ def _bound(value: float) -> str:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request, _actor: Actor) -> Response:
+def metrics(request: Request, _principal: Reader) -> Response:
     registry: CollectorRegistry = request.app.state.metrics_registry
     memo: Memo = request.app.state.memo
     body = memo.get("metrics", lambda: generate_latest(registry))

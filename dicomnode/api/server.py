@@ -12,10 +12,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dicomnode import __version__
-from dicomnode.api.context import ApiContext, Memo, check_exposure
+from dicomnode.api.context import ApiContext, Memo, allowed_hosts, check_exposure, is_loopback
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from dicomnode.config import ApiSettings
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +26,27 @@ SCAN_CACHE_S = 5.0
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    """The API, dashboard and /metrics over ``ctx``; OpenAPI at /openapi.json, docs at /docs."""
-    from fastapi import FastAPI, Request
+    """The API, dashboard and /metrics over ``ctx``; the OpenAPI document at /openapi.json
+    (``read`` scope). No /docs or /redoc: FastAPI loads swagger-ui and redoc from a CDN, on
+    the very page an admin would paste a token into."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    from dicomnode.api import catalog, dashboard, health, jobs, metrics
+    from dicomnode.api import auth, catalog, dashboard, health, jobs, metrics
+    from dicomnode.api.guard import Guard
     from dicomnode.errors import DicomNodeError
 
     app = FastAPI(
         title="dicomnode",
         version=__version__,
-        description="Jobs, studies, models, health and metrics of a dicomnode. Every route "
-        "but /api/health needs `Authorization: Bearer <token>` when tokens are configured.",
+        description="Jobs, studies, models, health and metrics of a dicomnode. Every route but "
+        "the up/down answer of /api/health needs `Authorization: Bearer <token>` when tokens "
+        "are configured, with the scope the route names: read, phi, operate (admin: all).",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.context = ctx
     app.state.echo_cache = health.EchoCache(
@@ -56,10 +66,30 @@ def create_app(ctx: ApiContext) -> FastAPI:
             headers=headers,
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the reasons without the values given (they may be patient IDs)
+        problems = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        reason = "; ".join(
+            f"{' '.join(str(part) for part in p['loc'])}: {p['msg']}" for p in problems
+        )
+        return JSONResponse(
+            {"error": reason or "invalid request", "type": "InvalidRequest", "detail": problems},
+            status_code=422,
+        )
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth.needs("read"))])
+    def _openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     for module in (health, jobs, catalog, metrics, dashboard):
         app.include_router(module.router)
     static = str(_static_dir())
     app.mount("/static", StaticFiles(directory=static), name="static")
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts(ctx.settings.api))
     return app
 
 
@@ -67,6 +97,17 @@ def _static_dir() -> Any:
     from importlib import resources
 
     return resources.files("dicomnode.api").joinpath("static")
+
+
+def _tls_options(api: ApiSettings) -> dict[str, Any]:
+    """uvicorn's HTTPS options from ``[api] tls_cert/tls_key`` (none: plain HTTP)."""
+    if api.tls_cert is None or api.tls_key is None:
+        return {}
+    return {
+        "ssl_certfile": str(api.tls_cert),
+        "ssl_keyfile": str(api.tls_key),
+        "ssl_keyfile_password": api.tls_key_password or None,
+    }
 
 
 class ApiServer:
@@ -89,7 +130,8 @@ class ApiServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        scheme = self.ctx.settings.api.scheme
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self, timeout: float = 30.0) -> None:
         """Bind now (so a busy port fails the start), serve in a thread, wait until ready."""
@@ -116,7 +158,21 @@ class ApiServer:
             access_log=False,  # an access line carries query strings: patient IDs, accessions
             lifespan="off",
             timeout_graceful_shutdown=5,
+            **_tls_options(api),
         )
+        try:
+            config.load()  # here, not in the thread: a bad certificate or key fails the start
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            sock.close()
+            self._socket = None
+            if api.tls_cert is None:
+                raise
+            from dicomnode.errors import ConfigError
+
+            raise ConfigError(
+                f"[api] tls_cert {str(api.tls_cert)!r} / tls_key {str(api.tls_key)!r} cannot be "
+                f"loaded: {exc}"
+            ) from exc
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="http-api", daemon=True
@@ -135,6 +191,13 @@ class ApiServer:
             "" if self.ctx.tokens else " (no token: loopback only)",
             extra={"action": "api_listen"},
         )
+        if api.tls_cert is None and not is_loopback(api.host):
+            logger.warning(
+                "HTTP API on %s without TLS: its tokens and answers cross the network in the "
+                "clear; set [api] tls_cert and tls_key, or bind 127.0.0.1 behind a TLS proxy",
+                self.url,
+                extra={"action": "api_plain_http"},
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._server is not None:

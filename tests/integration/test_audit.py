@@ -25,6 +25,7 @@ from dicomnode.testing.rawstore import send_raw
 from dicomnode.testing.waiting import wait_until
 
 RIS = "ris-secret"
+MONITOR = "monitor-secret"
 PATIENT = {"patient_name": "Secretname^Patricia", "patient_id": "PID-SECRET-4711"}
 ROUTE = {
     "name": "chest",
@@ -44,7 +45,8 @@ def test_received_routed_cancelled_retried(
     caplog.set_level(logging.INFO)
     storage = tmp_path / "node"
     # no worker: the job stays queued, so it can be cancelled and retried
-    node = start_node(storage, routes=[ROUTE], workers=[], api={"tokens": {"ris": RIS}})
+    tokens = {"ris": {"secret": RIS, "scopes": ["read", "phi", "operate"]}, "monitor": MONITOR}
+    node = start_node(storage, routes=[ROUTE], workers=[], api={"tokens": tokens})
     files = write_series(ct_slices(SeriesSpec(slices=12, seed=71, **PATIENT)), tmp_path / "ct")
     sent = peers.storescu(node.receiver.address[1], files, calling_aet="CT_SCANNER")
     assert sent.returncode == 0, sent.stderr
@@ -61,6 +63,15 @@ def test_received_routed_cancelled_retried(
         # a query naming the patient: answered, and not logged (no access log)
         found = http.get("/api/jobs", params={"patient_id": PATIENT["patient_id"]}).json()
         assert [j["id"] for j in found["jobs"]] == [job.id]
+    # a token without the phi scope (the older plain form) may neither ask by patient nor act
+    with httpx.Client(
+        base_url=node.api.url, headers={"Authorization": f"Bearer {MONITOR}"}
+    ) as http:
+        refused = http.get("/api/jobs", params={"patient_id": PATIENT["patient_id"]})
+        assert refused.status_code == 403 and "'phi' scope" in refused.json()["error"]
+        assert http.post(f"/api/jobs/{job.id}/retry").status_code == 403
+        listed = http.get("/api/jobs").json()["jobs"]
+        assert [j["id"] for j in listed] == [job.id] and listed[0]["study_instance_uid"] is None
     node_records = list(caplog.records)
     # the CLI configures logging for itself (to stderr), as `dicomnode jobs retry` does
     monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)

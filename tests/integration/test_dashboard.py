@@ -35,7 +35,9 @@ def _chromium() -> None:
 def test_dashboard_shows_a_failure_and_retries_it(
     start_node: Callable[..., Node], tmp_path: Path
 ) -> None:
-    node = start_node(workers=[], api={"tokens": {"ops": TOKEN}})
+    node = start_node(
+        workers=[], api={"tokens": {"ops": {"secret": TOKEN, "scopes": ["read", "operate"]}}}
+    )
     history = make_history(node.database.sessions)
     failed = history.jobs["failed_lung"]
     assert node.api is not None
@@ -95,3 +97,37 @@ def test_dashboard_shows_a_failure_and_retries_it(
         events, _ = list_events(session, action="retried")
     assert [(e.actor, e.job_id) for e in events] == [("token:ops", failed)]
     assert (ARTIFACTS / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_dashboard_with_a_read_only_token_shows_jobs_without_actions(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """A read token (the older plain form) sees the queue and the failures, and no retry or
+    cancel button; the page never shows a patient attribute, whatever the token."""
+    node = start_node(workers=[], api={"tokens": {"monitor": TOKEN}})
+    history = make_history(node.database.sessions)
+    failed = history.jobs["failed_lung"]
+    assert node.api is not None
+    with Browser(tmp_path / "profile") as browser:
+        browser.goto(node.api.url + "/")
+        browser.wait_for("document.getElementById('status').textContent === 'token required'")
+        browser.type("#token", TOKEN)
+        browser.click("#save-token")
+        browser.wait_for("document.body.dataset.loaded")
+        assert browser.evaluate("document.body.dataset.scopes") == "read"
+        assert browser.evaluate("document.getElementById('count-failed').textContent") == "1"
+        failure = browser.evaluate(
+            f"[...document.querySelectorAll('#failures tr[data-job-id=\"{failed}\"] td')]"
+            ".map(td => td.textContent)"
+        )
+        assert failure[:4] == [str(failed), "lung", "2/2", "RuntimeError: out of memory"]
+        assert browser.evaluate("document.querySelectorAll('#recent tbody tr').length") == 5
+        assert (
+            browser.evaluate("document.querySelectorAll('button.retry, button.cancel').length") == 0
+        )
+        text = browser.evaluate("document.body.innerText")
+        for secret in (*history.patients.values(), *history.accessions.values(), "Alpha^Anna"):
+            assert secret not in text
+        browser.screenshot(ARTIFACTS / "dashboard-read-only.png")
+    assert node.jobs.get(failed).state is JobState.FAILED  # type: ignore[union-attr]

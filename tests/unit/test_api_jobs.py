@@ -40,7 +40,11 @@ def history(database: Database) -> History:
 def client(tmp_path: Path, database: Database, history: History) -> Iterator[httpx.Client]:
     settings = Settings(
         node={"storage_dir": tmp_path, "min_free_disk_mb": 1},
-        api={"port": 0, "token": ADMIN, "tokens": {"ris": RIS}},
+        api={
+            "port": 0,
+            "token": ADMIN,
+            "tokens": {"ris": {"secret": RIS, "scopes": ["read", "phi", "operate"]}},
+        },
     )  # the API reads through database.sessions; the URL here only names the storage
     with (
         api_server(settings, database.sessions) as server,
@@ -73,10 +77,13 @@ def test_every_route_but_health_needs_a_valid_token(client: httpx.Client) -> Non
         assert client.get(path, headers={"Authorization": f"Basic {ADMIN}"}).status_code == 401
         for token in (ADMIN, RIS):
             assert client.get(path, headers=bearer(token)).status_code == 200, path
-    for action in ("retry", "cancel"):
+    for action in ("retry", "cancel", "resend"):
         assert client.post(f"/api/jobs/2/{action}").status_code == 401
+    # without a token, health says up or down and nothing more; with one, the details
     health = client.get("/api/health")
-    assert health.status_code == 200 and health.json()["database"]["ok"] is True
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    detailed = client.get("/api/health", headers=bearer(RIS))
+    assert detailed.status_code == 200 and detailed.json()["database"]["ok"] is True
     # The page shell needs no token (a browser cannot send one); it holds no job data.
     page = client.get("/")
     assert page.status_code == 200 and "PID-ALPHA" not in page.text
@@ -178,7 +185,8 @@ def test_studies_models_and_summary(client: httpx.Client) -> None:
 
 
 def test_openapi_document(client: httpx.Client) -> None:
-    document = client.get("/openapi.json").json()
+    assert client.get("/openapi.json").status_code == 401  # behind the token, as the API is
+    document = client.get("/openapi.json", headers=bearer(RIS)).json()
     assert document["info"]["title"] == "dicomnode"
     for path in (
         "/api/health",
@@ -186,6 +194,8 @@ def test_openapi_document(client: httpx.Client) -> None:
         "/api/jobs/{job_id}",
         "/api/jobs/{job_id}/retry",
         "/api/jobs/{job_id}/cancel",
+        "/api/jobs/{job_id}/resend",
+        "/api/me",
         "/api/studies",
         "/api/models",
         "/metrics",
@@ -196,7 +206,8 @@ def test_openapi_document(client: httpx.Client) -> None:
     parameters = {p["name"] for p in document["paths"]["/api/jobs"]["get"]["parameters"]}
     assert {"status", "study", "model", "accession", "patient_id", "since", "limit",
             "offset"} <= parameters  # fmt: skip
-    assert "security" not in document["paths"]["/api/health"]["get"]
+    for path in ("/docs", "/redoc"):  # they would load their script from a CDN
+        assert client.get(path, headers=bearer(ADMIN)).status_code == 404
 
 
 def test_an_open_api_listens_on_loopback_only(tmp_path: Path, database: Database) -> None:
@@ -205,7 +216,8 @@ def test_an_open_api_listens_on_loopback_only(tmp_path: Path, database: Database
         assert server.address[0] == "127.0.0.1"
         with httpx.Client(base_url=server.url) as http:
             assert http.get("/api/jobs").json()["total"] == 0  # no tokens: open on loopback
-    check_exposure(Settings(api={"host": "0.0.0.0", "token": "t"}).api)
+    check_exposure(Settings(api={"host": "0.0.0.0", "token": "k7Qw2x9LmP4vZ8rT1yB6nH3s"}).api)
+    check_exposure(Settings(api={"host": "::1", "token": "t"}).api)  # loopback: any token
     check_exposure(Settings(api={"host": "::1"}).api)
     with pytest.raises(ConfigError, match=r"'0.0.0.0' is not a loopback address"):
         check_exposure(Settings(api={"host": "0.0.0.0"}).api)

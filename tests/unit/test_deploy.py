@@ -79,12 +79,25 @@ def test_compose_file_is_accepted_by_docker_compose_config() -> None:
     ids = [services[name]["environment"]["DICOMNODE_NODE__RECEIVER_ID"] for name in RECEIVERS]
     assert ids == list(RECEIVERS)
     published = [
-        (str(port["published"]), port["target"])
+        _port(port)
         for name in RECEIVERS
         for port in services[name]["ports"]
-        if int(port["target"]) == 11112
+        if int(_port(port)[2]) == 11112
     ]
-    assert len({host for host, _ in published}) == len(RECEIVERS) == len(published)
+    assert len({host for _, host, _ in published}) == len(RECEIVERS) == len(published)
+    # the HTTP ports (API, dashboard, Orthanc's explorer) on loopback only, unless told
+    http = [_port(p) for name in (*RECEIVERS, "orthanc") for p in services[name]["ports"]]
+    http = [p for p in http if int(p[2]) in (8080, 8042)]
+    assert len(http) == len(RECEIVERS) + 1 and {ip for ip, _, _ in http} == {"127.0.0.1"}
+
+
+def _port(port: Any) -> tuple[str, str, str]:
+    """(host ip, published, target) of a port as `compose config` writes it: a mapping (the
+    compose plugin, compose 1.29 without an ip) or "ip:published:target/tcp" (compose 1.29)."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "")), str(port["published"]), str(port["target"])
+    ip, published, target = str(port).split("/")[0].rsplit(":", 2)
+    return ip, published, target
 
 
 @pytest.mark.parametrize("receiver", RECEIVERS)

@@ -15,6 +15,7 @@ async function api(path, options = {}) {
   if (token()) headers.Authorization = "Bearer " + token();
   const response = await fetch(path, { ...options, headers });
   if (response.status === 401) throw new Error("token required");
+  if (response.status === 403) throw new Error("not allowed: " + (await response.json()).error);
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
@@ -49,6 +50,10 @@ function timeline(job) {
   return box;
 }
 
+// the token's scopes (GET /api/me); retry and cancel need "operate"
+let scopes = null;
+function mayOperate() { return scopes !== null && scopes.includes("operate"); }
+
 function actionButton(label, job, path) {
   const button = document.createElement("button");
   button.type = "button";
@@ -81,7 +86,8 @@ function renderFailure(row, job) {
   cell(row, job.attempts + "/" + job.max_attempts);
   cell(row, (job.error || "").split("\n")[0], "reason");
   cell(row, job.finished_at ? new Date(job.finished_at).toLocaleString() : "");
-  row.insertCell().appendChild(actionButton("retry", job, "retry"));
+  const actions = row.insertCell();
+  if (mayOperate()) actions.appendChild(actionButton("retry", job, "retry"));
 }
 
 function renderJob(row, job) {
@@ -95,6 +101,7 @@ function renderJob(row, job) {
   cell(row, job.route);
   row.insertCell().appendChild(timeline(job));
   const actions = row.insertCell();
+  if (!mayOperate()) return;
   if (job.state === "failed" || job.state === "cancelled") {
     actions.appendChild(actionButton("retry", job, "retry"));
   } else if (!["done", "skipped"].includes(job.state)) {
@@ -116,6 +123,10 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
+    if (scopes === null) {
+      scopes = (await api("/api/me")).scopes;
+      document.body.dataset.scopes = scopes.join(" ");
+    }
     const [summary, recent, failed] = await Promise.all([
       api("/api/summary"),
       api("/api/jobs?limit=20"),
@@ -131,6 +142,7 @@ async function refresh() {
     document.body.dataset.loaded = String(Date.now());
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (error) {
+    if (error.message === "token required") scopes = null;
     setStatus(error.message);
   } finally {
     busy = false;
@@ -143,6 +155,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const input = document.getElementById("token");
     sessionStorage.setItem(TOKEN_KEY, input.value.trim());
     input.value = "";
+    scopes = null;
     refresh();
   });
   refresh();
