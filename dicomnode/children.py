@@ -237,7 +237,13 @@ class Parent:
 
     def __init__(self, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> None:
         self.stdin = stdin or sys.stdin.buffer
-        self.stdout = stdout or sys.stdout.buffer
+        if stdout is None:
+            # the events get the pipe to themselves: whatever else writes to stdout (a model's
+            # print) goes to stderr, the serve's log, and is never read as an event
+            sys.stdout.flush()
+            stdout = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+            os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        self.stdout = stdout
         self._lock = threading.Lock()
 
     def assignment(self) -> bytes:
