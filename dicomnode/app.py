@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.api.context import ApiContext
 from dicomnode.api.server import ApiServer
-from dicomnode.config import Settings
+from dicomnode.children import DEFAULT_COMMAND
+from dicomnode.config import Settings, WorkerSettings
 from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.locks import TaskLocks
 from dicomnode.db.migrate import current_revision, head_revision
@@ -23,6 +26,7 @@ from dicomnode.intake import Intake
 from dicomnode.pipeline import job_models
 from dicomnode.pipeline.models import BuiltinModels
 from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
+from dicomnode.queue.processes import WorkerProcesses
 from dicomnode.queue.repository import JobRepository
 from dicomnode.queue.worker import Worker
 from dicomnode.receive.processes import ReceiverProcesses
@@ -74,7 +78,8 @@ RETENTION_EVERY_S = 3600.0
 
 @dataclass
 class Node:
-    """Everything ``dicomnode serve`` runs: receiver, intake sweep, queue upkeep, workers."""
+    """Everything ``dicomnode serve`` runs: receiver, intake sweep, queue upkeep, workers
+    (``workers`` in threads of this process, ``worker_processes`` as its children)."""
 
     settings: Settings
     database: Database
@@ -90,6 +95,8 @@ class Node:
     api: ApiServer | None = None
     #: the extra receiver processes on the DICOM port (None: ``[node] processes = 1``)
     receivers: ReceiverProcesses | None = None
+    #: the workers run as child processes (None: none is, ``[[workers]] isolation``)
+    worker_processes: WorkerProcesses | None = None
 
     def start(self, *, background: bool = True) -> None:
         """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
@@ -103,6 +110,8 @@ class Node:
             self.periodic.start()
             for worker in self.workers:
                 worker.start()
+            if self.worker_processes is not None:
+                self.worker_processes.start()
             if self.sender is not None:
                 self.sender.start()
 
@@ -115,6 +124,8 @@ class Node:
             self.receivers.stop()
         for worker in self.workers:
             worker.stop(timeout)
+        if self.worker_processes is not None:
+            self.worker_processes.stop(timeout)
         if self.sender is not None:
             self.sender.stop(timeout)
         self.periodic.shutdown()
@@ -142,9 +153,22 @@ def _spool_and_store(settings: Settings, database: Database) -> tuple[Spool, Ins
     return spool, store
 
 
-def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = None) -> Node:
+def build_node(
+    settings: Settings,
+    *,
+    builtin_models: BuiltinModels | None = None,
+    worker_processes: bool | None = None,
+    command: Sequence[str] = DEFAULT_COMMAND,
+) -> Node:
     """Open the database (migrating if configured) and wire every part; nothing runs yet.
-    ``builtin_models`` run beside the model packages (the tests' ``echo``)."""
+    ``builtin_models`` run beside the model packages (the tests' ``echo``).
+
+    A ``[[workers]]`` entry with ``isolation = "process"`` runs as a child process of
+    ``command`` (this CLI: ``python -m dicomnode.cli``) when ``worker_processes`` allows it:
+    by default only without ``builtin_models``, objects of this process that a child cannot
+    have; a caller whose ``command`` registers the same ones (the testing CLI) passes True.
+    The other entries, and all with ``worker_processes=False``, run in threads of this
+    process."""
     database = open_database(settings, migrate=settings.node.auto_migrate)
     spool, store = _spool_and_store(settings, database)
     jobs = JobRepository(database.sessions, settings.queue)
@@ -171,24 +195,21 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
             RETENTION_JOB,
         )
     registry = ModelRegistry.from_settings(settings)
-    workers = [
-        Worker(
-            jobs,
-            job_models(
-                registry,
-                worker.models,
-                sessions=database.sessions,
-                routes=settings.routes,
-                results=settings.results,
-                builtins=builtin_models,
-            ),
-            device=str(resolve_device(worker.device)),  # a missing GPU fails at start
-            lease_s=settings.queue.lease_s,
-            heartbeat_s=settings.queue.heartbeat_s,
-            storage_dir=spool.root,
-        )
-        for worker in settings.workers
-    ]
+    if worker_processes is None:
+        worker_processes = not builtin_models
+    workers: list[Worker] = []
+    children: dict[int, list[str]] = {}
+    for index, entry in enumerate(settings.workers):
+        # built here in either case: an unknown model or a missing GPU fails the serve's start
+        worker = build_worker(settings, entry, jobs, builtin_models=builtin_models,
+                              registry=registry)  # fmt: skip
+        if worker_processes and entry.isolation == "process":
+            children[index] = sorted(worker.models)
+        else:
+            workers.append(worker)
+    processes = None
+    if children:
+        processes = WorkerProcesses(settings, jobs, children, command=command)
     receiver = Receiver(settings, store, database.sessions)
     sender = Sender(
         database.sessions,
@@ -199,17 +220,53 @@ def build_node(settings: Settings, *, builtin_models: BuiltinModels | None = Non
     )
     api = None
     if settings.api.enabled:  # refuses a non-loopback host without a token
+        embedded = (*workers, *(processes.workers.values() if processes else ()))
         context = ApiContext(
-            settings, database.sessions, jobs, tuple(workers), tuple(builtin_models or ())
+            settings,
+            database.sessions,
+            jobs,
+            # /api/health reads a worker process as it reads a thread (WorkerProcess)
+            cast("tuple[Worker, ...]", embedded),
+            tuple(builtin_models or ()),
         )
         api = ApiServer(context)
     node = Node(
         settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
     )
+    node.worker_processes = processes
     receiver.on_association_closed = node.wake_intake
     if settings.node.processes > 1:
-        node.receivers = ReceiverProcesses(settings, node.wake_intake)
+        node.receivers = ReceiverProcesses(settings, node.wake_intake, command=command)
     return node
+
+
+def build_worker(
+    settings: Settings,
+    entry: WorkerSettings,
+    jobs: JobRepository,
+    *,
+    builtin_models: BuiltinModels | None = None,
+    registry: ModelRegistry | None = None,
+    worker_id: str | None = None,
+) -> Worker:
+    """The worker of one ``[[workers]]`` entry (its models not loaded yet): in a thread of
+    ``serve`` or in its worker process. UnknownModel, or DeviceUnavailable for a missing GPU."""
+    return Worker(
+        jobs,
+        job_models(
+            registry or ModelRegistry.from_settings(settings),
+            entry.models,
+            sessions=jobs.sessions,
+            routes=settings.routes,
+            results=settings.results,
+            builtins=builtin_models,
+        ),
+        device=str(resolve_device(entry.device)),  # a missing GPU fails at start
+        worker_id=worker_id,
+        lease_s=settings.queue.lease_s,
+        heartbeat_s=settings.queue.heartbeat_s,
+        storage_dir=settings.node.storage_dir.resolve(),  # the spool's root
+    )
 
 
 @dataclass(frozen=True)

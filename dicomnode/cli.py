@@ -27,12 +27,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dicomnode.cli")
 
 
-def main(argv: Sequence[str] | None = None, *, builtin_models: BuiltinModels | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    builtin_models: BuiltinModels | None = None,
+    command: Sequence[str] | None = None,
+) -> int:
     """Run one command; ``builtin_models`` run beside the model packages (the tests' ``echo``,
-    through ``python -m dicomnode.testing.cli``)."""
+    through ``python -m dicomnode.testing.cli``). ``command`` runs this same CLI (its
+    builtins included) in the child processes of ``serve``: its workers and extra receivers
+    (default: ``python -m dicomnode.cli``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.builtin_models = dict(builtin_models or {})
+    args.child_command = tuple(command or (sys.executable, "-m", "dicomnode.cli"))
     from dicomnode import log
 
     log.configure(args.log_level)
@@ -77,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", help="cpu, cuda:0, ... (default: the first [[workers]]')")
     worker.add_argument("--models", help="comma-separated model names (default: every model)")
     worker.add_argument("--worker-id", help="name in the jobs table (default: host:pid:device)")
+    # a worker of a serve, [[workers]] isolation = "process": its assignment on stdin
+    # (dicomnode.queue.processes)
+    worker.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=_worker)
 
     jobs = commands.add_parser("jobs", help="the job queue")
@@ -194,7 +205,13 @@ def _serve(args: argparse.Namespace) -> int:
         node_settings = settings.node.model_copy(update={"processes": args.processes})
         settings = settings.model_copy(update={"node": node_settings})
     restrict_new_files()
-    node = build_node(settings, builtin_models=args.builtin_models)
+    # the children run args.child_command, which has the same builtin models
+    node = build_node(
+        settings,
+        builtin_models=args.builtin_models,
+        worker_processes=True,
+        command=args.child_command,
+    )
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -278,13 +295,17 @@ def _worker(args: argparse.Namespace) -> int:
     from dicomnode.pipeline import load_job_models
     from dicomnode.queue import JobRepository
     from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
+    from dicomnode.queue.processes import limit_memory
     from dicomnode.queue.worker import Worker
 
+    if args.serve_child:
+        return _worker_child(args)
     settings = load_settings(args.config)
     restrict_new_files()
     defaults = settings.workers[0] if settings.workers else WorkerSettings()
     names = args.models.split(",") if args.models else defaults.models
     device = str(resolve_device(args.device or defaults.device))  # a missing GPU fails here
+    limit_memory(defaults.model_copy(update={"device": device}), args.worker_id or "")
     database = open_database(settings, migrate=False)
     models = load_job_models(
         settings, names, sessions=database.sessions, builtins=args.builtin_models
@@ -313,6 +334,61 @@ def _worker(args: argparse.Namespace) -> int:
         worker.run(stopping)
     finally:
         periodic.shutdown()
+        database.engine.dispose()
+    return 0
+
+
+def _worker_child(args: argparse.Namespace) -> int:
+    """One worker of a serve (``[[workers]] isolation = "process"``): it finishes the job in
+    hand when the serve stops, and goes at once when the serve is gone."""
+    import os
+
+    from dicomnode.app import build_worker, open_database, restrict_new_files
+    from dicomnode.children import READY, Parent
+    from dicomnode.queue import JobRepository
+    from dicomnode.queue.processes import (
+        JOB_ENDED,
+        WorkerAssignment,
+        limit_memory,
+        offer_to_oom_killer,
+    )
+
+    parent = Parent()
+    assignment = WorkerAssignment.from_json(parent.assignment())
+    settings, entry = assignment.settings, assignment.entry
+    offer_to_oom_killer()  # out of memory, the kernel kills this process, not the serve
+    limit_memory(entry, assignment.worker_id)  # before the models: their weights count too
+    restrict_new_files()
+    database = open_database(settings, migrate=False)
+    worker = build_worker(
+        settings,
+        entry,
+        JobRepository(database.sessions, settings.queue),
+        builtin_models=args.builtin_models,
+        worker_id=assignment.worker_id,
+    )
+    worker.on_job_end = lambda: parent.say(JOB_ENDED)
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+
+    def gone() -> None:
+        logger.warning(
+            "worker %s: its serve has gone; stopping now (a job in hand runs again once its "
+            "lease expires)",
+            worker.worker_id,
+            extra={"action": "worker_orphaned", "worker_id": worker.worker_id},
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+    parent.watch(stopping, on_gone=gone)
+    worker.load_models()
+    parent.say(READY)
+    try:
+        worker.run(stopping)
+    finally:
         database.engine.dispose()
     return 0
 

@@ -213,6 +213,14 @@ class WorkerSettings(_Section):
 
     device: str = "cpu"
     models: tuple[str, ...] = ()  # empty: every model
+    #: "process": a child process of ``serve`` (restarted when it dies: a model run that eats
+    #: the memory takes down this worker, never the receiver or the API); "thread": inside
+    #: the serve's own process (no such protection)
+    isolation: Literal["process", "thread"] = "process"
+    #: a worker process's data (heap and private memory: the runtime, the model's weights, a
+    #: run's arrays) may not grow past this many MB: a run that needs more fails with a
+    #: MemoryError, the process lives on (RLIMIT_DATA; CPU workers only); 0: no such limit
+    max_memory_mb: int = Field(0, ge=0)
 
 
 class ModelsSettings(_Section):

@@ -81,9 +81,10 @@ class JobModel(Protocol):
         """
 
 
-def default_worker_id(device: str) -> str:
-    """``host:pid:device``: unique among live workers, and says where to look."""
-    return f"{socket.gethostname()}:{os.getpid()}:{device}"
+def default_worker_id(device: str, pid: int | None = None) -> str:
+    """``host:pid:device`` (this process's id, or ``pid``'s): unique among live workers, and
+    says where to look."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}:{device}"
 
 
 class Worker:
@@ -114,6 +115,8 @@ class Worker:
         self.poll_s = poll_s
         self.storage_dir = storage_dir
         self.jobs_run = 0
+        #: called after each run ended (the worker process of ``serve`` tells its parent)
+        self.on_job_end: Callable[[], None] | None = None
         self._loaded = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -256,6 +259,8 @@ class Worker:
             if staging is not None:  # published (then empty), or not this worker's to publish
                 staging.discard()
             self.jobs_run += 1
+            if self.on_job_end is not None:
+                self.on_job_end()
 
     def _record(self, write: Callable[[], JobState | None], job_id: int) -> JobState | None:
         """Write a run's end, trying again while the database is unreachable (restarting) for
@@ -310,6 +315,11 @@ class Worker:
         self._thread = threading.Thread(target=self.run, name=f"worker-{self.device}", daemon=True)
         self._thread.start()
         return self._thread
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (the worker embedded in ``serve``)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
         """Ask the thread to stop after its current job, and wait up to ``timeout``."""

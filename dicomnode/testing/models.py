@@ -7,7 +7,13 @@
 - ``sleep=S``: take S seconds (ends early when the job is cancelled or its lease is lost);
 - ``fail=N``: raise on the first N attempts (``fail=always``: on every one);
 - ``write=1``: write ``results/<job id>/echo.json`` (its attempt and worker) as a model's
-  result files are written, after the sleep, whether or not the lease was lost meanwhile.
+  result files are written, after the sleep, whether or not the lease was lost meanwhile;
+- ``allocate=MB``: take MB megabytes of memory (every page touched) for the rest of the run, as
+  a hostile series decoded to gigabytes does;
+- ``kill=N``: SIGKILL its own process on the first N attempts (``kill=always``: on every one),
+  as the out-of-memory killer does to a process past its limit. Only in a worker process (the
+  worker in its main thread): a worker in a thread of another process (the tests' in-process
+  nodes) raises instead.
 
 Example route: ``"slow?sleep=2&fail=1"``. With ``$DICOMNODE_TEST_RUN_LOG`` naming a file, each run
 appends ``start <job id> <attempt> <worker id>`` when it begins and ``end ...`` when it returns,
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -66,6 +74,14 @@ class EchoModel:
             deadline = time.monotonic() + sleep
             while (left := deadline - time.monotonic()) > 0 and not context.cancelled.wait(left):
                 pass
+        ballast = _allocate(int(steer.get("allocate", 0)))
+        kill = steer.get("kill", "0")
+        if kill == "always" or job.attempts <= int(kill):
+            if threading.current_thread() is not threading.main_thread():
+                raise ModelFailure("told to kill its process, but it runs in a thread")
+            self._record("kill", context)
+            os.kill(os.getpid(), signal.SIGKILL)
+        del ballast
         fail = steer.get("fail", "0")
         if fail == "always" or job.attempts <= int(fail):
             raise ModelFailure(f"told to fail (attempt {job.attempts})")
@@ -97,6 +113,14 @@ class EchoModel:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+
+def _allocate(megabytes: int) -> bytearray:
+    """``megabytes`` of memory, each page written (resident, not merely reserved)."""
+    ballast = bytearray(megabytes * 2**20)
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    return ballast
 
 
 #: name -> factory of the test models, for ``job_models(..., builtins=MODELS)``

@@ -201,3 +201,20 @@ def test_kubernetes_receivers_scale_behind_one_service() -> None:
     ]  # fmt: skip
     assert len(dicom) == 1
     assert dicom[0]["spec"]["selector"].items() <= pods.items()
+
+
+def test_every_process_has_a_memory_limit() -> None:
+    """Issue 16: compose, systemd and Kubernetes cap each process's memory, and systemd leaves
+    the serve running when the kernel kills one of its worker processes for it."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name in (*RECEIVERS, "worker-gpu0"):  # YAML's merge keys give each its anchors' keys
+        assert re.fullmatch(r"\d+[mg]", str(compose["services"][name].get("mem_limit"))), name
+    units = {name: (DEPLOY / "systemd" / name).read_text()
+             for name in ("dicomnode.service", "dicomnode-worker@.service")}  # fmt: skip
+    for name, unit in units.items():
+        assert re.search(r"^MemoryMax=\d+[MG]$", unit, re.MULTILINE), name
+    assert "\nOOMPolicy=continue\n" in units["dicomnode.service"]
+    for doc in _manifests():
+        if doc["kind"] in ("StatefulSet", "Deployment"):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                assert container["resources"]["limits"]["memory"], doc["metadata"]["name"]
