@@ -7,7 +7,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -225,8 +224,7 @@ def build_node(
             settings,
             database.sessions,
             jobs,
-            # /api/health reads a worker process as it reads a thread (WorkerProcess)
-            cast("tuple[Worker, ...]", embedded),
+            embedded,
             tuple(builtin_models or ()),
         )
         api = ApiServer(context)

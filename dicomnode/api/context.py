@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +23,6 @@ from dicomnode.errors import ConfigError
 if TYPE_CHECKING:
     from dicomnode.config import ApiSettings, Settings
     from dicomnode.queue.repository import JobRepository
-    from dicomnode.queue.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +58,22 @@ class Credential:
     scopes: frozenset[str]
 
 
+class EmbeddedWorker(Protocol):
+    """A worker ``serve`` runs, as /api/health reports it: a thread (queue.worker.Worker) or a
+    child process (queue.processes.WorkerProcess)."""
+
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def models(self) -> Iterable[str]: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def jobs_run(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class ApiContext:
     """The node's parts the API serves; one per application."""
@@ -67,7 +82,7 @@ class ApiContext:
     sessions: sessionmaker[Session]
     jobs: JobRepository
     #: the workers embedded in this process (``serve``), for /api/health
-    workers: tuple[Worker, ...] = ()
+    workers: tuple[EmbeddedWorker, ...] = ()
     #: the job models without a package this node runs (the tests' echo), for /api/models
     builtin_models: tuple[str, ...] = ()
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))

@@ -151,7 +151,7 @@ def health(request: Request, principal: OptionalPrincipal) -> JSONResponse:
             "worker_id": worker.worker_id,
             "device": worker.device,
             "models": sorted(worker.models),
-            "alive": bool(worker._thread is not None and worker._thread.is_alive()),
+            "alive": worker.alive,
             "jobs_run": worker.jobs_run,
         }
         for worker in ctx.workers

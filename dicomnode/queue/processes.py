@@ -90,14 +90,6 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self._owner.children.pids.get(self.name)
 
-    # /api/health reads an embedded worker's thread; a child process answers for it
-    @property
-    def _thread(self) -> WorkerProcess:
-        return self
-
-    def is_alive(self) -> bool:
-        return self.alive
-
 
 class WorkerProcesses:
     """Starts, watches and stops the worker children of one serve."""
