@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job
 from dicomnode.domain import JobState
-from dicomnode.errors import InvalidQuery
+from dicomnode.errors import InvalidQuery, ValueOutOfRange
 from dicomnode.queue.listing import JobFilter
 
 if TYPE_CHECKING:
@@ -55,17 +55,22 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     it names no zone). InvalidQuery names the text and what was expected."""
     now = now or datetime.now(UTC)
     match = _RELATIVE.match(text)
-    if match:
-        amount, unit = float(match.group(1)), match.group(2).lower()
-        return now - timedelta(**{_UNITS[unit]: amount})
     try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise InvalidQuery(
-            f"since {text!r} is neither a duration like 2h, 30m, 3d, 1w nor an ISO 8601 "
-            "date or date-time like 2026-11-21 or 2026-11-21T08:00"
+        if match:
+            amount, unit = float(match.group(1)), match.group(2).lower()
+            return now - timedelta(**{_UNITS[unit]: amount})
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise InvalidQuery(
+                f"since {text!r} is neither a duration like 2h, 30m, 3d, 1w nor an ISO 8601 "
+                "date or date-time like 2026-11-21 or 2026-11-21T08:00"
+            ) from None
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:  # 999999999w; year 1 at +01:00
+        raise ValueOutOfRange(
+            f"since {text!r} is out of range ({exc}): name a time between the years 1 and 9999"
         ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def parse_states(text: str | Sequence[str] | None) -> list[str] | None:

@@ -135,3 +135,14 @@ def test_parse_since() -> None:
             admin.parse_since(bad, now)
     with pytest.raises(InvalidQuery, match=r"unknown job state\(s\) \['bogus'\]"):
         admin.parse_states("failed,bogus")
+
+
+@pytest.mark.parametrize(
+    "since", ["999999999w", "0001-01-01T00:00:00+01:00", "9999-12-31T23:00-01:00"]
+)
+def test_since_out_of_range_is_a_clear_error(since: str) -> None:
+    from dicomnode.admin import parse_since
+    from dicomnode.errors import ValueOutOfRange
+
+    with pytest.raises(ValueOutOfRange, match="between the years 1 and 9999"):
+        parse_since(since)
