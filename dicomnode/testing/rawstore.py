@@ -105,13 +105,17 @@ def associate_rq(
 
 
 def store_command(
-    message_id: int = 1, sop_instance: str = "1.2.3", sop_class: str = CT_IMAGE_STORAGE
+    message_id: int = 1,
+    sop_instance: str | bytes = "1.2.3",
+    sop_class: str | bytes = CT_IMAGE_STORAGE,
 ) -> bytes:
-    """A C-STORE-RQ command set (implicit VR little endian) announcing a dataset."""
+    """A C-STORE-RQ command set (implicit VR little endian) announcing a dataset; UIDs given
+    as bytes go as they are (hostile ones too)."""
     from dicomnode.receive import dimse
 
-    def uid(value: str) -> bytes:
-        return value.encode() + (b"\0" if len(value) % 2 else b"")
+    def uid(value: str | bytes) -> bytes:
+        raw = value if isinstance(value, bytes) else value.encode()
+        return raw + (b"\0" if len(raw) % 2 else b"")
 
     body = b""
     for element, value in (
@@ -182,7 +186,7 @@ class RawAssociation:
             raise AssociationRefused(pdu_type, body)
         self.message_id = 0
 
-    def store(self, payload: bytes, sop_instance: str) -> int:
+    def store(self, payload: bytes, sop_instance: str | bytes) -> int:
         """Send one C-STORE; its response status (ConnectionError when the node hung up)."""
         from dicomnode.receive import pdu
 
