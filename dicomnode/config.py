@@ -87,6 +87,27 @@ class NodeSettings(_Section):
     max_pixel_data_mb: int = Field(2048, ge=1)
     #: accept UIDs with leading zeros in a component (``1.02.3``), which PS3.5 forbids
     lenient_uids: bool = False
+    # -- limits that hold under abuse (each per receiver process) ---------------------------
+    #: associations open at once from one host (an IPv6 host: its /64); unset: half of
+    #: max_associations, so one host (a flood, a stuck router) never takes every slot
+    max_associations_per_host: int | None = Field(None, ge=1)
+    #: associations open at once with one calling AE title; unset: half of max_associations
+    max_associations_per_aet: int | None = Field(None, ge=1)
+    #: an association is aborted this long after it opened, busy or not (4 h: 5 GB at 3
+    #: Mbit/s); a sender that opens one association per study or series never meets it; 0: never
+    max_association_s: float = Field(14400.0, ge=0)
+    #: an association is aborted this long after its last C-STORE data (or its start): C-ECHO
+    #: and other commands do not count, so keep-alives cannot hold a slot; 0: never
+    idle_timeout_s: float = Field(300.0, ge=0)
+    #: connections that have not yet sent their whole A-ASSOCIATE-RQ (TLS handshake included):
+    #: at most this many at once (unset: twice max_associations), at most
+    #: max_pending_per_host from one host (unset: max_associations_per_host); a connection over
+    #: either is closed at once, without a thread
+    max_pending_connections: int | None = Field(None, ge=1)
+    max_pending_per_host: int | None = Field(None, ge=1)
+    #: a connection must have sent its whole A-ASSOCIATE-RQ (after any TLS handshake) within
+    #: this many seconds of being accepted, however it trickles the bytes
+    associate_timeout_s: float = Field(10.0, gt=0)
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
@@ -110,6 +131,26 @@ class NodeSettings(_Section):
                 f"at most {RECEIVER_ID_MAX}"
             )
         return self
+
+    @property
+    def host_association_limit(self) -> int:
+        """Associations one host may hold at once (``max_associations_per_host`` resolved)."""
+        return self.max_associations_per_host or max(1, self.max_associations // 2)
+
+    @property
+    def aet_association_limit(self) -> int:
+        """Associations one calling AE title may hold at once."""
+        return self.max_associations_per_aet or max(1, self.max_associations // 2)
+
+    @property
+    def pending_limit(self) -> int:
+        """Connections not yet associated, from all hosts together."""
+        return self.max_pending_connections or 2 * self.max_associations
+
+    @property
+    def host_pending_limit(self) -> int:
+        """Connections not yet associated, from one host."""
+        return self.max_pending_per_host or self.host_association_limit
 
     def process_receiver_id(self, k: int) -> str:
         """The receiver id of ``serve``'s extra receiver process ``k`` (0: the serve itself)."""

@@ -103,6 +103,20 @@ class SOPInstanceMismatch(DatasetRejected):
     dicom_status = 0xA900
 
 
+class InvalidRequestUID(StoreRefused):
+    """The request's Affected SOP Instance UID is missing or not a valid UID (digits and dots,
+    at most 64 characters)."""
+
+    dicom_status = 0x0117  # Invalid SOP Instance (PS3.7 Annex C)
+
+
+class InvalidRequestSOPClass(StoreRefused):
+    """The request's Affected SOP Class UID is missing or not a valid UID (digits and dots, at
+    most 64 characters)."""
+
+    dicom_status = 0x0122  # Refused: SOP Class Not Supported (PS3.7 Annex C)
+
+
 class StoreFailed(StoreRefused):
     """The instance could not be written to the spool or the index."""
 

@@ -2,6 +2,11 @@
 
 Log lines carry an ``action`` tag (``extra={"action": ...}``) and the ids that matter
 (association, job), never patient names or IDs at INFO.
+
+Text from the network (AE titles, UIDs, a library's message quoting them) reaches log lines:
+our calls quote it with ``%r``, and :class:`SafeFormatter` escapes every control character
+left in any record's line, ours or a library's, so that no peer can forge a line or send
+escape codes to an administrator's terminal.
 """
 
 from __future__ import annotations
@@ -12,6 +17,35 @@ import sys
 from typing import TextIO
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(action)s] %(message)s"
+#: C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with each control character backslash-escaped (``\\n``, ``\\x1b``), so it
+    stays on one line and shows, rather than does, what it holds."""
+    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    return pattern.sub(_escaped, text)
+
+
+class SafeFormatter(logging.Formatter):
+    """One record, one line: control characters in the formatted line are escaped. A
+    traceback keeps its lines (it is ours), but not any other control character."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return escape_controls(super().formatMessage(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        # the line is escaped whole above; what follows it is a traceback or a stack
+        return escape_controls(super().format(record), keep_newlines=True)
 
 
 class _StderrNow(logging.StreamHandler[TextIO]):
@@ -38,7 +72,9 @@ class _ActionDefault(logging.Filter):
 
 #: loggers of the libraries that quote a dataset's values in what they say (pydicom's and
 #: highdicom's checks of a name or a date, and the Python warnings they raise)
-QUOTING_LOGGERS = ("py.warnings", "pydicom", "highdicom", "pynetdicom")
+QUOTING_LOGGERS = ("py.warnings", "pydicom", "highdicom")
+# pynetdicom's own lines stay (escaped, and only WARNING and above): they are about the protocol
+# (AE titles, contexts, statuses), and its INFO, which summarises datasets, is off at INFO.
 _WARNING_HEAD = re.compile(r"(?P<file>[^\n]*?):(?P<line>\d+): (?P<category>\w+): ")
 
 
@@ -71,7 +107,7 @@ class WithholdLibraryText(logging.Filter):
 def configure(level: str | int = "INFO") -> None:
     """Send dicomnode's logs to stderr; pynetdicom's own chatter only at DEBUG."""
     handler = _StderrNow()
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(SafeFormatter(_FORMAT))
     handler.addFilter(_ActionDefault())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -7,10 +7,10 @@ destination without queues between threads, which is where the receiver spends i
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -31,16 +31,25 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.12273546044512710602301282
 IMPLEMENTATION_VERSION = "DICOMNODE_010"
 MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ with 128 contexts is some tens of KB
 
-# A-ABORT source 2 (service provider) reasons, PS3.8 9.3.8; ProtocolError's default is 6,
-# invalid parameter value
-ABORT_UNEXPECTED_PDU = 2
+# A-ABORT sources and source 2 (service provider) reasons, PS3.8 9.3.8; ProtocolError's
+# default is 6, invalid parameter value
+ABORT_SERVICE_USER, ABORT_SERVICE_PROVIDER = 0, 2
+ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PDU = 0, 2
 
 _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 RELEASE_RP_PDU = _HEADER.pack(RELEASE_RP, 4) + b"\0" * 4
 
 
-def read_exact(sock: socket.socket, size: int) -> bytes:
+class Readable(Protocol):
+    """A socket, or what reads from one within a deadline."""
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def recv_into(self, buffer: memoryview, /) -> int: ...
+
+
+def read_exact(sock: Readable, size: int) -> bytes:
     """Read exactly ``size`` bytes (small reads only: headers and command sets)."""
     data = bytearray()
     while len(data) < size:
@@ -51,7 +60,7 @@ def read_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def read_into(sock: socket.socket, view: memoryview) -> None:
+def read_into(sock: Readable, view: memoryview) -> None:
     """Fill ``view`` from the socket without intermediate copies."""
     while view:
         received = sock.recv_into(view)
@@ -60,17 +69,29 @@ def read_into(sock: socket.socket, view: memoryview) -> None:
         view = view[received:]
 
 
-def read_header(sock: socket.socket) -> tuple[int, int]:
+def read_header(sock: Readable) -> tuple[int, int]:
     """A PDU's type and length."""
     return _HEADER.unpack(read_exact(sock, _HEADER.size))
 
 
-def read_pdv_header(sock: socket.socket) -> tuple[int, int, int]:
+def read_pdv_header(sock: Readable) -> tuple[int, int, int]:
     """A presentation data value item: data length, context ID, message control header."""
     length, context_id, control = _PDV_HEADER.unpack(read_exact(sock, _PDV_HEADER.size))
     if length < 2:
         raise ProtocolError(f"presentation data value item of length {length}")
     return length - 2, context_id, control
+
+
+def raw_ae_titles(body: bytes) -> tuple[bytes, bytes]:
+    """The called and calling AE title fields of an A-ASSOCIATE-RQ body, as sent (PS3.8
+    9.3.2: after the protocol version and two reserved bytes, 16 bytes each)."""
+    return body[4:20], body[20:36]
+
+
+def valid_ae_title(raw: bytes) -> bool:
+    """Printable ASCII, no backslash, not all spaces (the AE value representation, PS3.5):
+    no control character may reach a log line, the index or a dashboard."""
+    return bool(raw.strip(b" ")) and all(0x20 <= byte <= 0x7E and byte != 0x5C for byte in raw)
 
 
 def decode_associate_rq(body: bytes) -> A_ASSOCIATE:
@@ -80,7 +101,8 @@ def decode_associate_rq(body: bytes) -> A_ASSOCIATE:
         pdu.decode(_HEADER.pack(ASSOCIATE_RQ, len(body)) + body)
         return pdu.to_primitive()
     except Exception as exc:  # pynetdicom raises assorted errors on malformed items
-        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {exc}") from exc
+        # its messages quote the peer's bytes: repr keeps them on one line, without escapes
+        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {str(exc)[:200]!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -132,9 +154,11 @@ def encode_associate_rj(result: int, source: int, diagnostic: int) -> bytes:
     return pdu.encode()
 
 
-def encode_abort(reason: int) -> bytes:
+def encode_abort(reason: int, source: int = ABORT_SERVICE_PROVIDER) -> bytes:
+    """An A-ABORT; from the service user (our policy ending it) the reason is always 0."""
     pdu = A_ABORT_RQ()
-    pdu.source, pdu.reason_diagnostic = 2, reason
+    pdu.source = source
+    pdu.reason_diagnostic = reason if source == ABORT_SERVICE_PROVIDER else ABORT_NOT_SPECIFIED
     return pdu.encode()
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,13 +21,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import audit
 from dicomnode.config import Settings
 from dicomnode.db import index
+from dicomnode.domain import Peer
 from dicomnode.receive.association import AssociationHandler
 from dicomnode.receive.contexts import TRANSFER_SYNTAXES
-from dicomnode.receive.policy import AccessPolicy
+from dicomnode.receive.policy import AccessPolicy, Rejection, Slots, host_key
 from dicomnode.receive.store import InstanceStore
 from dicomnode.receive.tls import server_context
 
 logger = logging.getLogger(__name__)
+
+#: connections closed at accept (over a pending limit) are logged at most this often per host
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -44,6 +50,9 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    #: the accept loop closes what is over a limit at once: a burst of senders (or a flood)
+    #: waits in this queue, not in SYN retries (socketserver's default is 5)
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], receiver: Receiver, *, reuse_port: bool) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -58,11 +67,31 @@ class _Server(socketserver.ThreadingTCPServer):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread, unless too many connections wait to associate (in
+        all or from its host): then close it at once, and no thread is spent on it."""
+        host = str(client_address[0])
+        if not self.receiver.connection_accepted(host):
+            _close(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: give the slot back
+            self.receiver.slots.release(host, None)
+            _close(request)
+            raise
+
     def finish_request(self, request: Any, client_address: Any) -> None:
-        AssociationHandler(self.receiver, request, client_address).run()
+        AssociationHandler(self.receiver, request, client_address, time.monotonic()).run()
 
     def shutdown_request(self, request: Any) -> None:
         pass  # the handler closes its socket (it may have replaced it with a TLS one)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A fault outside an association's own handling: logged, not printed to stderr."""
+        logger.exception(
+            "Connection from %s failed", client_address[0], extra={"action": "association_abort"}
+        )
 
 
 class Receiver:
@@ -78,7 +107,8 @@ class Receiver:
         tls = settings.security.tls
         self.ssl_context = server_context(tls) if tls.enabled else None
         self.supported_contexts = supported_contexts()
-        self._active: set[AssociationHandler] = set()
+        self.slots = Slots(settings.node)
+        self._refusals: dict[str, tuple[float, int]] = {}  # host: (last logged, since then)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -151,13 +181,49 @@ class Receiver:
 
     # -- called by AssociationHandler --------------------------------------------------
 
-    def admit(self, handler: AssociationHandler) -> bool:
-        """Count an association in, unless the configured maximum is reached."""
-        with self._lock:
-            if len(self._active) >= self.settings.node.max_associations:
-                return False
-            self._active.add(handler)
+    def connection_accepted(self, host: str) -> bool:
+        """Take a slot for a new connection, or log (rate-limited) why it is closed at once."""
+        refused = self.slots.connect(host)
+        if refused is None:
             return True
+        key, now = host_key(host), time.monotonic()
+        with self._lock:
+            last, since = self._refusals.get(key, (-REFUSAL_LOG_INTERVAL_S, 0))
+            if now - last < REFUSAL_LOG_INTERVAL_S:
+                self._refusals[key] = (last, since + 1)
+                return False
+            if len(self._refusals) > 1024:  # many hosts: forget the old ones
+                self._refusals.clear()
+            self._refusals[key] = (now, 0)
+        logger.warning(
+            "Closed connection from %s at once: %s%s",
+            host,
+            refused,
+            f" ({since} more closed since the last such line)" if since else "",
+            extra={"action": "connection_refused"},
+        )
+        return False
+
+    def admit(self, handler: AssociationHandler, peer: Peer) -> Rejection | None:
+        """Count an association in, unless a limit of ``[node]`` is reached: in all, for its
+        host, for its calling AE title."""
+        rejection = self.slots.admit(handler.host, peer.calling_aet)
+        handler.admitted = rejection is None
+        return rejection
+
+    def connection_closed(self, handler: AssociationHandler, outcome: str) -> None:
+        """Give back the connection's slot; an association it held is closed in the index."""
+        held = handler.peer if handler.admitted else None  # admitted: peer is set
+        self.slots.release(handler.host, held.calling_aet if held is not None else None)
+        if held is not None:
+            try:
+                self.association_closed(handler, outcome)
+            except Exception:
+                logger.exception(
+                    "Could not close association %s",
+                    handler.pk,
+                    extra={"action": "association_close"},
+                )
 
     def association_opened(self, handler: AssociationHandler) -> None:
         assert handler.peer is not None
@@ -177,8 +243,6 @@ class Receiver:
         )
 
     def association_closed(self, handler: AssociationHandler, outcome: str) -> None:
-        with self._lock:
-            self._active.discard(handler)
         if handler.pk is not None:
             try:
                 with self.sessions.begin() as session:
@@ -215,6 +279,11 @@ class Receiver:
             handler.refused,
             extra={"action": "association_close"},
         )
+
+
+def _close(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        request.close()
 
 
 def _received_detail(stored: int, refused: int) -> str:

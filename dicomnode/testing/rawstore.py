@@ -111,7 +111,9 @@ def associate_rq(
 
 
 def store_command(
-    message_id: int = 1, sop_instance: str = "1.2.3", sop_class: str = CT_IMAGE_STORAGE
+    message_id: int = 1,
+    sop_instance: str | bytes = "1.2.3",
+    sop_class: str | bytes = CT_IMAGE_STORAGE,
 ) -> bytes:
     """A C-STORE-RQ command set (implicit VR little endian) announcing a dataset."""
     return encode_command(command_elements(message_id, sop_instance, sop_class))
@@ -213,7 +215,7 @@ class RawAssociation:
     def store(
         self,
         payload: bytes,
-        sop_instance: str,
+        sop_instance: str | bytes,
         *,
         syntax: str | None = None,
         command: bytes | None = None,

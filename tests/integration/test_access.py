@@ -227,7 +227,8 @@ def test_max_associations_refuses_the_extra_one(start_node: StartNode) -> None:
 
 
 def test_max_associations_allows_that_many(start_node: StartNode) -> None:
-    node = start_node(node={"max_associations": 2})
+    # every peer here is on 127.0.0.1: the per-host limit (half, by default) must allow both
+    node = start_node(node={"max_associations": 2, "max_associations_per_host": 2})
     held = _hold_association(port_of(node))
     try:
         echo = peers.echoscu(port_of(node))
