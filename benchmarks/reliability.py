@@ -5,9 +5,11 @@
     .venv/bin/python benchmarks/reliability.py --only chaos [--series 50]
 
 1. Malformed datasets: ``--datasets`` mutations of a valid CT slice (truncated, bytes flipped,
-   wrong VRs, absurd lengths, huge declared pixel data, bad UIDs, garbage, inserted bytes), each
-   sent as a C-STORE on one raw association; each must be refused with a failure status and
-   nothing stored, or stored byte for byte when the mutation left a well-formed dataset.
+   wrong VRs, absurd lengths, huge declared pixel data, bad UIDs, garbage, inserted bytes, a
+   broken command set), in explicit VR little endian, deflated or RLE-compressed, each sent as
+   a C-STORE on one raw association; each must be refused with a failure status and nothing
+   stored, or stored byte for byte (a deflated one: inflated) when the mutation left a
+   well-formed dataset; a broken command set may also be aborted, storing nothing.
 2. Hostile associations: unknown calling AE, wrong called AE, wrong application context,
    garbage on the port, truncated A-ASSOCIATE-RQ, absurd PDU lengths.
 3. Throughout both, a good sender (storescu, every 0.5 s) must succeed, and the node's peak
@@ -222,15 +224,17 @@ def hostile_and_load(root: Path, args: argparse.Namespace, only: list[str]) -> l
     if "hostile" in only:
         lines += [
             f"## Malformed datasets: {datasets.total} in {t1 - t0:.1f} s", "",
-            "| kind | refused | stored exactly | other |", "|---|---|---|---|",
+            "| kind / syntax | refused | stored exactly | aborted | other |",
+            "|---|---|---|---|---|",
         ]  # fmt: skip
         for kind, counts in sorted(datasets.by_kind.items()):
-            other = {k: v for k, v in counts.items() if k not in ("refused", "stored")}
+            clean = ("refused", "stored", "aborted")
+            other = {k: v for k, v in counts.items() if k not in clean}
             lines.append(
                 f"| {kind} | {counts.get('refused', 0)} | {counts.get('stored', 0)} | "
-                f"{other or ''} |"
+                f"{counts.get('aborted', 0)} | {other or ''} |"
             )
-        handled = datasets.count("refused") + datasets.count("stored")
+        handled = sum(datasets.count(outcome) for outcome in ("refused", "stored", "aborted"))
         lines += [
             "",
             f"Handled cleanly: **{handled} of {datasets.total}**.",
