@@ -294,9 +294,16 @@ def deflate(data: bytes) -> bytes:
 
 
 #: statuses that mean "refused, with a reason": out of resources, SOP class/instance mismatch,
-#: cannot understand (PS3.7 C.4.2.1.4 and Annex C)
+#: cannot understand (PS3.7 C.4.2.1.4 and Annex C), and the general failures of a bad command
+#: set (0x0117 invalid SOP instance, 0x0122 SOP class not supported; PS3.7 C.4)
 def is_failure(status: int) -> bool:
-    return 0xA700 <= status <= 0xA7FF or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+    general = 0x0100 <= status <= 0x02FF and status not in (0x0107, 0x0116)  # those two warn
+    return (
+        general
+        or 0xA700 <= status <= 0xA7FF
+        or 0xA900 <= status <= 0xA9FF
+        or 0xC000 <= status <= 0xCFFF
+    )
 
 
 @dataclass

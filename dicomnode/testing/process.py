@@ -98,3 +98,23 @@ def serve(
         yield process
     finally:
         process.stop()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (Linux: listed by the thread that started each)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -56,16 +56,19 @@ def send_raw(
             # pydicom types fp as its DicomIO; it only calls fp.write(bytes) (any binary file)
             write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
             fp.write(payload)
-        _config.STORE_SEND_CHUNKED_DATASET = True
         ae = AE(ae_title=calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(sop_class, [transfer_syntax])
         assoc = ae.associate(host, port, ae_title=called_aet)
         if not assoc.is_established:
             return None
+        # a process-wide switch: set for this send only, or every later pynetdicom sender in
+        # the process sends files as they are and needs their exact syntax accepted
+        chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
         try:
             status = assoc.send_c_store(path)
         finally:
+            _config.STORE_SEND_CHUNKED_DATASET = chunked
             if assoc.is_established:
                 assoc.release()
     return int(status.Status) if "Status" in status else None

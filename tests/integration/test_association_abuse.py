@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -53,7 +54,9 @@ def _associate(
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     if store:
-        ae.add_requested_context(CTImageStorage)
+        # the files' own syntax only: pynetdicom streams files as they are once any sender in
+        # this process (dicomnode's) has turned its chunked sending on
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     return ae.associate(peers.LOOPBACK, port, ae_title="DICOMNODE", bind_address=(source, 0))
 

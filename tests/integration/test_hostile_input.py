@@ -55,6 +55,9 @@ def hostile_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc
     process = ServeProcess(tmp_path_factory.mktemp("hostile") / "node")
     process.env["DICOMNODE_WORKERS"] = "[]"
     process.env["DICOMNODE_SECURITY__ALLOWED_CALLING_AETS"] = json.dumps(ALLOWED)
+    # every sender here is 127.0.0.1: eight at once, the good sender and the fuzzer's own
+    process.env["DICOMNODE_NODE__MAX_ASSOCIATIONS_PER_HOST"] = "16"
+    process.env["DICOMNODE_NODE__MAX_ASSOCIATIONS_PER_AET"] = "16"
     process.start()
     yield process
     process.stop()

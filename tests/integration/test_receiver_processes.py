@@ -15,31 +15,11 @@ from dicomnode.db.models import Association, Instance
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
-from dicomnode.testing.process import ServeProcess
+from dicomnode.testing.process import ServeProcess, child_pids, running
 from dicomnode.testing.waiting import wait_until
 
 SENDERS = 6  # associations at once, per round
 SLICES = 8
-
-
-def _children(pid: int) -> list[int]:
-    """The process ids of ``pid``'s children (Linux: listed by the thread that started each)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _serve(storage: Path, database_url: str) -> ServeProcess:
@@ -67,7 +47,7 @@ def test_two_receiver_processes_share_the_port_the_index_and_the_spool(
     serve = _serve(storage, url)
     engine = create_engine(url)
     try:
-        (child,) = _children(serve.pid)
+        (child,) = child_pids(serve.pid)
         sent = 0
 
         def receivers() -> set[str | None]:
@@ -116,7 +96,7 @@ def test_two_receiver_processes_share_the_port_the_index_and_the_spool(
 
         # The serve killed outright: its receiver process stops too (its stdin closes).
         serve.kill()
-        wait_until(lambda: not _alive(child), timeout=30, what="the receiver process to exit")
+        wait_until(lambda: not running(child), timeout=30, what="the receiver process to exit")
     finally:
         serve.kill()
         engine.dispose()
@@ -128,10 +108,10 @@ def test_a_dead_receiver_process_is_restarted_and_sigterm_stops_them_all(
     storage = tmp_path / "node"
     serve = _serve(storage, f"sqlite:///{storage.resolve() / 'dicomnode.db'}")
     try:
-        (child,) = _children(serve.pid)
+        (child,) = child_pids(serve.pid)
         os.kill(child, signal.SIGKILL)
         restarted = wait_until(
-            lambda: [p for p in _children(serve.pid) if p != child and _alive(p)],
+            lambda: [p for p in child_pids(serve.pid) if p != child and running(p)],
             timeout=30,
             what="a new receiver process",
         )
@@ -145,7 +125,7 @@ def test_a_dead_receiver_process_is_restarted_and_sigterm_stops_them_all(
         assert serve.process is not None
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=30) == 0
-        wait_until(lambda: not any(_alive(p) for p in restarted), timeout=30,
+        wait_until(lambda: not any(running(p) for p in restarted), timeout=30,
                    what="the receiver process to stop with the serve")  # fmt: skip
     finally:
         serve.kill()

@@ -21,7 +21,7 @@ from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
 from dicomnode.testing.models import RUN_LOG_ENV
-from dicomnode.testing.process import ServeProcess, cli
+from dicomnode.testing.process import ServeProcess, child_pids, cli, running
 from dicomnode.testing.waiting import wait_until
 
 CONFIG = """
@@ -47,24 +47,6 @@ model = "echo"
 match = {{ Modality = "CT" }}
 completion = {{ quiet_s = 30, release_grace_s = 0.5, confirm_s = 0 }}
 """
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Node:
@@ -101,7 +83,7 @@ class Node:
         return self.serve.log.read_text(errors="replace")
 
     def worker_child(self) -> int | None:
-        live = [pid for pid in _children(self.serve.pid) if _alive(pid)]
+        live = [pid for pid in child_pids(self.serve.pid) if running(pid)]
         return live[0] if len(live) == 1 else None
 
     def store(self, calling_aet: str = "STORESCU") -> None:
@@ -184,7 +166,7 @@ def test_a_run_killed_like_the_oom_killer_does_takes_down_its_worker_only(
         assert worker["jobs_run"] >= 1
     finally:
         node.serve.stop()
-    assert not _alive(restarted)  # stopped with the serve
+    assert not running(restarted)  # stopped with the serve
 
 
 @pytest.mark.slow
@@ -248,7 +230,7 @@ def test_a_serve_killed_outright_takes_its_worker_process_with_it(tmp_path: Path
                what="the slow job to start")  # fmt: skip
     orphan = node.worker_pid
     node.serve.kill()
-    wait_until(lambda: not _alive(orphan), timeout=10, what="the worker process to go")
+    wait_until(lambda: not running(orphan), timeout=10, what="the worker process to go")
     assert not any(r[0] == "end" for r in node.runs())  # it did not finish the job
     node.start()
     try:
