@@ -28,6 +28,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicomnode.errors import PeerClosed
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.receive import pdu
 from dicomnode.testing.rawstore import (
@@ -370,7 +371,26 @@ def send_mutation(
 ) -> str:
     """Send one mutated instance; how the node handled it (``stored``, ``refused``, or, for a
     broken command set only, ``aborted``). Raises AssertionError when it was not handled
-    cleanly, ConnectionError when the node hung up on a good command set."""
+    cleanly, ConnectionError when the node hung up on a good command set.
+
+    A broken command set goes on an association of its own (opened like ``association``):
+    once a command's lengths lie, sender and node may no longer agree where a message ends,
+    and the node may end that association later, not at once; the next case must not pay."""
+    if mutation.kind == "command":
+        own = fuzz_association(*association.peer, calling=association.calling)
+        try:
+            return _send(own, mutation, seed, stored)
+        finally:
+            own.release()
+    return _send(association, mutation, seed, stored)
+
+
+def _send(
+    association: RawAssociation,
+    mutation: Mutation,
+    seed: int,
+    stored: Callable[[str], bytes | None],
+) -> str:
     with lenient_pydicom():
         ds = base_dataset(seed)
         uid = str(ds.SOPInstanceUID)
@@ -382,7 +402,7 @@ def send_mutation(
             syntax=mutation.transfer_syntax,
             command=mutation.command(association.message_id + 1, uid),
         )
-    except (ConnectionError, OSError):
+    except (ConnectionError, OSError, PeerClosed):
         if mutation.kind != "command":
             raise
         if stored(uid) is not None:

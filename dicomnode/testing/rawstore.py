@@ -194,6 +194,7 @@ class RawAssociation:
         from dicomnode.receive import pdu
 
         self.sop_class, self.fragment = sop_class, fragment
+        self.peer, self.calling = (host, port), calling
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.sendall(
             associate_rq(
@@ -248,8 +249,8 @@ class RawAssociation:
         try:
             self.sock.sendall(struct.pack(">BxI", pdu.RELEASE_RQ, 4) + b"\0" * 4)
             pdu.read_header(self.sock)
-        except OSError:
-            pass
+        except (OSError, PeerClosed):
+            pass  # already ended by the node
         finally:
             self.sock.close()
 
