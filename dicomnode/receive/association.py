@@ -449,6 +449,7 @@ class AssociationHandler:
                 transfer.path,
                 sop_class_uid=self.contexts[transfer.context_id][0],
                 sop_instance_uid=transfer.command.affected_sop_instance_uid,
+                transfer_syntax=transfer.transfer_syntax,
                 peer=self.peer,
                 association_pk=self.pk,
             )

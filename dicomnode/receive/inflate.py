@@ -19,10 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.errors import DatasetTooLarge, MalformedDataset
 
@@ -31,16 +30,6 @@ CHUNK = 1 << 20
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 #: how often (in inflated bytes) the disk floor is checked again while a dataset inflates
 CHECK_EVERY = 64 << 20
-
-
-def is_deflated(path: Path) -> bool:
-    """Whether the file's transfer syntax is a deflated one (read from its meta alone)."""
-    try:
-        meta = read_file_meta_info(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise MalformedDataset(f"file meta information could not be parsed: {exc}") from exc
-    syntax = UID(str(meta.get("TransferSyntaxUID", "")))
-    return bool(syntax) and syntax.is_transfer_syntax and syntax.is_deflated
 
 
 def inflate_in_place(path: Path, *, limit: int, check_disk: Callable[[], None]) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydicom.uid import UID
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +31,7 @@ from dicomnode.db import writer
 from dicomnode.domain import InstanceHeader, Peer, StoredInstance
 from dicomnode.durable import fsync_file
 from dicomnode.errors import OutOfResources, StoreFailed
-from dicomnode.receive.inflate import inflate_in_place, is_deflated
+from dicomnode.receive.inflate import inflate_in_place
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.validate import Limits, read_header
 
@@ -98,12 +99,14 @@ class InstanceStore:
         *,
         sop_class_uid: str,
         sop_instance_uid: str,
+        transfer_syntax: str,
         peer: Peer,
         association_pk: int | None,
     ) -> StoredInstance:
-        """Validate and store one received file; raises a StoreRefused subclass to refuse it."""
+        """Validate and store one received file, sent in the presentation context's
+        ``transfer_syntax``; raises a StoreRefused subclass to refuse it."""
         self.check_disk()
-        if is_deflated(received):
+        if UID(transfer_syntax).is_deflated:
             inflate_in_place(received, limit=self.max_inflated_bytes, check_disk=self.check_disk)
         header = read_header(
             received,

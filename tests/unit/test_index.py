@@ -93,6 +93,7 @@ def send(store: InstanceStore, ds: Dataset) -> StoredInstance:
         received,
         sop_class_uid=str(ds.SOPClassUID),
         sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         peer=PEER,
         association_pk=None,
     )
@@ -474,6 +475,7 @@ def test_an_index_error_refuses_the_instance_and_the_next_one_is_stored(
             received,
             sop_class_uid=str(first.SOPClassUID),
             sop_instance_uid=str(first.SOPInstanceUID),
+            transfer_syntax=str(first.file_meta.TransferSyntaxUID),
             peer=PEER,
             association_pk=123456,  # no such association: the foreign key refuses it
         )

@@ -106,6 +106,7 @@ def _race(
                 received[k],
                 sop_class_uid=str(ds.SOPClassUID),
                 sop_instance_uid=str(ds.SOPInstanceUID),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                 peer=PEER,
                 association_pk=None,
             )
@@ -190,7 +191,9 @@ def test_instances_arriving_together_are_committed_together(
         ds.save_as(received, enforce_file_format=True)
         try:
             results[k] = store.store(received, sop_class_uid=str(ds.SOPClassUID),
-                                     sop_instance_uid=str(ds.SOPInstanceUID), peer=PEER,
+                                     sop_instance_uid=str(ds.SOPInstanceUID),
+                                     transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                                     peer=PEER,
                                      association_pk=association_pk)  # fmt: skip
         except BaseException as exc:
             results[k] = exc
