@@ -120,6 +120,6 @@ def configure(level: str | int = "INFO") -> None:
         handler.addFilter(WithholdLibraryText())
     # pynetdicom logs request identifiers and dataset summaries at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
-    # Libraries that log every run or statement at INFO: only at DEBUG.
-    for chatty in ("alembic", "apscheduler"):
+    # Libraries that log every run, statement or object built at INFO: only at DEBUG.
+    for chatty in ("alembic", "apscheduler", "highdicom"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.WARNING)
