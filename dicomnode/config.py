@@ -281,6 +281,8 @@ class CommandModelSettings(_Section):
     #: paths, else the two paths are appended
     command: tuple[str, ...] = Field(min_length=1)
     timeout_s: float = Field(3600.0, gt=0)
+    #: the software version the node's own SR names (``findings.json`` outputs)
+    version: str = Field("1.0", min_length=1, max_length=64)
     #: variables added to the worker's environment (``CUDA_VISIBLE_DEVICES`` is set from the
     #: worker's device: empty on the CPU)
     environment: dict[str, str] = {}

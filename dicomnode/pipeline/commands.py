@@ -119,7 +119,7 @@ class CommandModel:
 
     # -- JobModel --------------------------------------------------------------------------
 
-    def load(self, device: str | Any) -> None:
+    def load(self, device: str) -> None:
         """Nothing to load: the program starts for each job. Checks that it can be found."""
         from dicomnode.inference.device import resolve_device
 
@@ -416,9 +416,75 @@ class CommandModel:
         path: Path,
         result: dict[str, Any],
     ) -> list[dict[str, str]]:
-        raise CommandOutputInvalid(
-            f"command model {self.name!r}: {FINDINGS_JSON} is not supported yet"
-        )
+        """The findings of ``findings.json`` (a list in the node's JSON form, or an object
+        with ``findings`` and an optional ``summary``) written as the node's SR."""
+        from dicomnode.imaging import is_planar, load_planar, load_series
+        from dicomnode.inference.findings import findings_from_json, jsonable
+        from dicomnode.results import build_results
+
+        assert context.output_root is not None
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CommandOutputInvalid(
+                f"command model {self.name!r}: {FINDINGS_JSON} is not JSON: {exc}"
+            ) from exc
+        listed = values.get("findings") if isinstance(values, dict) else values
+        summary = (values.get("summary") or {}) if isinstance(values, dict) else {}
+        if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+            raise CommandOutputInvalid(
+                f"command model {self.name!r}: {FINDINGS_JSON} must hold a list of findings "
+                "(objects), or an object with one under 'findings'"
+            )
+        masked = [f.get("label") for f in listed if f.get("mask")]
+        if masked:
+            raise CommandOutputInvalid(
+                f"command model {self.name!r}: {FINDINGS_JSON}: findings {masked} refer to "
+                "masks; a command model's findings cannot have masks yet"
+            )
+        try:
+            findings = findings_from_json(
+                {
+                    "model": self.name,
+                    "version": self.settings.version,
+                    "demo": False,
+                    "findings": listed,
+                    "summary": summary,
+                }
+            )
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise CommandOutputInvalid(
+                f"command model {self.name!r}: {FINDINGS_JSON} has a finding the node cannot "
+                "read (each needs label, finding_type {value, scheme, meaning} and "
+                f"probability): {type(exc).__name__}: {exc}"
+            ) from exc
+        volumes = {}
+        for item in series:
+            load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
+            volumes[item.series_instance_uid] = load(list(item.paths))
+        inputs = next(iter(volumes.values())) if len(volumes) == 1 else volumes
+        result["findings"] = [jsonable(f) for f in findings.findings]
+        result["summary"] = jsonable(findings.summary)
+        if not self.results.enabled:
+            return []
+        received = [s.last_received_at for s in series if s.last_received_at is not None]
+        try:
+            objects, _ = build_results(
+                findings,
+                inputs,
+                [p for item in series for p in item.paths],
+                self.results,
+                context.output_root,
+                context.job.id,
+                route=context.job.route,
+                when=max(received, default=context.job.received_at),
+            )
+        except Exception as exc:  # a highdicom or I/O failure fails the job with its reason
+            raise CommandOutputInvalid(
+                f"command model {self.name!r}: the SR of its {FINDINGS_JSON} could not be "
+                f"written: {type(exc).__name__}: {exc}"
+            ) from exc
+        return [o.as_json() for o in objects]
 
     def _session(self) -> Session:
         # as ModelPipeline._session: the worker's session factory, else the database URL

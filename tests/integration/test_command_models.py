@@ -73,11 +73,21 @@ elif mode in ("study", "patient"):
     else:
         ds.PatientID = "SOMEONE-ELSE"
     ds.save_as(out / "seg.dcm")
+elif mode == "findings":
+    nodule = {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}
+    findings = [{"label": "nodule", "finding_type": nodule, "probability": 0.875,
+                 "diameter_mm": 6.5, "attributes": {"note": "from a command"}}]
+    (out / "findings.json").write_text(json.dumps({"findings": findings, "summary": {"n": 1}}))
+elif mode == "badfindings":
+    (out / "findings.json").write_text(json.dumps([{"label": "nodule"}]))
 elif mode == "image":
     shutil.copy(sources[0], out / "copy.dcm")  # the input itself: no SEG or SR
 """
 
-MODES = ("good", "exit3", "sleep", "nothing", "garbage", "study", "patient", "image")
+MODES = (
+    "good", "findings", "exit3", "sleep", "nothing", "garbage", "study", "patient", "image",
+    "badfindings",
+)  # fmt: skip
 
 
 def command(script: Path, mode: str, **extra: object) -> dict[str, object]:
@@ -157,10 +167,12 @@ def test_command_models_run_through_the_worker(
         # sent as the program wrote them
         received = tmp_path / "pacs"
         wait_until(
-            lambda: len(list(received.rglob("*"))) >= 2, timeout=60, what="the objects' sends"
+            lambda: len([p for p in received.rglob("*") if p.is_file()]) >= 3,
+            timeout=60,
+            what="the objects' sends",
         )
     got = {str(dcmread(p).SOPInstanceUID) for p in received.rglob("*") if p.is_file()}
-    assert got == set(written)
+    assert set(written) <= got and len(got) == 3  # the SEG, the SR, and the node's SR below
     for path in written.values():
         ds = dcmread(path)
         assert str(ds.StudyInstanceUID) == study and ds.PatientID == first.PatientID
@@ -177,7 +189,23 @@ def test_command_models_run_through_the_worker(
     assert "wrote a SEG and an SR" in (folder / "stdout.log").read_text()
     assert good.result["exit_code"] == 0 and good.result["contract"] == "dicomnode"
 
+    # findings.json: the node's own SR of the input's study, with the program's finding
+    findings = jobs["findings"]
+    assert findings.state is JobState.DONE, findings.error
+    assert findings.result is not None
+    (finding,) = findings.result["findings"]
+    assert finding["label"] == "nodule" and finding["probability"] == 0.875
+    assert findings.result["summary"] == {"n": 1}
+    (sr,) = findings.result["objects"]
+    assert sr["kind"] == "SR" and sr["study_instance_uid"] == study
+    sr_path = node.spool.root / sr["path"]
+    assert sr_path.is_file() and sr["sop_instance_uid"] in got
+    if has_tool("dciodvfy"):
+        report = dciodvfy(sr_path)
+        assert not report.errors, report.output
+
     reasons = {
+        "badfindings": r"findings\.json has a finding the node cannot read",
         "exit3": r"exited with status 3; stderr ends: model crashed: CUDA out of memory",
         "sleep": r"ran past its timeout of 3 s and was killed",
         "nothing": r"wrote nothing to out/",
@@ -194,7 +222,7 @@ def test_command_models_run_through_the_worker(
         assert "SOMEONE-ELSE" not in job.error and str(first.PatientID) not in job.error
         # nothing of a failed run was published, so nothing of it can be sent
         assert not (node.spool.root / "results" / str(job.id)).exists(), mode
-    assert {o["job_id"] for o in _sends(node)} == {good.id}
+    assert {o["job_id"] for o in _sends(node)} == {good.id, findings.id}
     # the timeout killed the program's whole process group, its grandchild too
     grandchild = int(pid_file.read_text())
     wait_until(lambda: not _alive(grandchild), timeout=10, what="the grandchild's end")
@@ -218,3 +246,43 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_cancelling_a_job_kills_its_command(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    script = tmp_path / "program.py"
+    script.write_text(PROGRAM)
+    pid_file = tmp_path / "grandchild.pid"
+    sleeper = command(
+        script, "sleep", environment={
+            "PYTHONPATH": str(ROOT), "CMD_TEST": "yes", "CMD_PID_FILE": str(pid_file)}
+    )  # fmt: skip
+    node = start_node(
+        models={"commands": {"sleeper": sleeper}},
+        workers=[{"models": ["sleeper"]}],
+        queue={"max_attempts": 1, "heartbeat_s": 0.2, "lease_s": 5},
+    )
+    files = write_series(
+        list(ct_slices(SeriesSpec(slices=3, rows=16, columns=16, seed=72))), tmp_path / "ct"
+    )
+    assert peers.storescu(port_of(node), files).returncode == 0
+    first = dcmread(files[0])
+    job = node.jobs.enqueue(
+        dedupe_key="cmd/cancel",
+        route="commands",
+        model="sleeper",
+        study_instance_uid=str(first.StudyInstanceUID),
+        inputs=[str(first.SeriesInstanceUID)],
+        state=JobState.QUEUED,
+    )
+    wait_until(lambda: pid_file.is_file() and pid_file.read_text(), timeout=60, what="the start")
+    grandchild = int(pid_file.read_text())
+    assert _alive(grandchild)
+    node.jobs.cancel(job.id, reason="test")
+    wait_until(lambda: not _alive(grandchild), timeout=20, what="the process group's end")
+    wait_until(lambda: node.workers[0].jobs_run == 1, timeout=20, what="the run's end")
+    cancelled = node.jobs.get(job.id)
+    assert cancelled is not None and cancelled.state is JobState.CANCELLED
+    assert not (node.spool.root / "results" / str(job.id)).exists()
