@@ -258,6 +258,7 @@ def build_worker(
             routes=settings.routes,
             results=settings.results,
             builtins=builtin_models,
+            commands=settings.models.commands,
         ),
         device=str(resolve_device(entry.device)),  # a missing GPU fails at start
         worker_id=worker_id,

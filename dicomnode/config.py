@@ -29,6 +29,7 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backsla
 #: to start, room for the ``-<k>`` of ``serve --processes``
 _RECEIVER_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 RECEIVER_ID_MAX = 64
+_COMMAND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class DuplicatePolicy(StrEnum):
@@ -264,6 +265,50 @@ class WorkerSettings(_Section):
     max_memory_mb: int = Field(0, ge=0)
 
 
+#: the output contracts a command model may declare; only "dicomnode" is implemented so far
+COMMAND_CONTRACTS = ("dicomnode",)
+_NOT_YET_CONTRACTS = ("nifti", "monai", "totalsegmentator")
+
+
+class CommandModelSettings(_Section):
+    """A model that is a program (``[models.commands.NAME]``): the worker writes the job's
+    input DICOM files to ``in/`` and ``job.json`` in a fresh folder, runs ``command`` there and
+    takes what it wrote to ``out/`` under the ``contract``: DICOM SEG/SR files of the input's
+    study and patient, sent as they are, or ``findings.json``, which the node writes as its own
+    SR."""
+
+    #: the program and its arguments; ``{input}`` and ``{output}`` are replaced by the folders'
+    #: paths, else the two paths are appended
+    command: tuple[str, ...] = Field(min_length=1)
+    timeout_s: float = Field(3600.0, gt=0)
+    #: the software version the node's own SR names (``findings.json`` outputs)
+    version: str = Field("1.0", min_length=1, max_length=64)
+    #: variables added to the worker's environment (``CUDA_VISIBLE_DEVICES`` is set from the
+    #: worker's device: empty on the CPU)
+    environment: dict[str, str] = {}
+    #: label value -> name, for label map outputs (not read yet: no NIfTI output so far)
+    labels: dict[int, str] = {}
+    contract: str = "dicomnode"
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value[0].strip():
+            raise ValueError(f"command {list(value)!r} must start with the program to run")
+        return value
+
+    @field_validator("contract")
+    @classmethod
+    def _check_contract(cls, value: str) -> str:
+        if value not in COMMAND_CONTRACTS:
+            known = ", ".join(map(repr, COMMAND_CONTRACTS))
+            raise ValueError(
+                f"contract {value!r} is not supported: use {known} (the "
+                f"{', '.join(_NOT_YET_CONTRACTS)} contracts are not supported yet)"
+            )
+        return value
+
+
 class ModelsSettings(_Section):
     """Where the model packages are, MONAI bundles that replace a package's network, and how
     models run (``[models]``)."""
@@ -274,9 +319,24 @@ class ModelsSettings(_Section):
     #: model name -> MONAI bundle directory in the Model Zoo layout (configs/metadata.json,
     #: configs/inference.json, models/model.pt), e.g. ``lung_nodule = "/opt/bundles/lung"``
     bundles: dict[str, Path] = {}
+    #: model name -> a program run for each job (``[models.commands.NAME]``)
+    commands: dict[str, CommandModelSettings] = {}
     seed: int = 0  # every run starts from this seed: the same input gives the same findings
     deterministic: bool = True  # deterministic algorithms (warn-only where none exists)
     threads: int = Field(0, ge=0)  # CPU threads for torch; 0: torch's default
+
+    @field_validator("commands")
+    @classmethod
+    def _check_command_names(
+        cls, value: dict[str, CommandModelSettings]
+    ) -> dict[str, CommandModelSettings]:
+        for name in value:  # as a package's name (dicomnode.inference.protocol.MODEL_NAME)
+            if not _COMMAND_NAME.match(name):
+                raise ValueError(
+                    f"command model name {name!r} must be 1 to 64 letters, digits, '_', '.' "
+                    "or '-', starting with a letter or digit"
+                )
+        return value
 
 
 class QueueSettings(_Section):

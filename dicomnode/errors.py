@@ -288,3 +288,12 @@ class HostNotAllowed(DicomNodeError):
     """The request's Host header names no host this API answers to."""
 
     http_status = 400
+
+
+class CommandModelFailed(ModelError):
+    """A command model failed: it exited with an error, ran past its timeout, or was killed."""
+
+
+class CommandOutputInvalid(CommandModelFailed):
+    """A command model's output breaks its contract: nothing, not DICOM, not a SEG or SR, or an
+    object of another study or patient."""

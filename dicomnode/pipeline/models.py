@@ -1,4 +1,5 @@
-"""The models a worker runs, by name: a pipeline for each model package the registry has, and
+"""The models a worker runs, by name: a pipeline for each model package the registry has, a
+command model for each ``[models.commands.NAME]`` (:mod:`dicomnode.pipeline.commands`), and
 the builtins a caller adds (job models without a package: the tests add ``echo``, which runs
 without the inference runtime; production adds none)."""
 
@@ -13,7 +14,7 @@ from dicomnode.pipeline.job import ModelPipeline, PipelineSettings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from dicomnode.config import ResultsSettings, RouteSettings, Settings
+    from dicomnode.config import CommandModelSettings, ResultsSettings, RouteSettings, Settings
     from dicomnode.inference.registry import ModelRegistry
     from dicomnode.queue.worker import JobModel
 
@@ -21,8 +22,12 @@ if TYPE_CHECKING:
 BuiltinModels = Mapping[str, Callable[[], "JobModel"]]
 
 
-def available_models(registry: ModelRegistry, builtins: BuiltinModels | None = None) -> list[str]:
-    return sorted({*registry.names(), *(builtins or {})})
+def available_models(
+    registry: ModelRegistry,
+    builtins: BuiltinModels | None = None,
+    commands: Mapping[str, CommandModelSettings] | None = None,
+) -> list[str]:
+    return sorted({*registry.names(), *(builtins or {}), *(commands or {})})
 
 
 def job_models(
@@ -35,6 +40,7 @@ def job_models(
     strict: bool | None = None,
     results: ResultsSettings | None = None,
     builtins: BuiltinModels | None = None,
+    commands: Mapping[str, CommandModelSettings] | None = None,
 ) -> dict[str, JobModel]:
     """The worker's models (not loaded yet) for ``names`` (None or empty: every model).
 
@@ -44,9 +50,11 @@ def job_models(
     ``strict`` (default: when models are named), a model that fails to load stops the
     worker's start; otherwise the failure is logged and that model's jobs fail with it, while
     the others run. ``results`` configures the DICOM objects written from each job's findings
-    (None: the defaults). UnknownModel names the models there are.
+    (None: the defaults). ``commands``: the command models (``[models.commands]``) by name.
+    UnknownModel names the models there are.
     """
     builtins = dict(builtins or {})
+    commands = dict(commands or {})
     clash = sorted(set(registry.names()) & set(builtins))
     if clash:
         from dicomnode.errors import ModelPackageInvalid
@@ -54,10 +62,18 @@ def job_models(
         raise ModelPackageInvalid(
             f"model package(s) {', '.join(clash)} take the name of a builtin model"
         )
+    clash = sorted((set(registry.names()) | set(builtins)) & set(commands))
+    if clash:
+        from dicomnode.errors import ModelPackageInvalid
+
+        raise ModelPackageInvalid(
+            f"command model(s) {', '.join(clash)} take the name of a model package or builtin "
+            "model ([models.commands])"
+        )
     wanted = list(dict.fromkeys(n.strip() for n in (names or ()) if n.strip()))
     if strict is None:
         strict = bool(wanted)
-    everything = available_models(registry, builtins)
+    everything = available_models(registry, builtins, commands)
     wanted = wanted or everything
     unknown = [name for name in wanted if name not in everything]
     if unknown:
@@ -76,6 +92,10 @@ def job_models(
     for name in wanted:
         if name in builtins:
             out[name] = builtins[name]()
+        elif name in commands:
+            from dicomnode.pipeline.commands import CommandModel
+
+            out[name] = CommandModel(name, commands[name], settings)
         else:
             out[name] = ModelPipeline(
                 registry.spec(name),
@@ -93,7 +113,8 @@ def load_job_models(
     strict: bool | None = None,
     builtins: BuiltinModels | None = None,
 ) -> dict[str, JobModel]:
-    """The worker's models from the settings: ``[models]`` folders and bundles, the routes."""
+    """The worker's models from the settings: ``[models]`` folders, bundles and commands, the
+    routes."""
     from dicomnode.inference.registry import ModelRegistry
 
     return job_models(
@@ -105,4 +126,5 @@ def load_job_models(
         strict=strict,
         results=settings.results,
         builtins=builtins,
+        commands=settings.models.commands,
     )
