@@ -292,14 +292,16 @@ class CommandModel:
 
     def _failed(self, job_id: int, how: str, stderr_log: Path) -> CommandModelFailed:
         text = tail(stderr_log)
+        # The program's own words may name the patient: they go in the job's error (what an
+        # admin reads in `jobs show`) and at DEBUG, never in the log at WARNING.
         logger.warning(
-            "job %s: command model %s %s; stderr ends:\n%s",
+            "job %s: command model %s %s (its stderr is in the job's error)",
             job_id,
             self.name,
             how,
-            text or "(empty)",
             extra={"action": "command_failed", "job_id": job_id},
         )
+        logger.debug("job %s: stderr ends:\n%s", job_id, text or "(empty)")
         quoted = f"; stderr ends: {text}" if text else " (nothing on stderr)"
         return CommandModelFailed(f"command model {self.name!r} {how}{quoted}")
 
