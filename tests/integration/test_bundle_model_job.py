@@ -26,15 +26,18 @@ from tests.unit.test_bundle_model import dice, monai_labels, write_zoo_bundle
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("label", "code"), [("spleen", ("78961009", "SCT")), ("widget", ("widget", "99DICOMNODE"))]
+)
 def test_a_bundle_of_its_own_runs_through_the_job_path_to_a_seg(
-    start_node: Callable[..., Node], tmp_path: Path
+    start_node: Callable[..., Node], tmp_path: Path, label: str, code: tuple[str, str]
 ) -> None:
     node = start_node(background=False)
     files = store(
         node, tmp_path / "ct", SeriesSpec(slices=20, rows=40, columns=44, pixel_mm=0.75, seed=8)
     )
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
-    root = write_zoo_bundle(tmp_path / "spleen_bundle")
+    root = write_zoo_bundle(tmp_path / "spleen_bundle", channels={"0": "background", "1": label})
     pipelines = job_models(
         ModelRegistry([], {"spleen": root}), ["spleen"], sessions=node.database.sessions
     )
@@ -56,10 +59,13 @@ def test_a_bundle_of_its_own_runs_through_the_job_path_to_a_seg(
     kinds = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
     assert set(kinds) == {"SEG", "SR"}
     seg = dcmread(kinds["SEG"])
-    (segment,) = seg.SegmentSequence  # spleen; the background is no segment
-    assert segment.SegmentLabel == "spleen"
+    (segment,) = seg.SegmentSequence  # the background is no segment
+    assert segment.SegmentLabel == label
     prop = segment.SegmentedPropertyTypeCodeSequence[0]
-    assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("78961009", "SCT")
+    assert (
+        prop.CodeValue,
+        prop.CodingSchemeDesignator,
+    ) == code  # SNOMED CT by name, else the node's scheme
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "spleen"
     assert algorithm.AlgorithmVersion == "bundle.tiny_spleen_ct_segmentation.0.5.3"
