@@ -1,4 +1,5 @@
-"""The model registry: model packages found in the configured folders, and MONAI bundles.
+"""The model registry: model packages found in the configured folders, and MONAI bundles (that
+replace a package's network, or, named for no package, are models of their own).
 
 Discovery reads only ``model.toml`` files (no torch, no model code), so building a registry is
 cheap and the receiver can do it at start. A package's code is imported, and its weights
@@ -95,12 +96,11 @@ class ModelRegistry:
         self.seed, self.deterministic, self.threads = seed, deterministic, threads
         for name, path in (bundles or {}).items():
             if name not in self.packages:
-                raise UnknownModel(
-                    f"[models] bundles names model {name!r}, but no model package of that name "
-                    f"is in {[str(d) for d in resolve_dirs(dirs)] or list(map(str, dirs))} "
-                    f"(packages: {', '.join(sorted(self.packages)) or 'none'}); a bundle "
-                    "replaces the network of a model package"
-                )
+                # no package of that name: the bundle is a model of its own
+                from dicomnode.inference.bundle_model import bundle_spec
+
+                self.packages[name] = bundle_spec(name, path)
+                continue
             layout = bundle_layout(path)  # fail at start, not at the first job
             spec = self.packages[name]
             self.packages[name] = ModelSpec(spec.info, spec.directory, layout.root)
@@ -137,6 +137,10 @@ class ModelRegistry:
     def create(self, name: str) -> InferenceModel:
         """A new, not yet loaded instance of the package ``name`` (weights checked first)."""
         spec = self.spec(name)
+        if is_bundle_model(spec):
+            from dicomnode.inference.bundle_model import BundleModel
+
+            return BundleModel(spec)
         verify_package_weights(spec)
         cls = import_entry(spec)
         try:
@@ -166,6 +170,13 @@ class ModelRegistry:
         model.load(resolved)
         settle_heap()
         return model
+
+
+def is_bundle_model(spec: ModelSpec) -> bool:
+    """The spec is a MONAI bundle that is a model of its own (no package)."""
+    from dicomnode.inference.bundle_model import BUNDLE_ENTRY
+
+    return spec.info.entry == BUNDLE_ENTRY
 
 
 def verify_package_weights(spec: ModelSpec) -> None:

@@ -199,7 +199,8 @@ def test_two_packages_of_one_name(tmp_path: Path) -> None:
 
 
 def test_bundle_for_a_model_that_is_not_there(tmp_path: Path) -> None:
-    with pytest.raises(UnknownModel, match=r"bundles names model 'lung'"):
+    # no package of that name: the bundle is a model of its own, which must be a bundle
+    with pytest.raises(BundleInvalid, match=r"bundles names model 'lung', which is no model pa"):
         ModelRegistry([tmp_path], {"lung": tmp_path})
 
 

@@ -1,0 +1,408 @@
+"""A MONAI bundle as a model of its own: run as MONAI's bundle runner runs it, on a loaded series.
+
+A name in ``[models] bundles`` that is no model package is a model of its own. Its spec comes
+from the bundle's ``configs/metadata.json`` (:func:`bundle_spec`): the version, the input's
+modality, and the labels of the segmentation output's ``channel_def`` (``"0"``, the background,
+left out), each coded from pydicom's SNOMED CT dictionary where a concept is named like the label
+(``spleen`` -> 78961009 Spleen), else with a code of the node's own scheme
+(:data:`LOCAL_SCHEME`) whose meaning is the label (a warning).
+
+:class:`BundleModel` runs ``inference.json`` as MONAI's evaluator does: ``preprocessing`` on
+``{"image": series}``, ``inferer(image[None], network)``, the batch decollated and
+``postprocessing`` on each item. Two things change, as MONAI Deploy's bundle operator changes
+them: the file loader (``LoadImage``/``LoadImaged``) is left out of the preprocessing, its place
+taken by the series the node loaded, as the MetaTensor such a loader makes (``[x, y, z]``, the
+affine in RAS), so ``Orientationd``, ``Spacingd`` and ``Invertd`` work unchanged; and the writers
+(``SaveImage``/``SaveImaged``) are left out of the postprocessing. The prediction, on the source
+grid (``Invertd`` put it there; a bundle without one is resampled, nearest), is the label map
+``labels`` (``[slice, row, column]``) with one finding per label that has voxels: its volume
+and centre. Classification outputs are not supported yet (BundleInvalid names them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicomnode.domain import Finding, Findings, MaskRef
+from dicomnode.errors import BundleInvalid, InputsRejected, ModelError
+from dicomnode.inference.bundle import bundle_layout
+from dicomnode.inference.protocol import (
+    Accepts,
+    CodeSpec,
+    LabelSpec,
+    Model,
+    ModelInfo,
+    ModelSpec,
+)
+
+if TYPE_CHECKING:
+    from dicomnode.imaging import Volume
+    from dicomnode.inference.device import Device
+
+logger = logging.getLogger(__name__)
+
+#: the ``entry`` of a bundle's spec: the registry makes a :class:`BundleModel` for it
+BUNDLE_ENTRY = "dicomnode.inference.bundle_model:BundleModel"
+#: the mask the label map goes under
+LABEL_MAP = "labels"
+#: the coding scheme of a label that no SNOMED CT concept is named like
+LOCAL_SCHEME = "99DICOMNODE"
+#: the data keys of MONAI's engines (monai.utils.CommonKeys)
+IMAGE_KEY, PRED_KEY = "image", "pred"
+#: transforms the node does itself: loading the series, writing the results
+LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
+WRITERS = frozenset({"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict"})
+_MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PT": "PT", "PET": "PT", "US": "US"}
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleInvalid(f"bundle {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise BundleInvalid(f"bundle {str(path)!r} is not a JSON object")
+    return metadata
+
+
+def segmentation_output(metadata: Mapping[str, Any], where: str) -> tuple[str, dict[int, str]]:
+    """The segmentation output of ``network_data_format.outputs``: its key and its channels
+    (``channel_def``; without one, ``label_<n>`` for each of ``num_channels``)."""
+    outputs = (metadata.get("network_data_format") or {}).get("outputs") or {}
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise BundleInvalid(
+            f"bundle {where!r}: metadata.json has no network_data_format.outputs; a bundle "
+            "that is a model of its own must describe its output there"
+        )
+    kinds = {}
+    for key, output in outputs.items():
+        output = output if isinstance(output, Mapping) else {}
+        kind = str(output.get("format") or output.get("type") or "")
+        kinds[key] = kind
+        if kind.lower() not in ("segmentation", "labels", "image"):
+            continue
+        if kind.lower() == "image" and "channel_def" not in output and "num_channels" not in output:
+            continue
+        channel_def = output.get("channel_def")
+        if isinstance(channel_def, Mapping) and channel_def:
+            try:
+                channels = {int(k): str(v) for k, v in channel_def.items()}
+            except ValueError as exc:
+                raise BundleInvalid(
+                    f"bundle {where!r}: output {key!r} channel_def keys must be channel "
+                    f"numbers, not {list(channel_def)}"
+                ) from exc
+        else:
+            count = int(output.get("num_channels") or 0)
+            if count < 2:
+                raise BundleInvalid(
+                    f"bundle {where!r}: output {key!r} has no channel_def and num_channels "
+                    f"{count}; expected the labels, e.g. {{'0': 'background', '1': 'spleen'}}"
+                )
+            channels = {n: ("background" if n == 0 else f"label_{n}") for n in range(count)}
+        return str(key), channels
+    raise BundleInvalid(
+        f"bundle {where!r}: no segmentation among its outputs ({kinds}); only segmentation "
+        "bundles run as models of their own (classification outputs are not supported yet)"
+    )
+
+
+@cache
+def _sct_keywords() -> dict[str, str]:
+    """pydicom's SNOMED CT keywords, by their letters in lower case."""
+    from pydicom.sr.codedict import codes
+
+    return {k.lower(): k for k in codes.SCT.dir()}
+
+
+def label_code(label: str) -> tuple[CodeSpec, bool]:
+    """The label's code and whether it is a SNOMED CT concept: the concept whose keyword is the
+    label's words (``left_kidney`` -> ``LeftKidney``), else :data:`LOCAL_SCHEME`."""
+    from pydicom.sr.codedict import codes
+
+    words = re.sub(r"[^a-z0-9]", "", label.lower())
+    keyword = _sct_keywords().get(words)
+    if keyword is not None:
+        code = getattr(codes.SCT, keyword)
+        meaning = str(code.meaning)[:64]
+        return CodeSpec(value=str(code.value), scheme="SCT", meaning=meaning), True
+    value = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:64]
+    return CodeSpec(value=value, scheme=LOCAL_SCHEME, meaning=label[:64]), False
+
+
+def bundle_spec(name: str, path: Path | str) -> ModelSpec:
+    """The spec of a bundle that is a model of its own; cheap (metadata.json only)."""
+    try:
+        layout = bundle_layout(path)
+    except BundleInvalid as exc:
+        raise BundleInvalid(
+            f"[models] bundles names model {name!r}, which is no model package, so the bundle "
+            f"is a model of its own: {exc}"
+        ) from exc
+    metadata = read_metadata(layout.metadata)
+    _, channels = segmentation_output(metadata, str(layout.root))
+    labels = []
+    for value, label in sorted(channels.items()):
+        if value == 0:
+            continue  # the background
+        code, coded = label_code(label)
+        if not coded:
+            logger.warning(
+                "bundle %s: label %r is no SNOMED CT concept by name; coded %s %s",
+                name,
+                label,
+                code.scheme,
+                code.value,
+                extra={"action": "bundle_labels"},
+            )
+        labels.append(LabelSpec(name=label, value=value, finding_type=code))
+    inputs = (metadata.get("network_data_format") or {}).get("inputs") or {}
+    image: Any = (inputs.get(IMAGE_KEY) or next(iter(inputs.values()), {})) if inputs else {}
+    modality = _MODALITIES.get(str((image or {}).get("modality", "")).upper())
+    try:
+        info = ModelInfo(
+            name=name,
+            version=f"bundle.{metadata.get('name') or layout.root.name}."
+            f"{metadata.get('version') or '0'}",
+            description=str(metadata.get("task") or metadata.get("description") or ""),
+            entry=BUNDLE_ENTRY,
+            demo=False,
+            accepts=Accepts(modalities=(modality,) if modality else ()),
+            labels=tuple(labels),
+        )
+    except ValueError as exc:
+        raise BundleInvalid(f"bundle {str(layout.root)!r} as model {name!r}: {exc}") from exc
+    return ModelSpec(info, layout.root, layout.root)
+
+
+def series_image(volume: Volume) -> Any:
+    """The series as MONAI's image loader gives it: a MetaTensor ``[x, y, z]`` (column, row,
+    slice) with the affine in RAS and no channel axis."""
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    if volume.samples != 1:
+        raise InputsRejected(
+            f"series {volume.series_instance_uid} has {volume.samples} samples per voxel; "
+            "a bundle runs on grey-level volumes"
+        )
+    array = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.geometry.affine  # LPS -> RAS
+    meta = {
+        "original_affine": affine.copy(),
+        "spatial_shape": np.array(array.shape),
+        "original_channel_dim": "no_channel",
+        "space": "RAS",
+        "filename_or_obj": volume.series_instance_uid,
+    }
+    return MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(affine), meta=meta)
+
+
+def _without(compose: Any, names: frozenset[str]) -> Any:
+    """A copy of the Compose without the transforms named; the others are the same objects
+    (so ``Invertd`` over the original inverts what they did)."""
+    from monai.transforms import Compose
+
+    if not isinstance(compose, Compose):
+        return compose
+    out = copy.copy(compose.flatten())
+    out.transforms = [t for t in out.transforms if type(t).__name__ not in names]
+    return out
+
+
+def _target_name(item: Any) -> str:
+    target = item.get("_target_") if isinstance(item, Mapping) else None
+    return str(target).rpartition(".")[2] if isinstance(target, str) else ""
+
+
+def _drop_from_config(parser: Any, key: str, names: frozenset[str]) -> None:
+    """Leave the components named out of the Compose config ``key`` (its ``transforms``
+    list, nested Composes included); a Compose made by an expression is filtered once made."""
+    if key not in parser:
+        return
+
+    def prune(config: Any) -> Any:
+        if isinstance(config, list):
+            return [prune(c) for c in config if _target_name(c) not in names]
+        if isinstance(config, Mapping) and isinstance(config.get("transforms"), list):
+            return {**config, "transforms": prune(config["transforms"])}
+        return config
+
+    config = parser[key]
+    pruned = prune(config)
+    if pruned != config:
+        parser[key] = pruned
+
+
+class BundleModel(Model):
+    """A MONAI bundle's segmentation, run as its inference.json says, on one series."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.weights_sha256: str | None = None
+        self.preprocessing: Any = None
+        self.inferer: Any = None
+        self.postprocessing: Any = None
+
+    @property
+    def version(self) -> str:
+        return self.spec.info.version
+
+    def load(self, device: Device | str = "cpu") -> None:
+        from dicomnode.inference.bundle import load_bundle
+        from dicomnode.inference.device import resolve_device
+        from dicomnode.inference.weights import sha256_of
+
+        device = resolve_device(device)
+        assert self.spec.bundle is not None
+        bundle = load_bundle(self.spec.bundle, device)
+        self.weights_sha256 = sha256_of(bundle.layout.weights)
+        parser = bundle.parser
+        # the config's own components on this device (the zoo's say cuda:0 when there is one)
+        parser["device"] = f"$torch.device({str(device.torch)!r})"
+        where = str(bundle.path)
+        missing = [k for k in ("preprocessing", "inferer") if k not in parser]
+        if missing:
+            raise BundleInvalid(
+                f"bundle {where!r}: inference config has no {', '.join(missing)} (expected "
+                "preprocessing, inferer and postprocessing as in the Model Zoo's bundles)"
+            )
+        # the loader and the writers out of the config before anything is made: a writer is
+        # made with its file format's backend (nibabel for NIfTI), which the node need not have
+        for key, names in (("preprocessing", LOADERS), ("postprocessing", WRITERS)):
+            _drop_from_config(parser, key, names)
+        try:
+            preprocessing = bundle.get("preprocessing")
+            self.inferer = bundle.get("inferer")
+            postprocessing = bundle.get("postprocessing")
+        except Exception as exc:
+            from dicomnode.inference.bundle import _cause
+
+            raise BundleInvalid(
+                f"bundle {where!r}: its pre/postprocessing or inferer could not be made: "
+                f"{_cause(exc)}"
+            ) from exc
+        self.preprocessing = _without(preprocessing, LOADERS)
+        self.postprocessing = _without(postprocessing, WRITERS)
+        self.bundle, self.network, self.device = bundle, bundle.network, device
+        logger.info(
+            "model %s: bundle %s %s loaded on %s, weights sha256 %s",
+            self.name,
+            bundle.name,
+            bundle.version,
+            device,
+            self.weights_sha256,
+            extra={"action": "model_load"},
+        )
+
+    def predict(self, inputs: Volume | Mapping[str, Volume]) -> Findings:
+        import numpy as np
+
+        if isinstance(inputs, Mapping):
+            if len(inputs) != 1:
+                raise InputsRejected(
+                    f"model {self.name!r} (a bundle) runs on one series, not {sorted(inputs)}"
+                )
+            (volume,) = inputs.values()
+        else:
+            volume = inputs
+        if self.bundle is None or self.device is None:
+            raise ModelError(f"model {self.name!r} used before load()")
+        labels = self.label_map(volume)
+        geometry = volume.geometry
+        voxel_mm3 = float(abs(np.linalg.det(geometry.affine[:3, :3])))
+        findings, voxels = [], {}
+        for spec in self.spec.info.labels:
+            k, j, i = np.nonzero(labels == spec.value)
+            voxels[spec.name] = int(k.size)
+            if not k.size:
+                continue
+            centre = geometry.voxel_to_patient([i.mean(), j.mean(), k.mean()])
+            findings.append(
+                Finding(
+                    label=spec.name,
+                    finding_type=spec.finding_type.code,
+                    probability=1.0,  # a label map: each voxel is the label's or not
+                    centre_mm=tuple(round(float(c), 3) for c in centre),  # type: ignore[arg-type]
+                    volume_mm3=round(float(k.size) * voxel_mm3, 3),
+                    mask=MaskRef(LABEL_MAP, spec.value),
+                )
+            )
+        return self.findings(
+            findings,
+            masks={LABEL_MAP: labels} if findings else {},
+            reference=volume.series_instance_uid,
+            summary={
+                "bundle": self.bundle.name,
+                "bundle_version": self.bundle.version,
+                "weights_sha256": self.weights_sha256,
+                "voxels": voxels,
+            },
+        )
+
+    def label_map(self, volume: Volume) -> Any:
+        """The bundle's prediction on ``volume``'s grid: ``[slice, row, column]`` label values."""
+        import numpy as np
+        import torch
+        from monai.data import decollate_batch, list_data_collate
+
+        from dicomnode.inference.sliding import check_cancelled
+
+        network = self.network
+
+        def run(window: Any, *args: Any, **kwargs: Any) -> Any:
+            check_cancelled()  # a cancelled job stops at its next window
+            return network(window, *args, **kwargs)
+
+        # as MONAI's evaluator: a batch of one (its data loader's collation), the inferer, the
+        # batch decollated, the postprocessing per item
+        batch = list_data_collate([self.preprocessing({IMAGE_KEY: series_image(volume)})])
+        assert self.device is not None
+        image = batch[IMAGE_KEY].to(self.device.torch)
+        with torch.no_grad():
+            pred = self.inferer(image, run)
+        item = decollate_batch({**batch, IMAGE_KEY: image, PRED_KEY: pred})[0]
+        item = self.postprocessing(item) if self.postprocessing is not None else item
+        out = item[PRED_KEY]
+        source = series_image(volume)
+        if tuple(out.shape[1:]) != tuple(source.shape) or not np.allclose(
+            np.asarray(out.affine), np.asarray(source.affine), atol=1e-3
+        ):
+            out = self._to_source(out, source)
+        array = out.detach().cpu()
+        if array.shape[0] > 1:  # one channel per label, the background first (not discretised)
+            array = array.argmax(0, keepdim=True)
+        values = np.rint(array[0].numpy()).astype(np.int64)
+        top = max((label.value for label in self.spec.info.labels), default=0)
+        values[(values < 0) | (values > top)] = 0
+        dtype = np.uint8 if top < 256 else np.uint16
+        return np.ascontiguousarray(values.transpose(2, 1, 0)).astype(dtype)
+
+    def _to_source(self, out: Any, source: Any) -> Any:
+        """The prediction resampled (nearest) onto the source grid: for a bundle whose
+        postprocessing does not invert its spatial preprocessing."""
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        logger.warning(
+            "model %s: the bundle's prediction is not on the series' grid (no Invertd in its "
+            "postprocessing?); resampled onto it, nearest",
+            self.name,
+            extra={"action": "bundle_resample"},
+        )
+        if not isinstance(out, MetaTensor):
+            raise BundleInvalid(
+                f"bundle {str(self.spec.bundle)!r}: its prediction has no affine and is "
+                f"{tuple(out.shape[1:])}, not the series' {tuple(source.shape)}"
+            )
+        resample = SpatialResample(mode="nearest", dtype=torch.float64)  # type: ignore[arg-type]
+        return resample(out.float(), dst_affine=source.affine, spatial_size=tuple(source.shape))

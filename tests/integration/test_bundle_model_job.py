@@ -1,0 +1,92 @@
+"""A MONAI bundle named for no model package runs as a model of its own through the node's job
+path: a stored CT series in, MONAI's own labels on the source grid out, as a SEG (one segment
+per label, the background left out) and an SR with each segment's volume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicomnode.app import Node
+from dicomnode.inference import ModelRegistry, findings_from_json
+from dicomnode.phantoms.simple import SeriesSpec
+from dicomnode.pipeline import ModelPipeline, job_models
+from dicomnode.testing import validators
+from tests.integration.test_pipeline import claim, store
+
+pytest.importorskip("torch")
+pytest.importorskip("highdicom")
+
+from tests.unit.test_bundle_model import dice, monai_labels, write_zoo_bundle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("label", "code"), [("spleen", ("78961009", "SCT")), ("widget", ("widget", "99DICOMNODE"))]
+)
+def test_a_bundle_of_its_own_runs_through_the_job_path_to_a_seg(
+    start_node: Callable[..., Node], tmp_path: Path, label: str, code: tuple[str, str]
+) -> None:
+    node = start_node(background=False)
+    files = store(
+        node, tmp_path / "ct", SeriesSpec(slices=20, rows=40, columns=44, pixel_mm=0.75, seed=8)
+    )
+    series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    root = write_zoo_bundle(tmp_path / "spleen_bundle", channels={"0": "background", "1": label})
+    pipelines = job_models(
+        ModelRegistry([], {"spleen": root}), ["spleen"], sessions=node.database.sessions
+    )
+    pipeline = pipelines["spleen"]
+    assert isinstance(pipeline, ModelPipeline)
+    pipeline.load("cpu")
+
+    result = dict(pipeline.run(claim(node, "spleen", [series_uid])))
+    assert result["model"] == "spleen" and not result["demo"]
+    assert result["version"] == "bundle.tiny_spleen_ct_segmentation.0.5.3"
+    assert len(result["summary"]["weights_sha256"]) == 64
+    findings = findings_from_json(result, node.spool.root)
+    labels = findings.masks["labels"]
+    theirs = monai_labels(root, tmp_path / "ct")  # MONAI on the same files
+    assert labels.shape == theirs.shape == (20, 40, 44)
+    assert 0.02 < float((theirs == 1).mean()) < 0.98
+    assert dice(labels, theirs, 1) >= 0.99
+
+    kinds = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
+    assert set(kinds) == {"SEG", "SR"}
+    seg = dcmread(kinds["SEG"])
+    (segment,) = seg.SegmentSequence  # the background is no segment
+    assert segment.SegmentLabel == label
+    prop = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (
+        prop.CodeValue,
+        prop.CodingSchemeDesignator,
+    ) == code  # SNOMED CT by name, else the node's scheme
+    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "spleen"
+    assert algorithm.AlgorithmVersion == "bundle.tiny_spleen_ct_segmentation.0.5.3"
+    frames = seg.pixel_array.reshape(-1, 40, 44)
+    assert int(frames.sum()) == int((labels == 1).sum())  # every labelled voxel, once
+
+    sr = dcmread(kinds["SR"])
+    volumes = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _walk(sr)
+        if getattr(item, "ValueType", "") == "NUM"
+        and item.ConceptNameCodeSequence[0].CodeValue == "118565006"  # Volume
+    ]
+    assert volumes == [pytest.approx(float((labels == 1).sum()) * 0.75 * 0.75 * 1.25, rel=1e-3)]
+    if validators.has_tool("dciodvfy"):
+        for path in kinds.values():
+            report = validators.dciodvfy(path)
+            assert report.errors == (), report.output
+    assert np.array_equal(findings.masks["labels"], labels)
+
+
+def _walk(ds):  # type: ignore[no-untyped-def]
+    for item in getattr(ds, "ContentSequence", ()):
+        yield item
+        yield from _walk(item)
