@@ -7,10 +7,14 @@ JSON-ready dicts, so the CLI's ``--json`` and the API answer the same thing.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import func, select
@@ -24,7 +28,8 @@ from dicomnode.queue.listing import JobFilter
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
-    from dicomnode.config import Settings
+    from dicomnode.config import CommandModelSettings, Settings
+    from dicomnode.inference.protocol import ModelSpec
     from dicomnode.queue.repository import JobRecord, JobRepository
 
 #: A job's stages in order: the column that records each, as ``jobs show`` names them.
@@ -180,29 +185,48 @@ class ModelSummary:
     inputs: tuple[str, ...]  # study level: the series it takes by name
     labels: tuple[str, ...]
     devices: tuple[str, ...]  # the configured workers that run it
-    source: str  # "package", "bundle" or "builtin"
+    source: str  # "package", "bundle", "command" or "builtin"
     description: str
+    #: what runs: "package", "bundle" (a package whose network a MONAI bundle replaces, or a
+    #: bundle alone), "command" or "builtin"
+    kind: str = "package"
+    #: sha256 of what the model runs: its weights (packages: the sha256s model.toml names,
+    #: which the registry checks before every load; bundles: their weights file), or of its
+    #: command (argv, environment, contract); None for builtins and packages without weights
+    digest: str | None = None
 
 
 def model_summaries(settings: Settings, builtins: Iterable[str] = ()) -> list[ModelSummary]:
-    """The models the settings' folders and bundles provide, and the ``builtins`` (job models
-    without a package: the tests'); reads model.toml files only."""
+    """The models the settings' folders, bundles and commands provide, and the ``builtins``
+    (job models without a package: the tests'); reads model.toml files (and hashes a bundle's
+    weights file once per change)."""
     from dicomnode.inference.registry import ModelRegistry
 
     registry = ModelRegistry.from_settings(settings)
+    commands = settings.models.commands
     out = []
-    for name in sorted({*registry.names(), *builtins}):
+    for name in sorted({*registry.names(), *builtins, *commands}):
         devices = tuple(
             dict.fromkeys(w.device for w in settings.workers if not w.models or name in w.models)
         )
         spec = registry.packages.get(name)
+        if name in commands and spec is None:
+            command = commands[name]
+            out.append(
+                ModelSummary(name, command.version, False, "series", (), 1, (), (), devices,
+                             "command", f"command: {command.command[0]} ({command.contract} "
+                             "contract)", kind="command", digest=command_digest(command))
+            )  # fmt: skip
+            continue
         if spec is None:
             out.append(
                 ModelSummary(name, "builtin", False, "series", (), 1, (), (), devices,
-                             "builtin", "test model: runs without the inference runtime")
+                             "builtin", "test model: runs without the inference runtime",
+                             kind="builtin")
             )  # fmt: skip
             continue
         info, accepts = spec.info, spec.info.accepts
+        kind = "bundle" if spec.bundle is not None else "package"
         out.append(
             ModelSummary(
                 name=name,
@@ -214,11 +238,56 @@ def model_summaries(settings: Settings, builtins: Iterable[str] = ()) -> list[Mo
                 inputs=tuple(accepts.inputs),
                 labels=tuple(label.name for label in info.labels),
                 devices=devices,
-                source="bundle" if spec.bundle is not None else "package",
+                source=kind,
                 description=info.description,
+                kind=kind,
+                digest=package_digest(spec),
             )
         )
     return out
+
+
+def package_digest(spec: ModelSpec) -> str | None:
+    """The sha256 of a package's weights: of its bundle's weights file when a bundle replaces
+    its network, else the one sha256 model.toml names (several files: the sha256 of their
+    ``key=sha256`` lines, sorted); None without weights."""
+    if spec.bundle is not None:
+        from dicomnode.inference.bundle import bundle_layout
+
+        return file_digest(bundle_layout(spec.bundle).weights)
+    weights = spec.info.weights
+    if not weights:
+        return None
+    if len(weights) == 1:
+        return next(iter(weights.values())).sha256.lower()
+    lines = "".join(f"{key}={w.sha256.lower()}\n" for key, w in sorted(weights.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def command_digest(command: CommandModelSettings) -> str:
+    """The sha256 of what a command model runs: its argv, environment and contract, as JSON."""
+    text = json.dumps(
+        {
+            "command": list(command.command),
+            "environment": dict(sorted(command.environment.items())),
+            "contract": command.contract,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file, remembered while its size and modification time stay the same."""
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, _size: int, _mtime_ns: int) -> str:
+    from dicomnode.inference.weights import sha256_of
+
+    return sha256_of(Path(path))
 
 
 # -- throughput ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dicomnode.errors import DicomNodeError
 if TYPE_CHECKING:
     from dicomnode.admin import ModelSummary
     from dicomnode.pipeline.models import BuiltinModels
+    from dicomnode.pipeline.trial import TrialRun
     from dicomnode.queue import JobRepository
 
 logger = logging.getLogger("dicomnode.cli")
@@ -125,6 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(models_list)
     models_list.add_argument("--json", action="store_true", help="print JSON")
     models_list.set_defaults(func=_models_list)
+    models_run = models_commands.add_parser(
+        "run",
+        help="run one model once on DICOM files (no queue, no database); write what it would "
+        "send (SEG/SR/SC) into --out",
+    )
+    _config_option(models_run)
+    models_run.add_argument("name", help="the model (models list names them)")
+    models_run.add_argument("files", nargs="+", type=Path, help="the DICOM files of one study")
+    models_run.add_argument("--out", type=Path, required=True, help="folder for the objects")
+    models_run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    models_run.add_argument("--json", action="store_true", help="print the job's result as JSON")
+    models_run.set_defaults(func=_models_run)
+    models_check = models_commands.add_parser(
+        "check",
+        help="run one model on the files (none: a phantom of a modality it accepts) and check "
+        "every object it would send; exit 1 when one is wrong",
+    )
+    _config_option(models_check)
+    models_check.add_argument("name", help="the model (models list names them)")
+    models_check.add_argument("files", nargs="*", type=Path, help="DICOM files of one study")
+    models_check.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    models_check.add_argument("--out", type=Path, help="keep the objects in this folder")
+    models_check.set_defaults(func=_models_check)
 
     route = commands.add_parser("route", help="routing rules")
     route_commands = route.add_subparsers(dest="route_command", required=True)
@@ -496,11 +520,13 @@ def _models_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(m) for m in models], indent=2))
         return 0
-    header = ("NAME", "VERSION", "WEIGHTS", "LEVEL", "ACCEPTS", "DEVICES")
+    header = ("NAME", "KIND", "VERSION", "DIGEST", "WEIGHTS", "LEVEL", "ACCEPTS", "DEVICES")
     rows = [
         (
             m.name,
+            m.kind,
             m.version,
+            (m.digest or "-")[:12],
             "demo" if m.demo else m.source,
             m.level,
             _accepts(m),
@@ -510,6 +536,90 @@ def _models_list(args: argparse.Namespace) -> int:
     ]
     _print_table(header, rows)
     return 0
+
+
+def _trial(args: argparse.Namespace, out: Path) -> TrialRun | None:
+    """Run the model once; None (the reason printed) when the model itself failed."""
+    from dicomnode.config import load_settings
+    from dicomnode.pipeline.trial import run_model
+
+    settings = load_settings(args.config)
+    try:
+        return run_model(
+            settings, args.name, args.files, out, device=args.device, builtins=args.builtin_models
+        )
+    except DicomNodeError:
+        raise
+    except Exception as exc:  # the model's own code: its error is the reason
+        print(f"dicomnode: error: model {args.name!r} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return None
+
+
+def _print_trial(run: TrialRun) -> None:
+    findings = run.result.get("findings")
+    count = f"{len(findings)} finding(s)" if isinstance(findings, list) else "findings not listed"
+    print(f"model {run.model}: {len(run.inputs)} series in, {count}, "
+          f"{len(run.objects)} object(s) out")  # fmt: skip
+    for finding in findings or ():
+        if isinstance(finding, dict):
+            words = [str(finding.get("label", "?"))]
+            for key in ("probability", "diameter_mm", "volume_mm3"):
+                value = finding.get(key)
+                if isinstance(value, int | float):
+                    words.append(f"{key} {value:.3g}")
+            print("  finding: " + ", ".join(words))
+    for entry in run.objects:
+        print(f"  {entry.get('kind', '?'):<4} {entry['path']}")
+
+
+def _models_run(args: argparse.Namespace) -> int:
+    run = _trial(args, args.out)
+    if run is None:
+        return 1
+    if args.json:
+        print(json.dumps({**run.result, "objects": list(run.objects)}, indent=2, default=str))
+    else:
+        _print_trial(run)
+    return 0
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from dicomnode.config import load_settings
+    from dicomnode.pipeline.trial import (
+        accepted_modalities,
+        check_objects,
+        dciodvfy_tool,
+        write_phantom,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="dicomnode-check-") as scratch:
+        if not args.files:
+            modalities = accepted_modalities(load_settings(args.config), args.name)
+            args.files = write_phantom(modalities, Path(scratch) / "phantom")
+            print(f"input: a phantom of {len({f.parent for f in args.files})} series "
+                  f"({args.files[0].parent.name})")  # fmt: skip
+        run = _trial(args, args.out or Path(scratch) / "objects")
+        if run is None:
+            print(f"FAIL {args.name}: the run failed")
+            return 1
+        _print_trial(run)
+        tool = dciodvfy_tool()
+        print(f"checks: SOP class, study, UIDs; {'dciodvfy' if tool else 'no dciodvfy installed'}")
+        checks = check_objects(run, dciodvfy=tool)
+    bad = [c for c in checks if c.problems]
+    for check in checks:
+        print(f"  {'ok  ' if not check.problems else 'FAIL'} {check.kind:<4} {check.path.name}")
+        for problem in check.problems:
+            print(f"       {problem}")
+    if not checks:
+        print(f"FAIL {args.name}: it wrote no object to send")
+        return 1
+    print(f"{'FAIL' if bad else 'ok'} {args.name}: {len(checks) - len(bad)} of {len(checks)} "
+          "object(s) valid")  # fmt: skip
+    return 1 if bad else 0
 
 
 def _accepts(model: ModelSummary) -> str:

@@ -28,7 +28,9 @@ def studies(
     return {"limit": limit, "offset": offset, "studies": [asdict(s) for s in found]}
 
 
-@router.get("/models", tags=["models"], summary="Models: version, demo weights, devices")
+@router.get(
+    "/models", tags=["models"], summary="Models: kind, version, digest, demo weights, devices"
+)
 def models(request: Request, _principal: Reader) -> dict[str, Any]:
     ctx = context(request)
     return {"models": [asdict(m) for m in admin.model_summaries(ctx.settings, ctx.builtin_models)]}

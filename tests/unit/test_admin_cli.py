@@ -116,7 +116,9 @@ def test_models_list(database: Database, capsys: pytest.CaptureFixture[str]) -> 
     assert models["lung_nodule"]["demo"] is True and models["lung_nodule"]["min_slices"] > 1
     code, out, _ = run(capsys, "models", "list", cli=testing_cli.main)
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
-    assert out.split()[:6] == ["NAME", "VERSION", "WEIGHTS", "LEVEL", "ACCEPTS", "DEVICES"]
+    assert out.split()[:8] == [
+        "NAME", "KIND", "VERSION", "DIGEST", "WEIGHTS", "LEVEL", "ACCEPTS", "DEVICES"
+    ]  # fmt: skip
     assert " demo " in rows["lung_nodule"] and "CT" in rows["lung_nodule"]
     assert " builtin " in rows["echo"] and rows["echo"].endswith("cpu")
 

@@ -172,6 +172,8 @@ def test_studies_models_and_summary(client: httpx.Client) -> None:
     lung = models["lung_nodule"]
     assert lung["demo"] is True and lung["modalities"] == ["CT"] and lung["level"] == "series"
     assert lung["labels"] == ["nodule"] and lung["version"]
+    assert lung["kind"] == "package" and len(lung["digest"]) == 64
+    assert models["echo"]["kind"] == "builtin" and models["echo"]["digest"] is None
     summary = client.get("/api/summary", headers=bearer(ADMIN)).json()
     assert summary["states"] == {"waiting": 1, "queued": 1, "running": 0, "confirming": 0,
                                  "sending": 0, "done": 2, "failed": 1, "cancelled": 0,
