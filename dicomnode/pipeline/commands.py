@@ -414,7 +414,8 @@ class CommandModel:
         job_id = context.job.id
         container = self._container(context, folder, input_dir, output_dir)
         if container is None:
-            model = self.settings.model_path
+            model = self.settings.model_path  # the program runs in the job's folder: absolute
+            model = None if model is None else model.resolve()
             argv = command_argv(
                 self.settings.command, input_dir, output_dir, append=self.contract.append_folders
             )
