@@ -265,21 +265,30 @@ class WorkerSettings(_Section):
     max_memory_mb: int = Field(0, ge=0)
 
 
-#: the output contracts a command model may declare; only "dicomnode" is implemented so far
-COMMAND_CONTRACTS = ("dicomnode",)
-_NOT_YET_CONTRACTS = ("nifti", "monai", "totalsegmentator")
+#: the folder contracts a command model may declare (the adapters are in
+#: :mod:`dicomnode.pipeline.commands`)
+COMMAND_CONTRACTS = ("dicomnode", "mercure", "monai-deploy")
+_NOT_YET_CONTRACTS = ("nifti", "totalsegmentator")
 
 
 class CommandModelSettings(_Section):
-    """A model that is a program (``[models.commands.NAME]``): the worker writes the job's
-    input DICOM files to ``in/`` and ``job.json`` in a fresh folder, runs ``command`` there and
-    takes what it wrote to ``out/`` under the ``contract``: DICOM SEG/SR files of the input's
-    study and patient, sent as they are, or ``findings.json``, which the node writes as its own
-    SR."""
+    """A model that is a program or a container image (``[models.commands.NAME]``): the worker
+    writes the job's input DICOM files to ``in/`` in a fresh folder, runs ``command`` (or the
+    ``image``) there and takes what it wrote to ``out/`` under the ``contract``: ``dicomnode``
+    (DICOM SEG/SR files of the input's study and patient, sent as they are, or
+    ``findings.json``, which the node writes as its own SR), ``mercure`` (a mercure module's
+    ``MERCURE_IN_DIR``/``MERCURE_OUT_DIR`` and ``task.json``; SEG, SR, Secondary Capture and
+    derived images) or ``monai-deploy`` (a MONAI Deploy application's or MAP's
+    ``HOLOSCAN_INPUT_PATH``/``HOLOSCAN_OUTPUT_PATH``; SEG and SR)."""
 
     #: the program and its arguments; ``{input}`` and ``{output}`` are replaced by the folders'
-    #: paths, else the two paths are appended
-    command: tuple[str, ...] = Field(min_length=1)
+    #: paths, else the two paths are appended (not with an ``image``: there the command, if
+    #: any, replaces the image's own and is passed as it is)
+    command: tuple[str, ...] = ()
+    #: a container image run with docker or podman instead of a program on this machine
+    image: str | None = Field(None, min_length=1)
+    #: the container runtime; unset: docker, else podman, whichever is installed
+    runtime: Literal["docker", "podman"] | None = None
     timeout_s: float = Field(3600.0, gt=0)
     #: the software version the node's own SR names (``findings.json`` outputs)
     version: str = Field("1.0", min_length=1, max_length=64)
@@ -289,13 +298,21 @@ class CommandModelSettings(_Section):
     #: label value -> name, for label map outputs (not read yet: no NIfTI output so far)
     labels: dict[int, str] = {}
     contract: str = "dicomnode"
+    #: the model's files (a folder or file): ``HOLOSCAN_MODEL_PATH``/``MONAI_MODELPATH`` under
+    #: ``monai-deploy``, ``DICOMNODE_MODEL`` otherwise; mounted read-only in a container
+    model_path: Path | None = None
+    #: the module's settings: ``task.json``'s ``process.settings`` under ``mercure``
+    settings: dict[str, Any] = {}
 
-    @field_validator("command")
-    @classmethod
-    def _check_command(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value[0].strip():
-            raise ValueError(f"command {list(value)!r} must start with the program to run")
-        return value
+    @model_validator(mode="after")
+    def _check_command_or_image(self) -> CommandModelSettings:
+        if not self.command and self.image is None:
+            raise ValueError("a command model needs a command (the program to run) or an image")
+        if self.command and self.image is None and not self.command[0].strip():
+            raise ValueError(f"command {list(self.command)!r} must start with the program to run")
+        if self.runtime is not None and self.image is None:
+            raise ValueError(f"runtime {self.runtime!r} is set without an image to run")
+        return self
 
     @field_validator("contract")
     @classmethod

@@ -8,10 +8,25 @@ from the worker's device and the configured environment, its stdout and stderr i
 ``stdout.log`` and ``stderr.log``, and kills the whole group when the job is cancelled or the
 timeout passes.
 
-Under the ``dicomnode`` contract the program writes to ``out/`` either DICOM SEG or SR files,
-each of the input's study and patient, which are sent as they are, or ``findings.json``, a list
-of findings in the node's JSON form (:mod:`dicomnode.inference.findings`), which the node
-writes as its own SR. Anything else fails the job, and nothing it wrote is sent.
+The ``contract`` names how the program finds its folders and what of ``out/`` the node takes
+(one :class:`Contract` each, in :data:`CONTRACTS`):
+
+- ``dicomnode``: ``DICOMNODE_INPUT``/``DICOMNODE_OUTPUT``; ``out/`` holds either DICOM SEG or
+  SR files, each of the input's study and patient, which are sent as they are, or
+  ``findings.json``, a list of findings in the node's JSON form
+  (:mod:`dicomnode.inference.findings`), which the node writes as its own SR.
+- ``mercure``: a mercure processing module, run unchanged: ``MERCURE_IN_DIR`` holds the files
+  named ``<series UID>#<SOP instance UID>.dcm`` and mercure's ``task.json`` (the module's
+  ``settings`` under ``process.settings``), ``MERCURE_OUT_DIR`` gets DICOM SEG, SR, Secondary
+  Capture or derived images (``ImageType`` DERIVED) of new series of the input's study and
+  patient, and an optional ``result.json`` that goes into the job's result, not to the PACS.
+- ``monai-deploy``: a MONAI Deploy App SDK application or MAP: ``HOLOSCAN_INPUT_PATH``,
+  ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH`` (and the SDK's older ``MONAI_INPUTPATH``,
+  ``MONAI_OUTPUTPATH``, ``MONAI_MODELPATH``); ``out/`` holds DICOM SEG or SR files.
+
+Anything else fails the job, and nothing it wrote is sent. With an ``image`` the worker runs
+the container with docker or podman (``--network none``, the folders mounted where the
+contract's containers expect them, the GPU of a cuda worker) and kills it as it kills a program.
 """
 
 from __future__ import annotations
@@ -56,6 +71,14 @@ TAIL_CHARS = 2000
 #: after SIGTERM, how long the group has before SIGKILL
 KILL_GRACE_S = 5.0
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Secondary Capture Image Storage and the multi-frame SC classes (.7.1 to .7.4)
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+#: where job.json is mounted in a container (``DICOMNODE_JOB``)
+CONTAINER_JOB = "/job/job.json"
+#: what the worker reads of each input file
+INPUT_TAGS = ("StudyInstanceUID", "PatientID", "SOPInstanceUID", "AccessionNumber")
+#: how long ``docker kill`` may take
+CONTAINER_KILL_S = 30.0
 #: every SR storage class (Basic Text, Enhanced, Comprehensive, 3D, Extensible, CAD, ...)
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
@@ -67,6 +90,66 @@ class InputStudy:
     study_instance_uid: str
     patient_id: str
     sop_instance_uids: frozenset[str]
+    series_instance_uids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A folder contract: the variables that name the folders to a program, where a container
+    of that kind expects them, and what of ``out/`` the node takes."""
+
+    name: str
+    #: variables naming in/, out/ and the model's files (besides the DICOMNODE_* ones)
+    input_env: tuple[str, ...] = ()
+    output_env: tuple[str, ...] = ()
+    model_env: tuple[str, ...] = ("DICOMNODE_MODEL",)
+    #: the folders' paths inside a container
+    container_input: str = "/job/in"
+    container_output: str = "/job/out"
+    container_model: str = "/job/model"
+    #: a command without ``{input}``/``{output}`` gets the two folders appended (only the
+    #: node's own contract: a mercure module or MONAI app takes no arguments it does not know)
+    append_folders: bool = False
+    #: ``findings.json`` may replace the DICOM output (written as the node's SR)
+    findings: bool = False
+    #: Secondary Capture and derived images of new series are taken besides SEG and SR
+    images: bool = False
+    #: mercure's task.json in in/, the inputs named ``<series UID>#<SOP instance UID>.dcm``
+    mercure_task: bool = False
+    #: a JSON file in out/ kept in the job's result (``module_result``), never sent
+    result_json: str | None = None
+
+    def environment(self, input_dir: str, output_dir: str, model: str | None) -> dict[str, str]:
+        values = {name: input_dir for name in self.input_env}
+        values.update({name: output_dir for name in self.output_env})
+        if model is not None:
+            values.update({name: model for name in self.model_env})
+        return values
+
+
+#: the adapters of config.COMMAND_CONTRACTS
+CONTRACTS: dict[str, Contract] = {
+    "dicomnode": Contract("dicomnode", append_folders=True, findings=True),
+    "mercure": Contract(
+        "mercure",
+        input_env=("MERCURE_IN_DIR",),
+        output_env=("MERCURE_OUT_DIR",),
+        container_input="/tmp/data",
+        container_output="/tmp/output",
+        images=True,
+        mercure_task=True,
+        result_json="result.json",
+    ),
+    "monai-deploy": Contract(
+        "monai-deploy",
+        input_env=("HOLOSCAN_INPUT_PATH", "MONAI_INPUTPATH"),
+        output_env=("HOLOSCAN_OUTPUT_PATH", "MONAI_OUTPUTPATH"),
+        model_env=("HOLOSCAN_MODEL_PATH", "MONAI_MODELPATH"),
+        container_input="/var/holoscan/input",
+        container_output="/var/holoscan/output",
+        container_model="/opt/holoscan/models",
+    ),
+}
 
 
 def cuda_visible_devices(device: str) -> str:
@@ -77,12 +160,74 @@ def cuda_visible_devices(device: str) -> str:
     return index or "0"
 
 
-def command_argv(command: Sequence[str], input_dir: Path, output_dir: Path) -> list[str]:
-    """The command with ``{input}``/``{output}`` replaced, else with the two folders appended."""
+def command_argv(
+    command: Sequence[str], input_dir: Path | str, output_dir: Path | str, *, append: bool = True
+) -> list[str]:
+    """The command with ``{input}``/``{output}`` replaced, else (``append``) with the two
+    folders appended."""
     placed = any("{input}" in arg or "{output}" in arg for arg in command)
     argv = [arg.replace("{input}", str(input_dir)).replace("{output}", str(output_dir))
             for arg in command]  # fmt: skip
-    return argv if placed else [*argv, str(input_dir), str(output_dir)]
+    return argv if placed or not append else [*argv, str(input_dir), str(output_dir)]
+
+
+def find_runtime(wanted: str | None) -> str | None:
+    """The container runtime's program: ``wanted``'s, else docker's, else podman's; None
+    when it (or neither) is installed."""
+    for name in (wanted,) if wanted else ("docker", "podman"):
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    """How one job's container is run: the host folders and the values passed in."""
+
+    runtime: str  # the program's path; its name says docker or podman
+    image: str
+    name: str  # --name, for ``kill``
+    input_dir: Path
+    output_dir: Path
+    job_json: Path
+    model_path: Path | None
+    device: str
+    uid: int
+    gid: int
+
+    @property
+    def podman(self) -> bool:
+        return Path(self.runtime).name.startswith("podman")
+
+    def argv(self, contract: Contract, command: Sequence[str], env: Mapping[str, str]) -> list[str]:
+        """``run --rm --network none``, the folders mounted where ``contract``'s containers
+        expect them, ``env`` passed, the worker's GPU, then the image and its command."""
+        argv = [self.runtime, "run", "--rm", "--name", self.name, "--network", "none"]
+        # files the container writes belong to the node's user, so the node can move them
+        argv += ["--userns", "keep-id"] if self.podman else ["--user", f"{self.uid}:{self.gid}"]
+        mounts = [
+            (self.input_dir, contract.container_input, ""),
+            (self.output_dir, contract.container_output, ""),
+            (self.job_json, CONTAINER_JOB, ":ro"),
+        ]
+        if self.model_path is not None:
+            mounts.append((self.model_path, contract.container_model, ":ro"))
+        for host, inside, mode in mounts:
+            argv += ["-v", f"{host}:{inside}{mode}"]
+        for key, value in env.items():
+            argv += ["-e", f"{key}={value}"]
+        if self.device != "cpu":
+            index = cuda_visible_devices(self.device)
+            argv += (["--device", f"nvidia.com/gpu={index}"] if self.podman
+                     else ["--gpus", f"device={index}"])  # fmt: skip
+        argv.append(self.image)
+        return argv + command_argv(
+            command, contract.container_input, contract.container_output, append=False
+        )
+
+    def kill_argv(self) -> list[str]:
+        return [self.runtime, "kill", self.name]
 
 
 def tail(path: Path, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
@@ -116,21 +261,36 @@ class CommandModel:
         self._sessions = self.pipeline.sessions
         self._engine: Any = None
         self.device: str | None = None
+        self.contract = CONTRACTS[settings.contract]
+        #: the container runtime's program (``image`` models), found by load()
+        self.runtime: str | None = None
+        #: why the model cannot run, found by load(): every run fails with it
+        self._refusal: str | None = None
 
     # -- JobModel --------------------------------------------------------------------------
 
     def load(self, device: str) -> None:
-        """Nothing to load: the program starts for each job. Checks that it can be found."""
+        """Nothing to load: the program starts for each job. Checks that it (or the container
+        runtime of an ``image``) can be found; without it every run fails with the reason."""
         from dicomnode.inference.device import resolve_device
 
-        program = self.settings.command[0]
-        if shutil.which(program) is None:
-            message = (
+        self._refusal = None
+        if self.settings.image is not None:
+            self.runtime = find_runtime(self.settings.runtime)
+            if self.runtime is None:
+                wanted = self.settings.runtime or "docker or podman"
+                self._refusal = (
+                    f"command model {self.name!r} runs the image {self.settings.image!r}, but "
+                    f"{wanted} is not installed (not found on PATH)"
+                )
+        elif shutil.which(program := self.settings.command[0]) is None:
+            self._refusal = (
                 f"command model {self.name!r}: program {program!r} not found or not executable"
             )
+        if self._refusal is not None:
             if self.pipeline.strict:
-                raise CommandModelFailed(message)
-            logger.error(message, extra={"action": "model_load_failed"})
+                raise CommandModelFailed(self._refusal)
+            logger.error(self._refusal, extra={"action": "model_load_failed"})
         self.device = str(resolve_device(device))
 
     def run(self, context: JobContext) -> Mapping[str, Any]:
@@ -138,6 +298,8 @@ class CommandModel:
             raise ModelError(f"model {self.name!r} used before load()")
         if context.storage_dir is None or context.output_root is None:
             raise ModelError(f"model {self.name!r} needs the storage directory of the spool")
+        if self._refusal is not None:
+            raise CommandModelFailed(self._refusal)
         started = time.perf_counter()
         job = context.job
         with self._session() as session:
@@ -154,7 +316,7 @@ class CommandModel:
             ran = time.perf_counter()
             result: dict[str, Any] = {
                 "model": self.name,
-                "contract": self.settings.contract,
+                "contract": self.contract.name,
                 "device": self.device,
                 "exit_code": code,
                 "logs": {
@@ -193,19 +355,24 @@ class CommandModel:
         sop_uids: set[str] = set()
         study = patient = None
         number = 0
+        accession = ""
         for item in series:
             files = []
             for path in item.paths:
                 number += 1
-                target = input_dir / f"{number:06d}.dcm"
-                shutil.copyfile(path, target)
-                files.append(str(target.relative_to(folder)))
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=[
-                    "StudyInstanceUID", "PatientID", "SOPInstanceUID"])  # fmt: skip
-                sop_uids.add(str(ds.get("SOPInstanceUID", "")))
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=list(INPUT_TAGS))
+                sop_uid = str(ds.get("SOPInstanceUID", ""))
+                sop_uids.add(sop_uid)
                 if study is None:
                     study = str(ds.get("StudyInstanceUID", ""))
                     patient = str(ds.get("PatientID", ""))
+                    accession = str(ds.get("AccessionNumber", ""))
+                if self.contract.mercure_task and sop_uid:  # mercure's naming
+                    target = input_dir / f"{item.series_instance_uid}#{sop_uid}.dcm"
+                else:
+                    target = input_dir / f"{number:06d}.dcm"
+                shutil.copyfile(path, target)
+                files.append(str(target.relative_to(folder)))
             described.append(
                 {
                     "series_instance_uid": item.series_instance_uid,
@@ -223,27 +390,63 @@ class CommandModel:
             "study_instance_uid": job.study_instance_uid,
             "series": described,
             "device": self.device,
-            "contract": self.settings.contract,
+            "contract": self.contract.name,
             "input": str(input_dir),
             "output": str(folder / "out"),
         }
         (folder / "job.json").write_text(json.dumps(values, indent=2))
-        return InputStudy(study or job.study_instance_uid, patient or "", frozenset(sop_uids))
+        if self.contract.mercure_task:
+            # in in/, removed after the run: the only place the program sees the Patient ID
+            # and accession number besides the DICOM files themselves
+            task = mercure_task(self.name, job, patient or "", accession, self.settings.settings)
+            (input_dir / "task.json").write_text(json.dumps(task, indent=2))
+        return InputStudy(
+            study or job.study_instance_uid,
+            patient or "",
+            frozenset(sop_uids),
+            frozenset(item.series_instance_uid for item in series),
+        )
 
     def _execute(self, context: JobContext, folder: Path, input_dir: Path, output_dir: Path) -> int:
         """Run the program to its end; CommandModelFailed on an error exit or the timeout,
         InferenceCancelled when the job was cancelled (the whole process group killed)."""
         assert self.device is not None
-        argv = command_argv(self.settings.command, input_dir, output_dir)
-        env = {
-            **os.environ,
-            "CUDA_VISIBLE_DEVICES": cuda_visible_devices(self.device),
-            "DICOMNODE_JOB": str(folder / "job.json"),
-            "DICOMNODE_INPUT": str(input_dir),
-            "DICOMNODE_OUTPUT": str(output_dir),
-            **self.settings.environment,
-        }
         job_id = context.job.id
+        container = self._container(context, folder, input_dir, output_dir)
+        if container is None:
+            model = self.settings.model_path  # the program runs in the job's folder: absolute
+            model = None if model is None else model.resolve()
+            argv = command_argv(
+                self.settings.command, input_dir, output_dir, append=self.contract.append_folders
+            )
+            env = {
+                **os.environ,
+                "CUDA_VISIBLE_DEVICES": cuda_visible_devices(self.device),
+                "DICOMNODE_JOB": str(folder / "job.json"),
+                "DICOMNODE_INPUT": str(input_dir),
+                "DICOMNODE_OUTPUT": str(output_dir),
+                **self.contract.environment(
+                    str(input_dir), str(output_dir), None if model is None else str(model)
+                ),
+                **self.settings.environment,
+            }
+        else:
+            inside = self.contract
+            # only the node's values and the configured ones: not the worker's environment
+            passed = {
+                "CUDA_VISIBLE_DEVICES": "" if self.device == "cpu" else "0",  # --gpus: one GPU
+                "DICOMNODE_JOB": CONTAINER_JOB,
+                "DICOMNODE_INPUT": inside.container_input,
+                "DICOMNODE_OUTPUT": inside.container_output,
+                **inside.environment(
+                    inside.container_input,
+                    inside.container_output,
+                    None if self.settings.model_path is None else inside.container_model,
+                ),
+                **self.settings.environment,
+            }
+            argv = container.argv(inside, self.settings.command, passed)
+            env = dict(os.environ)
         stderr_log = folder / "stderr.log"
         with (folder / "stdout.log").open("wb") as out, stderr_log.open("wb") as err:
             try:
@@ -271,6 +474,7 @@ class CommandModel:
             while process.poll() is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    _kill_container(container)
                     _kill_group(process)
                     raise self._failed(
                         job_id,
@@ -278,6 +482,7 @@ class CommandModel:
                         stderr_log,
                     )
                 if context.cancelled.wait(min(left, 0.1)):
+                    _kill_container(container)
                     _kill_group(process)
                     raise InferenceCancelled(
                         f"command model {self.name!r}: job {job_id} cancelled; its process "
@@ -289,6 +494,27 @@ class CommandModel:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             raise self._failed(job_id, how, stderr_log)
         return code
+
+    def _container(
+        self, context: JobContext, folder: Path, input_dir: Path, output_dir: Path
+    ) -> ContainerRun | None:
+        """How the job's container runs; None for a program on this machine."""
+        if self.settings.image is None:
+            return None
+        assert self.runtime is not None and self.device is not None
+        model = self.settings.model_path
+        return ContainerRun(
+            runtime=self.runtime,
+            image=self.settings.image,
+            name=f"dicomnode-job-{context.job.id}-{context.job.attempts}",
+            input_dir=input_dir,
+            output_dir=output_dir,
+            job_json=folder / "job.json",
+            model_path=None if model is None else model.resolve(),
+            device=self.device,
+            uid=os.getuid(),
+            gid=os.getgid(),
+        )
 
     def _failed(self, job_id: int, how: str, stderr_log: Path) -> CommandModelFailed:
         text = tail(stderr_log)
@@ -313,17 +539,25 @@ class CommandModel:
         output_dir: Path,
         result: dict[str, Any],
     ) -> list[dict[str, str]]:
-        """The contract: SEG/SR files moved to ``results/<job id>/dicom/`` as they are, or
-        the findings of ``findings.json`` written as the node's SR."""
+        """The contract: DICOM files moved to ``results/<job id>/dicom/`` as they are, or
+        (``dicomnode``) the findings of ``findings.json`` written as the node's SR."""
         assert context.output_root is not None
         files = sorted(p for p in output_dir.rglob("*") if p.is_file())
+        if self.contract.result_json is not None:
+            kept = output_dir / self.contract.result_json
+            if kept in files:
+                files.remove(kept)
+                result["module_result"] = self._module_result(kept)
+                if not files:
+                    return []  # a module that reports without images
         if not files:
+            expected = f", or {FINDINGS_JSON}" if self.contract.findings else ""
             raise CommandOutputInvalid(
-                f"command model {self.name!r} wrote nothing to out/ (expected DICOM SEG or SR "
-                f"files, or {FINDINGS_JSON})"
+                f"command model {self.name!r} wrote nothing to out/ (expected DICOM "
+                f"{'/'.join(self.contract_kinds())} files{expected})"
             )
         findings = output_dir / FINDINGS_JSON
-        if findings in files:
+        if self.contract.findings and findings in files:
             if len(files) > 1:
                 others = ", ".join(str(p.relative_to(output_dir)) for p in files if p != findings)
                 raise CommandOutputInvalid(
@@ -332,6 +566,17 @@ class CommandModel:
                 )
             return self._findings_objects(context, series, findings, result)
         return self._dicom_objects(context, study, output_dir, files)
+
+    def contract_kinds(self) -> tuple[str, ...]:
+        return ("SEG", "SR", "SC", "derived image") if self.contract.images else ("SEG", "SR")
+
+    def _module_result(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CommandOutputInvalid(
+                f"command model {self.name!r}: out/{path.name} is not JSON: {exc}"
+            ) from exc
 
     def _dicom_objects(
         self, context: JobContext, study: InputStudy, output_dir: Path, files: Sequence[Path]
@@ -355,16 +600,7 @@ class CommandModel:
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
             sop_class = str(ds.get("SOPClassUID", ""))
-            if sop_class == SEG_CLASS:
-                kind = "SEG"
-            elif sop_class.startswith(SR_CLASS_PREFIX):
-                kind = "SR"
-            else:
-                raise CommandOutputInvalid(
-                    f"command model {self.name!r}: out/{name} has SOP class "
-                    f"{sop_class or '(none)'}; the contract takes SEG ({SEG_CLASS}) or SR "
-                    f"({SR_CLASS_PREFIX}*) objects"
-                )
+            kind = self._kind(name, sop_class, ds, study)
             study_uid = str(ds.get("StudyInstanceUID", ""))
             if study_uid != study.study_instance_uid:
                 raise CommandOutputInvalid(
@@ -410,6 +646,39 @@ class CommandModel:
                 ).as_json()
             )
         return objects
+
+    def _kind(self, name: str, sop_class: str, ds: Any, study: InputStudy) -> str:
+        """SEG or SR; under a contract that takes images, SC (Secondary Capture) or IMAGE
+        (ImageType DERIVED) of a series that is none of the input's."""
+        if sop_class == SEG_CLASS:
+            return "SEG"
+        if sop_class.startswith(SR_CLASS_PREFIX):
+            return "SR"
+        if self.contract.images:
+            image_type = [str(v).upper() for v in (ds.get("ImageType") or ())]
+            shown = "\\".join(image_type) or "(none)"
+            if sop_class == SC_CLASS or sop_class.startswith(SC_CLASS + "."):
+                kind = "SC"
+            elif image_type[:1] == ["DERIVED"] and "Rows" in ds:
+                kind = "IMAGE"
+            else:
+                raise CommandOutputInvalid(
+                    f"command model {self.name!r}: out/{name} has SOP class "
+                    f"{sop_class or '(none)'} and ImageType {shown}"
+                    f"; the {self.contract.name} contract takes SEG, SR, Secondary Capture "
+                    f"({SC_CLASS}) or derived images (ImageType DERIVED)"
+                )
+            if str(ds.get("SeriesInstanceUID", "")) in study.series_instance_uids:
+                raise CommandOutputInvalid(
+                    f"command model {self.name!r}: out/{name} is an image of an input series "
+                    f"({ds.SeriesInstanceUID}); derived images must be a new series"
+                )
+            return kind
+        raise CommandOutputInvalid(
+            f"command model {self.name!r}: out/{name} has SOP class "
+            f"{sop_class or '(none)'}; the {self.contract.name} contract takes SEG "
+            f"({SEG_CLASS}) or SR ({SR_CLASS_PREFIX}*) objects"
+        )
 
     def _findings_objects(
         self,
@@ -501,6 +770,58 @@ class CommandModel:
             self._engine = make_engine(self.pipeline.database_url)
             self._sessions = make_session_factory(self._engine)
         return self._sessions()
+
+
+def mercure_task(
+    name: str, job: Any, patient_id: str, accession: str, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """mercure's ``task.json`` for a job: ``info`` (the series or study, the route as the
+    rule, the Patient ID as ``mrn``; no patient name), ``process`` (the module's ``settings``),
+    and the empty ``dispatch`` and ``study`` of a task mercure only processes."""
+    series_level = job.level == "series" and job.series_instance_uid
+    return {
+        "id": f"dicomnode-job-{job.id}",
+        "info": {
+            "action": "process",
+            "uid": job.series_instance_uid if series_level else job.study_instance_uid,
+            "uid_type": "series" if series_level else "study",
+            "triggered_rules": {job.route: True},
+            "applied_rule": job.route,
+            "patient_name": None,
+            "mrn": patient_id,
+            "acc": accession,
+            "sender_address": "MISSING",
+            "mercure_version": "dicomnode",
+            "mercure_appliance": "dicomnode",
+            "mercure_server": "dicomnode",
+            "sender_aet": "MISSING",
+            "receiver_aet": "MISSING",
+        },
+        "dispatch": {},
+        "process": {
+            "module_name": name,
+            "module_config": None,
+            "settings": dict(settings),
+            "retain_input_images": False,
+            "output": None,
+        },
+        "study": {},
+    }
+
+
+def _kill_container(container: ContainerRun | None) -> None:
+    """``docker kill`` the job's container (killing its client does not stop it)."""
+    if container is None:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            container.kill_argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=CONTAINER_KILL_S,
+            check=False,
+        )
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

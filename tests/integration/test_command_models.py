@@ -212,7 +212,8 @@ def test_command_models_run_through_the_worker(
         "garbage": r"out/result\.dcm is not a DICOM file",
         "study": r"out/seg\.dcm is of study 1\.2\.826\.0\.1\.3680043\.10\.1447\.999; the input's",
         "patient": r"out/seg\.dcm has another Patient ID than the input's",
-        "image": r"out/copy\.dcm has SOP class 1\.2\.840\.10008\.5\.1\.4\.1\.1\.2; the contract",
+        "image": r"out/copy\.dcm has SOP class 1\.2\.840\.10008\.5\.1\.4\.1\.1\.2; the dicomnode "
+        r"contract",
     }
     for mode, reason in reasons.items():
         job = jobs[mode]
