@@ -214,8 +214,8 @@ def model_summaries(settings: Settings, builtins: Iterable[str] = ()) -> list[Mo
             command = commands[name]
             out.append(
                 ModelSummary(name, command.version, False, "series", (), 1, (), (), devices,
-                             "command", f"command: {command.command[0]} ({command.contract} "
-                             "contract)", kind="command", digest=command_digest(command))
+                             "command", f"{_runs(command)} ({command.contract} contract)",
+                             kind="command", digest=command_digest(command))
             )  # fmt: skip
             continue
         if spec is None:
@@ -264,10 +264,19 @@ def package_digest(spec: ModelSpec) -> str | None:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def _runs(command: CommandModelSettings) -> str:
+    """What a command model runs, in a few words: its image, or its program."""
+    if command.image:
+        return f"image: {command.image}"
+    return f"command: {command.command[0]}"
+
+
 def command_digest(command: CommandModelSettings) -> str:
-    """The sha256 of what a command model runs: its argv, environment and contract, as JSON."""
+    """The sha256 of what a command model runs: its image or argv, environment and contract,
+    as JSON."""
     text = json.dumps(
         {
+            "image": command.image,
             "command": list(command.command),
             "environment": dict(sorted(command.environment.items())),
             "contract": command.contract,
