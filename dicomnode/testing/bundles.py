@@ -2,8 +2,12 @@
 
 :func:`write_bundle` writes ``configs/metadata.json``, ``configs/inference.json`` (the network
 under ``network_def``, as the zoo's bundles have it) and ``models/model.pt`` (the state dict of
-that network, built from the same config with a fixed seed). :func:`write_model_package` writes
-a ``model.toml`` and its module into a models folder. Both import torch/MONAI only when called.
+that network, built from the same config with a fixed seed). :func:`write_zoo_bundle` writes a
+whole inference.json (preprocessing from ``LoadImaged``, inferer, postprocessing to
+``SaveImaged``) with a zoo-style metadata.json naming the output's channels; :func:`monai_labels`
+runs such a bundle as MONAI itself does on DICOM files, for comparison with the node's run, and
+:func:`dice` compares label maps. :func:`write_model_package` writes a ``model.toml`` and its
+module into a models folder. They import torch/MONAI only when called.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import json
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicomnode.imaging import Volume
 
 #: A SegResNet small enough to run on a CPU in a blink (brats_mri_segmentation's network kind).
 TINY_SEGRESNET: dict[str, Any] = {
@@ -116,6 +123,138 @@ def write_bundle(
     state = network.state_dict()
     torch.save({checkpoint_key: state} if checkpoint_key else state, root / "models" / "model.pt")
     return root
+
+
+def write_zoo_bundle(
+    root: Path,
+    config: Mapping[str, Any],
+    *,
+    channels: Mapping[str, str] | None = None,
+    name: str = "tiny_spleen_ct_segmentation",
+    version: str = "0.5.3",
+    task: str = "Spleen segmentation (tiny, for tests)",
+    modality: str = "CT",
+    spatial_shape: tuple[int, int, int] = (32, 32, 16),
+    seed: int = 3,
+    state_dict: Mapping[str, Any] | None = None,
+) -> Path:
+    """A bundle in the Model Zoo layout with the inference.json ``config``; returns ``root``.
+
+    metadata.json is written as the zoo's are (``network_data_format`` with the image input and
+    the ``pred`` segmentation output, its ``channel_def`` from ``channels``). The weights are
+    ``state_dict`` (hand-set ones) or else the initial ones of ``network_def`` under
+    ``torch.manual_seed(seed)``.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    channels = dict(channels or {"0": "background", "1": "spleen"})
+    metadata = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+        "0.8.1/meta_schema_20220324.json",
+        "version": version,
+        "name": name,
+        "task": task,
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield" if modality == "CT" else "magnitude",
+                    "modality": modality,
+                    "num_channels": 1,
+                    "spatial_shape": list(spatial_shape),
+                    "channel_def": {"0": "image"},
+                },
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": len(channels),
+                    "spatial_shape": list(spatial_shape),
+                    "channel_def": channels,
+                },
+            },
+        },
+    }
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    if state_dict is None:
+        torch.manual_seed(seed)
+        state_dict = ConfigParser(dict(config)).get_parsed_content("network_def").state_dict()
+    torch.save(dict(state_dict), root / "models" / "model.pt")
+    return root
+
+
+#: the transforms MONAI's own run leaves out of the postprocessing: it writes no files
+_WRITERS = ("SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict")
+
+
+def monai_labels(bundle: Path, source: Path, *, lenient: bool = True) -> Any:
+    """What MONAI itself makes of a series with the bundle's config: its own loader
+    (``LoadImaged``; the pydicom reader on a folder of DICOM files, else its NIfTI reader on the
+    file, see :func:`write_nifti`) and preprocessing, the inferer, the postprocessing less the
+    file writer; a ``[slice, row, column]`` uint8 array.
+
+    ``lenient``: pydicom's reading validation is WARN while MONAI runs. MONAI's PydicomReader
+    appends the mean slice distance to the first file's Pixel Spacing (a DS value), which
+    pydicom's default validation refuses when the float needs over 16 characters, as an oblique
+    series' does (e.g. 1.5 mm x cos 20 degrees); MONAI reads such a series right otherwise."""
+    import numpy as np
+    import pydicom.config
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import decollate_batch, list_data_collate
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('cpu')"
+    steps = parser["preprocessing#transforms"]
+    (loader,) = (n for n, t in enumerate(steps) if str(t["_target_"]).startswith("LoadImage"))
+    if source.is_dir():
+        parser[f"preprocessing#transforms#{loader}#reader"] = "PydicomReader"
+    parser["postprocessing#transforms"] = [
+        t for t in parser["postprocessing#transforms"] if t["_target_"] not in _WRITERS
+    ]
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    network.eval()
+    mode = pydicom.config.settings.reading_validation_mode
+    if lenient:
+        pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
+    try:
+        data = parser.get_parsed_content("preprocessing")({"image": str(source)})
+    finally:
+        pydicom.config.settings.reading_validation_mode = mode
+    batch = list_data_collate([data])
+    with torch.no_grad():
+        pred = parser.get_parsed_content("inferer")(batch["image"], network)
+    item = decollate_batch({**batch, "pred": pred})[0]
+    out = parser.get_parsed_content("postprocessing")(item)["pred"]
+    return np.rint(np.asarray(out[0])).astype(np.uint8).transpose(2, 1, 0)
+
+
+def write_nifti(volume: Volume, path: Path) -> Path:
+    """The volume as a NIfTI file (``[x, y, z]``, its affine in RAS), as the zoo's bundles read
+    their inputs; returns ``path``."""
+    import nibabel
+    import numpy as np
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.geometry.affine  # LPS -> RAS
+    array = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
+    nibabel.save(nibabel.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def dice(a: Any, b: Any, value: int) -> float:
+    """The Dice coefficient of label ``value`` in two label maps (1.0 where neither has it)."""
+    x, y = a == value, b == value
+    total = int(x.sum() + y.sum())
+    return 1.0 if total == 0 else 2.0 * float((x & y).sum()) / total
 
 
 def _version(package: str) -> str:

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -23,7 +22,8 @@ from dicomnode.inference.bundle_model import (  # noqa: E402
     bundle_spec,
     label_code,
 )
-from dicomnode.testing.bundles import write_model_package  # noqa: E402
+from dicomnode.testing.bundles import dice, monai_labels, write_model_package  # noqa: E402
+from dicomnode.testing.bundles import write_zoo_bundle as zoo_bundle  # noqa: E402
 
 #: A tiny UNet; the zoo's spleen_ct_segmentation has the same kind, bigger.
 TINY_UNET: dict[str, Any] = {
@@ -112,78 +112,9 @@ def write_zoo_bundle(
     seed: int = 3,
 ) -> Path:
     """A bundle in the Model Zoo layout with seeded weights saved now; returns ``root``."""
-    from monai.bundle import ConfigParser
-
-    channels = channels or {"0": "background", "1": "spleen"}
-    config = zoo_inference(network_def)
-    metadata = {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
-        "0.8.1/meta_schema_20220324.json",
-        "version": version,
-        "name": name,
-        "task": "Spleen segmentation (tiny, for tests)",
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": [32, 32, 16],
-                    "channel_def": {"0": "image"},
-                },
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "segmentation",
-                    "num_channels": len(channels),
-                    "spatial_shape": [32, 32, 16],
-                    "channel_def": channels,
-                },
-            },
-        },
-    }
-    (root / "configs").mkdir(parents=True, exist_ok=True)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(seed)
-    network = ConfigParser(config).get_parsed_content("network_def")
-    torch.save(network.state_dict(), root / "models" / "model.pt")
-    return root
-
-
-def monai_labels(bundle: Path, dicom_dir: Path) -> np.ndarray:
-    """What MONAI itself makes of the series with the bundle's config: its own loader
-    (LoadImaged, the pydicom reader) and preprocessing, the inferer, the postprocessing (less
-    the file writer); ``[slice, row, column]``."""
-    from monai.bundle import ConfigParser
-    from monai.data import decollate_batch, list_data_collate
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(bundle)
-    parser["device"] = "$torch.device('cpu')"
-    parser["preprocessing#transforms#0#reader"] = "PydicomReader"
-    parser["postprocessing#transforms"] = parser["postprocessing#transforms"][:-1]  # SaveImaged
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
-    network.eval()
-    data = parser.get_parsed_content("preprocessing")({"image": str(dicom_dir)})
-    batch = list_data_collate([data])
-    with torch.no_grad():
-        pred = parser.get_parsed_content("inferer")(batch["image"], network)
-    item = decollate_batch({**batch, "pred": pred})[0]
-    out = parser.get_parsed_content("postprocessing")(item)["pred"]
-    return np.rint(out[0].numpy()).astype(np.uint8).transpose(2, 1, 0)
-
-
-def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    x, y = a == value, b == value
-    total = int(x.sum() + y.sum())
-    return 1.0 if total == 0 else 2.0 * float((x & y).sum()) / total
+    return zoo_bundle(
+        root, zoo_inference(network_def), channels=channels, name=name, version=version, seed=seed
+    )
 
 
 def test_spec_from_metadata(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
