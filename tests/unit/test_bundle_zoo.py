@@ -11,7 +11,6 @@ in advance: checked on an axial, a feet-first and an oblique series.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +203,6 @@ ZOO: dict[str, dict[str, Any]] = {
     },
 }
 
-NEEDS = {"swinunetr": "einops"}  # MONAI's SwinUNETR imports einops when made
-
 
 def inference(case: dict[str, Any]) -> dict[str, Any]:
     """inference.json in the zoo's style."""
@@ -242,8 +239,6 @@ def chest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Volume]:
 def test_zoo_network_and_transforms_match_monai(
     network: str, chest: tuple[Path, Volume], tmp_path: Path
 ) -> None:
-    if network in NEEDS and importlib.util.find_spec(NEEDS[network]) is None:
-        pytest.skip(f"MONAI's {network} needs {NEEDS[network]}, which is not installed")
     folder, volume = chest
     case = ZOO[network]
     root = write_zoo_bundle(
