@@ -29,6 +29,7 @@ A model package is a folder ``<models dir>/<name>/`` with::
     value = 1                            # its voxel value in label maps (SEG segment number)
     finding_type = { value = "27925004", scheme = "SCT", meaning = "Nodule" }
     finding_site = { value = "39607008", scheme = "SCT", meaning = "Lung structure" }
+    category = "lesion"                  # SEG category, "anatomy" or "lesion"; default: by type
 
     [thresholds]
     probability = 0.5
@@ -104,6 +105,9 @@ class LabelSpec(_Strict):
     finding_type: CodeSpec
     finding_site: CodeSpec | None = None
     description: str = ""
+    #: the SEG's segmented property category; None: from the finding type (a lesion unless
+    #: the type is a structure the SEG writer knows)
+    category: Literal["anatomy", "lesion"] | None = None
 
 
 class Accepts(_Strict):
@@ -207,6 +211,9 @@ class ModelSpec:
     directory: Path
     #: a MONAI bundle directory named for this model in the config ([models] bundles)
     bundle: Path | None = None
+    #: a bundle of its own: the labels neither the site coded nor SNOMED CT names (their code
+    #: is the node's local one, the label as meaning)
+    uncoded_labels: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -378,6 +385,7 @@ class Model:
             finding_type=spec.finding_type.code,
             finding_site=site,
             probability=float(probability),
+            category=spec.category,
             **values,
         )
 
