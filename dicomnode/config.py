@@ -326,6 +326,7 @@ class BundleAcceptsSettings(_Section):
     modalities: tuple[str, ...] = ()  # empty: any
     sop_classes: tuple[str, ...] = ()  # empty: any
     min_slices: int = Field(1, ge=1)
+    body_parts: tuple[str, ...] = ()  # Body Part Examined (e.g. "ABDOMEN"); empty: any
 
 
 class BundleSettings(_Section):

@@ -259,6 +259,7 @@ def bundle_spec(name: str, path: Path | str, settings: BundleSettings | None = N
             modalities=tuple(m.upper() for m in given_accepts.modalities),
             sop_classes=tuple(given_accepts.sop_classes),
             min_slices=given_accepts.min_slices,
+            body_parts=tuple(given_accepts.body_parts),
         )
     threshold = settings.threshold if settings is not None else None
     description = settings.description if settings is not None else ""

@@ -20,6 +20,7 @@ A model package is a folder ``<models dir>/<name>/`` with::
     modalities = ["CT"]                  # empty: any
     sop_classes = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]  # empty: any
     min_slices = 16
+    # body_parts = ["CHEST"]             # Body Part Examined; empty: any
     # study level: input name -> regular expression on "Series Description | Protocol Name |
     # Sequence Name [| contrast]"; a route's completion.required_series overrides it
     # inputs = { T1c = "(?i)t1.*(post|gd|\\+c)", T1 = "(?i)t1", T2 = "(?i)t2", FLAIR = "(?i)flair" }
@@ -118,6 +119,12 @@ class Accepts(_Strict):
     sop_classes: tuple[str, ...] = ()
     min_slices: int = Field(1, ge=1)
     inputs: dict[str, str] = {}  # study level: input name -> pattern on the series' text
+    body_parts: tuple[str, ...] = ()  # Body Part Examined, upper case; empty: any
+
+    @field_validator("body_parts")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(part.strip().upper() for part in value)
 
     @field_validator("inputs")
     @classmethod

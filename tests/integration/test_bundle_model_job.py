@@ -12,10 +12,13 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.app import Node
+from dicomnode.errors import InputsRejected
 from dicomnode.inference import ModelRegistry, findings_from_json
-from dicomnode.phantoms.simple import SeriesSpec
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.pipeline import ModelPipeline, job_models
-from dicomnode.testing import validators
+from dicomnode.testing import peers, validators
+from tests.helpers import port_of
 from tests.integration.test_pipeline import claim, store
 
 pytest.importorskip("torch")
@@ -96,17 +99,32 @@ def test_a_classification_bundle_runs_through_the_job_path_to_an_sr(
     from tests.unit.test_bundle_model_settings import monai_probabilities
 
     node = start_node(background=False)
-    files = store(
-        node, tmp_path / "ct", SeriesSpec(slices=20, rows=40, columns=44, pixel_mm=0.75, seed=8)
-    )
+    datasets = list(ct_slices(SeriesSpec(slices=20, rows=40, columns=44, pixel_mm=0.75, seed=8)))
+    for ds in datasets:
+        ds.BodyPartExamined = "ABDOMEN"
+    files = write_series(datasets, tmp_path / "ct")
+    assert peers.storescu(port_of(node), files).returncode == 0
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     classes = {"0": "normal", "1": "nodule", "2": "widget"}
     root = write_zoo_bundle(tmp_path / "cls", classes=classes, name="tiny_classifier", seed=5)
-    site = BundleSettings.model_validate(
-        {"labels": {"widget": {"value": "W-1", "scheme": "99SITE", "meaning": "Widget"}}}
+    site = {
+        "labels": {"widget": {"value": "W-1", "scheme": "99SITE", "meaning": "Widget"}},
+        "accepts": {"modalities": ["CT"], "body_parts": ["abdomen"]},
+    }
+    head_only = {**site, "accepts": {"body_parts": ["HEAD"]}}
+    registry = ModelRegistry(
+        [],
+        {"grader": root, "head": root},
+        bundle_settings={
+            "grader": BundleSettings.model_validate(site),
+            "head": BundleSettings.model_validate(head_only),
+        },
     )
-    registry = ModelRegistry([], {"grader": root}, bundle_settings={"grader": site})
-    pipeline = job_models(registry, ["grader"], sessions=node.database.sessions)["grader"]
+    pipelines = job_models(registry, ["grader", "head"], sessions=node.database.sessions)
+    pipelines["head"].load("cpu")
+    with pytest.raises(InputsRejected, match=r"accepts body part HEAD; series .* is ABDOMEN"):
+        pipelines["head"].run(claim(node, "head", [series_uid], route="h"))
+    pipeline = pipelines["grader"]
     assert isinstance(pipeline, ModelPipeline)
     pipeline.load("cpu")
 

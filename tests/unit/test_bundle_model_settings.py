@@ -14,7 +14,7 @@ pytest.importorskip("monai")
 
 from dicomnode.config import BundleSettings, load_settings  # noqa: E402
 from dicomnode.domain import Code  # noqa: E402
-from dicomnode.errors import BundleInvalid, ConfigError  # noqa: E402
+from dicomnode.errors import BundleInvalid, ConfigError, InputsRejected  # noqa: E402
 from dicomnode.inference import ModelRegistry  # noqa: E402
 from dicomnode.inference.bundle_model import (  # noqa: E402
     LOCAL_SCHEME,
@@ -245,6 +245,7 @@ def test_the_example_configs_bundle_settings_parse() -> None:
     settings = ModelsSettings.model_validate(values).bundle_settings["spleen"]
     assert settings.labels["spleen"].category == "anatomy" and settings.threshold == 0.5
     assert settings.accepts is not None and settings.accepts.modalities == ("CT",)
+    assert settings.accepts.body_parts == ("ABDOMEN",)
 
 
 def test_a_one_label_probability_segmentation_is_cut_at_the_sites_threshold(
@@ -287,3 +288,27 @@ def test_a_one_label_probability_segmentation_is_cut_at_the_sites_threshold(
     assert counts[0.5] == (0 if unset is None else int((unset == 1).sum()))  # rint: 0.5 too
     assert counts[0.3] >= counts[0.5] >= counts[0.7]
     assert counts[0.3] > counts[0.7], counts  # the cut moves the voxels in: a real threshold
+
+
+def test_the_sites_accepts_refuse_other_series(tmp_path: Path) -> None:
+    from dicomnode.pipeline.inputs import SeriesFiles, check_accepted
+
+    root = abdomen(tmp_path)
+    given = BundleSettings.model_validate(
+        {"accepts": {"modalities": ["CT"], "body_parts": ["abdomen", "Chest"]}}
+    )
+    spec = bundle_spec("abdomen", root, given)
+    assert spec.info.accepts.body_parts == ("ABDOMEN", "CHEST")
+
+    def series(modality: str, part: str) -> SeriesFiles:
+        return SeriesFiles("1.2.3", modality, (), frozenset(), None, part)
+
+    check_accepted(spec, series("CT", "abdomen"))
+    with pytest.raises(InputsRejected, match=r"body part ABDOMEN, CHEST; series 1\.2\.3 is"):
+        check_accepted(spec, series("CT", "HEAD"))
+    with pytest.raises(InputsRejected, match="without a Body Part Examined"):
+        check_accepted(spec, series("CT", ""))
+    with pytest.raises(InputsRejected, match="accepts modality CT"):
+        check_accepted(spec, series("MR", "ABDOMEN"))
+    # metadata.json's modality, when the site says nothing
+    assert bundle_spec("abdomen", root).info.accepts.modalities == ("CT",)
