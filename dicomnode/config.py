@@ -326,6 +326,41 @@ class CommandModelSettings(_Section):
         return value
 
 
+class BundleLabelSettings(_Section):
+    """The code the site gives one label of a bundle (``[models.bundle_settings.NAME.labels]``,
+    keyed by the label's name in ``channel_def`` or its channel number)."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field("SCT", min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+    #: the SEG's segmented property category; unset: from the label's name (see README)
+    category: Literal["anatomy", "lesion"] | None = None
+
+
+class BundleAcceptsSettings(_Section):
+    """What a bundle of its own runs on, as a package's ``[accepts]``."""
+
+    modalities: tuple[str, ...] = ()  # empty: any
+    sop_classes: tuple[str, ...] = ()  # empty: any
+    min_slices: int = Field(1, ge=1)
+    body_parts: tuple[str, ...] = ()  # Body Part Examined (e.g. "ABDOMEN"); empty: any
+
+
+class BundleSettings(_Section):
+    """What the site says of a MONAI bundle that is a model of its own
+    (``[models.bundle_settings.NAME]``): it wins over what metadata.json says."""
+
+    #: label name or channel number -> its code (wins over the SNOMED CT name match)
+    labels: dict[str, BundleLabelSettings] = {}
+    #: a probability output's cut: a one-channel segmentation's voxels, or the classes of a
+    #: classification reported (unset: the argmax class)
+    threshold: float | None = Field(None, gt=0, lt=1)
+    #: unset: the modality of metadata.json's input
+    accepts: BundleAcceptsSettings | None = None
+    level: Literal["series", "study"] = "series"  # "study" is refused at start, for now
+    description: str = ""  # unset: metadata.json's task
+
+
 class ModelsSettings(_Section):
     """Where the model packages are, MONAI bundles that replace a package's network, and how
     models run (``[models]``)."""
@@ -336,6 +371,8 @@ class ModelsSettings(_Section):
     #: model name -> MONAI bundle directory in the Model Zoo layout (configs/metadata.json,
     #: configs/inference.json, models/model.pt), e.g. ``lung_nodule = "/opt/bundles/lung"``
     bundles: dict[str, Path] = {}
+    #: bundle model name -> what the site says of it (``[models.bundle_settings.NAME]``)
+    bundle_settings: dict[str, BundleSettings] = {}
     #: model name -> a program run for each job (``[models.commands.NAME]``)
     commands: dict[str, CommandModelSettings] = {}
     seed: int = 0  # every run starts from this seed: the same input gives the same findings

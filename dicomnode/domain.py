@@ -147,6 +147,8 @@ class Finding:
     volume_mm3: float | None = None
     mask: MaskRef | None = None
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    #: "anatomy" or "lesion": the SEG segment's category; None: from ``finding_type``
+    category: str | None = None
 
 
 @dataclass(frozen=True)

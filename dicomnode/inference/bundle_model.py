@@ -2,10 +2,15 @@
 
 A name in ``[models] bundles`` that is no model package is a model of its own. Its spec comes
 from the bundle's ``configs/metadata.json`` (:func:`bundle_spec`): the version, the input's
-modality, and the labels of the segmentation output's ``channel_def`` (``"0"``, the background,
-left out), each coded from pydicom's SNOMED CT dictionary where a concept is named like the label
-(``spleen`` -> 78961009 Spleen), else with a code of the node's own scheme
-(:data:`LOCAL_SCHEME`) whose meaning is the label (a warning).
+modality, and the labels of the output's ``channel_def`` (a segmentation's ``"0"``, the
+background, left out; a classification's every class), each coded from pydicom's SNOMED CT
+dictionary where a concept is named like the label (``spleen`` -> 78961009 Spleen), else with a
+code of the node's own scheme (:data:`LOCAL_SCHEME`) whose meaning is the label (a warning, and
+the label in ``spec.uncoded_labels``). What the site says in ``[models.bundle_settings.NAME]``
+(codes, categories, a threshold, what the model accepts, its description) wins over all that.
+Each label carries its SEG category (:func:`label_category`): the site's, else a lesion when its
+name or meaning names one (tumour, lesion, nodule, mass, metastasis, cyst, ...), else anatomy
+(a bundle's segmentation is most often of organs).
 
 :class:`BundleModel` runs ``inference.json`` as MONAI's evaluator does: ``preprocessing`` on
 ``{"image": series}``, ``inferer(image[None], network)``, the batch decollated and
@@ -16,7 +21,9 @@ affine in RAS), so ``Orientationd``, ``Spacingd`` and ``Invertd`` work unchanged
 (``SaveImage``/``SaveImaged``) are left out of the postprocessing. The prediction, on the source
 grid (``Invertd`` put it there; a bundle without one is resampled, nearest), is the label map
 ``labels`` (``[slice, row, column]``) with one finding per label that has voxels: its volume
-and centre. Classification outputs are not supported yet (BundleInvalid names them).
+and centre. A classification (an output of ``probabilities``/``classes``) gives the argmax
+class (or, with a threshold, each class that reaches it) as a finding with its probability, and
+every class's probability in the summary.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dicomnode.domain import Finding, Findings, MaskRef
 from dicomnode.errors import BundleInvalid, InputsRejected, ModelError
@@ -43,6 +50,7 @@ from dicomnode.inference.protocol import (
 )
 
 if TYPE_CHECKING:
+    from dicomnode.config import BundleSettings
     from dicomnode.imaging import Volume
     from dicomnode.inference.device import Device
 
@@ -59,6 +67,16 @@ IMAGE_KEY, PRED_KEY = "image", "pred"
 #: transforms the node does itself: loading the series, writing the results
 LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
 WRITERS = frozenset({"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict"})
+#: ``network_data_format.outputs`` types/formats of a classification (no image out)
+CLASSIFICATION_KINDS = frozenset({"probabilities", "probability", "classes", "classification"})
+#: ``spec.info.params["output"]``: what the bundle gives
+SEGMENTATION, CLASSIFICATION = "segmentation", "classification"
+#: words in a label's name or its code's meaning that make it a lesion, not anatomy
+LESION_WORDS = re.compile(
+    r"tumou?r|lesion|nodul|mass|metasta|cyst|neoplasm|cancer|carcinom|malignan|polyp|"
+    r"abnormal|oedema|edema|hemorrhag|haemorrhag|infarct|necros|fractur",
+    re.IGNORECASE,
+)
 _MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PT": "PT", "PET": "PT", "US": "US"}
 
 
@@ -72,46 +90,64 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
-def segmentation_output(metadata: Mapping[str, Any], where: str) -> tuple[str, dict[int, str]]:
-    """The segmentation output of ``network_data_format.outputs``: its key and its channels
-    (``channel_def``; without one, ``label_<n>`` for each of ``num_channels``)."""
+def bundle_output(metadata: Mapping[str, Any], where: str) -> tuple[str, str, dict[int, str]]:
+    """The output of ``network_data_format.outputs`` the node reports: its key, what it is
+    (:data:`SEGMENTATION`, else :data:`CLASSIFICATION`) and its channels (``channel_def``;
+    without one, ``label_<n>``, or ``class_<n>``, for each of ``num_channels``)."""
     outputs = (metadata.get("network_data_format") or {}).get("outputs") or {}
     if not isinstance(outputs, Mapping) or not outputs:
         raise BundleInvalid(
             f"bundle {where!r}: metadata.json has no network_data_format.outputs; a bundle "
             "that is a model of its own must describe its output there"
         )
-    kinds = {}
+    kinds, found = {}, []
     for key, output in outputs.items():
         output = output if isinstance(output, Mapping) else {}
         kind = str(output.get("format") or output.get("type") or "")
         kinds[key] = kind
+        types = {str(output.get(k) or "").lower() for k in ("format", "type")}
+        if types & CLASSIFICATION_KINDS and "segmentation" not in types:
+            found.append((1, str(key), CLASSIFICATION, output))
+            continue
         if kind.lower() not in ("segmentation", "labels", "image"):
             continue
         if kind.lower() == "image" and "channel_def" not in output and "num_channels" not in output:
             continue
-        channel_def = output.get("channel_def")
-        if isinstance(channel_def, Mapping) and channel_def:
-            try:
-                channels = {int(k): str(v) for k, v in channel_def.items()}
-            except ValueError as exc:
-                raise BundleInvalid(
-                    f"bundle {where!r}: output {key!r} channel_def keys must be channel "
-                    f"numbers, not {list(channel_def)}"
-                ) from exc
-        else:
-            count = int(output.get("num_channels") or 0)
-            if count < 2:
-                raise BundleInvalid(
-                    f"bundle {where!r}: output {key!r} has no channel_def and num_channels "
-                    f"{count}; expected the labels, e.g. {{'0': 'background', '1': 'spleen'}}"
-                )
-            channels = {n: ("background" if n == 0 else f"label_{n}") for n in range(count)}
-        return str(key), channels
-    raise BundleInvalid(
-        f"bundle {where!r}: no segmentation among its outputs ({kinds}); only segmentation "
-        "bundles run as models of their own (classification outputs are not supported yet)"
-    )
+        found.append((0, str(key), SEGMENTATION, output))
+    if not found:
+        raise BundleInvalid(
+            f"bundle {where!r}: no segmentation or classification among its outputs ({kinds}); "
+            "expected an output of format 'segmentation' or of type 'probabilities'"
+        )
+    _, key, what, output = min(found, key=lambda f: f[0])  # a segmentation first
+    channel_def = output.get("channel_def")
+    if isinstance(channel_def, Mapping) and channel_def:
+        try:
+            channels = {int(k): str(v) for k, v in channel_def.items()}
+        except ValueError as exc:
+            raise BundleInvalid(
+                f"bundle {where!r}: output {key!r} channel_def keys must be channel "
+                f"numbers, not {list(channel_def)}"
+            ) from exc
+        return key, what, channels
+    count = int(output.get("num_channels") or 0)
+    if count < 2:
+        raise BundleInvalid(
+            f"bundle {where!r}: output {key!r} has no channel_def and num_channels "
+            f"{count}; expected the labels, e.g. {{'0': 'background', '1': 'spleen'}}"
+        )
+    if what == CLASSIFICATION:
+        return key, what, {n: f"class_{n}" for n in range(count)}
+    return key, what, {n: ("background" if n == 0 else f"label_{n}") for n in range(count)}
+
+
+def segmentation_output(metadata: Mapping[str, Any], where: str) -> tuple[str, dict[int, str]]:
+    """The segmentation output of ``network_data_format.outputs``: its key and its channels;
+    BundleInvalid for a bundle that has none."""
+    key, what, channels = bundle_output(metadata, where)
+    if what != SEGMENTATION:
+        raise BundleInvalid(f"bundle {where!r}: output {key!r} is a {what}, not a segmentation")
+    return key, channels
 
 
 @cache
@@ -137,8 +173,36 @@ def label_code(label: str) -> tuple[CodeSpec, bool]:
     return CodeSpec(value=value, scheme=LOCAL_SCHEME, meaning=label[:64]), False
 
 
-def bundle_spec(name: str, path: Path | str) -> ModelSpec:
-    """The spec of a bundle that is a model of its own; cheap (metadata.json only)."""
+def label_category(label: str, code: CodeSpec) -> Literal["anatomy", "lesion"]:
+    """A label's SEG category when the site names none: a lesion when its name or its code's
+    meaning names one (tumour, lesion, nodule, mass, metastasis, cyst, ...), else anatomy (an
+    organ, a structure: what a bundle most often segments)."""
+    return "lesion" if LESION_WORDS.search(f"{label} {code.meaning}") else "anatomy"
+
+
+def _site_labels(
+    name: str, settings: BundleSettings | None, channels: Mapping[int, str]
+) -> dict[int, Any]:
+    """The site's label codes by channel: a key is a label's name, else its channel number."""
+    out: dict[int, Any] = {}
+    by_name = {label: value for value, label in channels.items()}
+    for key, code in (settings.labels if settings is not None else {}).items():
+        channel = by_name.get(key)
+        if channel is None and key.strip().isdigit() and int(key) in channels:
+            channel = int(key)
+        if channel is None:
+            listed = ", ".join(f"{v}={label!r}" for v, label in sorted(channels.items()))
+            raise BundleInvalid(
+                f"[models.bundle_settings.{name}.labels] names {key!r}, which is no label of "
+                f"the bundle; expected a label name or channel number of: {listed}"
+            )
+        out[channel] = code
+    return out
+
+
+def bundle_spec(name: str, path: Path | str, settings: BundleSettings | None = None) -> ModelSpec:
+    """The spec of a bundle that is a model of its own; cheap (metadata.json only).
+    ``settings`` (``[models.bundle_settings.NAME]``) win over what metadata.json says."""
     try:
         layout = bundle_layout(path)
     except BundleInvalid as exc:
@@ -146,40 +210,76 @@ def bundle_spec(name: str, path: Path | str) -> ModelSpec:
             f"[models] bundles names model {name!r}, which is no model package, so the bundle "
             f"is a model of its own: {exc}"
         ) from exc
+    if settings is not None and settings.level != "series":
+        raise BundleInvalid(
+            f"[models.bundle_settings.{name}] level {settings.level!r} is not supported yet: a "
+            "bundle of its own runs on one series (level 'series')"
+        )
     metadata = read_metadata(layout.metadata)
-    _, channels = segmentation_output(metadata, str(layout.root))
-    labels = []
-    for value, label in sorted(channels.items()):
-        if value == 0:
+    key, what, channels = bundle_output(metadata, str(layout.root))
+    site = _site_labels(name, settings, channels)
+    labels, uncoded = [], []
+    for channel, label in sorted(channels.items()):
+        if what == SEGMENTATION and channel == 0:
+            if channel in site:
+                raise BundleInvalid(
+                    f"[models.bundle_settings.{name}.labels] codes channel 0 ({label!r}), the "
+                    "background of a segmentation, which is no segment"
+                )
             continue  # the background
-        code, coded = label_code(label)
-        if not coded:
-            logger.warning(
-                "bundle %s: label %r is no SNOMED CT concept by name; coded %s %s",
-                name,
-                label,
-                code.scheme,
-                code.value,
-                extra={"action": "bundle_labels"},
-            )
-        labels.append(LabelSpec(name=label, value=value, finding_type=code))
+        given = site.get(channel)
+        if given is not None:
+            code = CodeSpec(value=given.value, scheme=given.scheme, meaning=given.meaning)
+            category = given.category or label_category(label, code)
+        else:
+            code, coded = label_code(label)
+            category = label_category(label, code)
+            if not coded:
+                uncoded.append(label)
+                logger.warning(
+                    "bundle %s: label %r is no SNOMED CT concept by name and the site codes it "
+                    "not ([models.bundle_settings.%s.labels]); coded %s %s",
+                    name,
+                    label,
+                    name,
+                    code.scheme,
+                    code.value,
+                    extra={"action": "bundle_labels"},
+                )
+        # a class's value is its channel + 1 (values start at 1); a segment's, its label value
+        value = channel if what == SEGMENTATION else channel + 1
+        labels.append(LabelSpec(name=label, value=value, finding_type=code, category=category))
     inputs = (metadata.get("network_data_format") or {}).get("inputs") or {}
     image: Any = (inputs.get(IMAGE_KEY) or next(iter(inputs.values()), {})) if inputs else {}
     modality = _MODALITIES.get(str((image or {}).get("modality", "")).upper())
+    accepts = Accepts(modalities=(modality,) if modality else ())
+    if settings is not None and settings.accepts is not None:
+        given_accepts = settings.accepts
+        accepts = Accepts(
+            modalities=tuple(m.upper() for m in given_accepts.modalities),
+            sop_classes=tuple(given_accepts.sop_classes),
+            min_slices=given_accepts.min_slices,
+            body_parts=tuple(given_accepts.body_parts),
+        )
+    threshold = settings.threshold if settings is not None else None
+    description = settings.description if settings is not None else ""
     try:
         info = ModelInfo(
             name=name,
             version=f"bundle.{metadata.get('name') or layout.root.name}."
             f"{metadata.get('version') or '0'}",
-            description=str(metadata.get("task") or metadata.get("description") or ""),
+            description=description
+            or str(metadata.get("task") or metadata.get("description") or ""),
             entry=BUNDLE_ENTRY,
             demo=False,
-            accepts=Accepts(modalities=(modality,) if modality else ()),
+            accepts=accepts,
             labels=tuple(labels),
+            thresholds={} if threshold is None else {"probability": threshold},
+            params={"output": what, "output_key": key},
         )
     except ValueError as exc:
         raise BundleInvalid(f"bundle {str(layout.root)!r} as model {name!r}: {exc}") from exc
-    return ModelSpec(info, layout.root, layout.root)
+    return ModelSpec(info, layout.root, layout.root, uncoded_labels=tuple(uncoded))
 
 
 def series_image(volume: Volume) -> Any:
@@ -243,7 +343,8 @@ def _drop_from_config(parser: Any, key: str, names: frozenset[str]) -> None:
 
 
 class BundleModel(Model):
-    """A MONAI bundle's segmentation, run as its inference.json says, on one series."""
+    """A MONAI bundle's segmentation or classification, run as its inference.json says, on one
+    series."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -316,6 +417,8 @@ class BundleModel(Model):
             volume = inputs
         if self.bundle is None or self.device is None:
             raise ModelError(f"model {self.name!r} used before load()")
+        if self.spec.info.params.get("output") == CLASSIFICATION:
+            return self.classify(volume)
         labels = self.label_map(volume)
         geometry = volume.geometry
         voxel_mm3 = float(abs(np.linalg.det(geometry.affine[:3, :3])))
@@ -334,6 +437,7 @@ class BundleModel(Model):
                     centre_mm=tuple(round(float(c), 3) for c in centre),  # type: ignore[arg-type]
                     volume_mm3=round(float(k.size) * voxel_mm3, 3),
                     mask=MaskRef(LABEL_MAP, spec.value),
+                    category=spec.category,
                 )
             )
         return self.findings(
@@ -348,9 +452,10 @@ class BundleModel(Model):
             },
         )
 
-    def label_map(self, volume: Volume) -> Any:
-        """The bundle's prediction on ``volume``'s grid: ``[slice, row, column]`` label values."""
-        import numpy as np
+    def run(self, volume: Volume) -> tuple[Any, Any]:
+        """The bundle on ``volume`` as MONAI's evaluator runs it: a batch of one (its data
+        loader's collation), the inferer, the batch decollated, the postprocessing on the item;
+        the item's prediction after the postprocessing, and the network's before it."""
         import torch
         from monai.data import decollate_batch, list_data_collate
 
@@ -362,29 +467,104 @@ class BundleModel(Model):
             check_cancelled()  # a cancelled job stops at its next window
             return network(window, *args, **kwargs)
 
-        # as MONAI's evaluator: a batch of one (its data loader's collation), the inferer, the
-        # batch decollated, the postprocessing per item
         batch = list_data_collate([self.preprocessing({IMAGE_KEY: series_image(volume)})])
         assert self.device is not None
         image = batch[IMAGE_KEY].to(self.device.torch)
         with torch.no_grad():
             pred = self.inferer(image, run)
+        raw = pred[0].detach().cpu() if hasattr(pred, "detach") else None
         item = decollate_batch({**batch, IMAGE_KEY: image, PRED_KEY: pred})[0]
         item = self.postprocessing(item) if self.postprocessing is not None else item
-        out = item[PRED_KEY]
+        return item[PRED_KEY], raw
+
+    def label_map(self, volume: Volume) -> Any:
+        """The bundle's prediction on ``volume``'s grid: ``[slice, row, column]`` label values."""
+        import numpy as np
+
+        out, _ = self.run(volume)
         source = series_image(volume)
         if tuple(out.shape[1:]) != tuple(source.shape) or not np.allclose(
             np.asarray(out.affine), np.asarray(source.affine), atol=1e-3
         ):
             out = self._to_source(out, source)
         array = out.detach().cpu()
+        labels = self.spec.info.labels
+        threshold = self.spec.info.thresholds.get("probability")
         if array.shape[0] > 1:  # one channel per label, the background first (not discretised)
             array = array.argmax(0, keepdim=True)
-        values = np.rint(array[0].numpy()).astype(np.int64)
+            values = array[0].numpy().astype(np.int64)
+        elif threshold is not None and len(labels) == 1:  # one label's probabilities (sigmoid)
+            values = np.where(array[0].float().numpy() >= threshold, labels[0].value, 0)
+        else:
+            values = np.rint(array[0].numpy()).astype(np.int64)
         top = max((label.value for label in self.spec.info.labels), default=0)
         values[(values < 0) | (values > top)] = 0
         dtype = np.uint8 if top < 256 else np.uint16
         return np.ascontiguousarray(values.transpose(2, 1, 0)).astype(dtype)
+
+    def class_probabilities(self, volume: Volume) -> Any:
+        """The probability of each class (in channel order) the bundle gives ``volume``: its
+        postprocessing's output (Activations softmax); a postprocessing that gives logits has
+        softmax applied, one that gives the class (AsDiscrete argmax) the softmax of the
+        network's output."""
+        import numpy as np
+        import torch
+
+        count = len(self.spec.info.labels)
+        out, raw = self.run(volume)
+        values = torch.as_tensor(out).detach().cpu().float().flatten()
+        if values.numel() == count:
+            if float(values.min()) < -1e-6 or float(values.max()) > 1 + 1e-6:
+                values = torch.softmax(values, 0)  # logits: no activation in the postprocessing
+        elif values.numel() == 1 and raw is not None and raw.numel() == count:
+            values = torch.softmax(raw.float().flatten(), 0)  # argmax'd: the network's scores
+        else:
+            raise BundleInvalid(
+                f"bundle {str(self.spec.bundle)!r}: its classification gives "
+                f"{tuple(values.shape)} values; metadata.json names {count} classes"
+            )
+        return np.asarray(values.numpy(), dtype=np.float64)
+
+    def classify(self, volume: Volume) -> Findings:
+        """The argmax class (with a threshold, each class that reaches it) as a finding with its
+        probability; every class's probability in the summary."""
+        import numpy as np
+
+        probabilities = self.class_probabilities(volume)
+        labels = sorted(self.spec.info.labels, key=lambda label: label.value)
+        threshold = self.spec.info.thresholds.get("probability")
+        top = int(np.argmax(probabilities))
+        chosen = (
+            [top]
+            if threshold is None
+            else [n for n, p in enumerate(probabilities) if p >= threshold]
+        )
+        findings = [
+            Finding(
+                label=labels[n].name,
+                finding_type=labels[n].finding_type.code,
+                probability=round(float(probabilities[n]), 4),
+                category=labels[n].category,
+                attributes={"class_index": labels[n].value - 1},
+            )
+            for n in chosen
+        ]
+        assert self.bundle is not None
+        return self.findings(
+            findings,
+            reference=volume.series_instance_uid,
+            summary={
+                "bundle": self.bundle.name,
+                "bundle_version": self.bundle.version,
+                "weights_sha256": self.weights_sha256,
+                "class": labels[top].name,
+                "probability": round(float(probabilities[top]), 4),
+                "class_probabilities": {
+                    label.name: round(float(p), 4)
+                    for label, p in zip(labels, probabilities, strict=True)
+                },
+            },
+        )
 
     def _to_source(self, out: Any, source: Any) -> Any:
         """The prediction resampled (nearest) onto the source grid: for a bundle whose

@@ -149,4 +149,5 @@ def _finding(values: Mapping[str, Any]) -> Finding:
         volume_mm3=values.get("volume_mm3"),
         mask=MaskRef(mask["name"], int(mask["value"])) if mask else None,
         attributes=dict(values.get("attributes") or {}),
+        category=values.get("category"),
     )

@@ -20,6 +20,7 @@ A model package is a folder ``<models dir>/<name>/`` with::
     modalities = ["CT"]                  # empty: any
     sop_classes = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]  # empty: any
     min_slices = 16
+    # body_parts = ["CHEST"]             # Body Part Examined; empty: any
     # study level: input name -> regular expression on "Series Description | Protocol Name |
     # Sequence Name [| contrast]"; a route's completion.required_series overrides it
     # inputs = { T1c = "(?i)t1.*(post|gd|\\+c)", T1 = "(?i)t1", T2 = "(?i)t2", FLAIR = "(?i)flair" }
@@ -29,6 +30,7 @@ A model package is a folder ``<models dir>/<name>/`` with::
     value = 1                            # its voxel value in label maps (SEG segment number)
     finding_type = { value = "27925004", scheme = "SCT", meaning = "Nodule" }
     finding_site = { value = "39607008", scheme = "SCT", meaning = "Lung structure" }
+    category = "lesion"                  # SEG category, "anatomy" or "lesion"; default: by type
 
     [thresholds]
     probability = 0.5
@@ -104,6 +106,9 @@ class LabelSpec(_Strict):
     finding_type: CodeSpec
     finding_site: CodeSpec | None = None
     description: str = ""
+    #: the SEG's segmented property category; None: from the finding type (a lesion unless
+    #: the type is a structure the SEG writer knows)
+    category: Literal["anatomy", "lesion"] | None = None
 
 
 class Accepts(_Strict):
@@ -114,6 +119,12 @@ class Accepts(_Strict):
     sop_classes: tuple[str, ...] = ()
     min_slices: int = Field(1, ge=1)
     inputs: dict[str, str] = {}  # study level: input name -> pattern on the series' text
+    body_parts: tuple[str, ...] = ()  # Body Part Examined, upper case; empty: any
+
+    @field_validator("body_parts")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(part.strip().upper() for part in value)
 
     @field_validator("inputs")
     @classmethod
@@ -207,6 +218,9 @@ class ModelSpec:
     directory: Path
     #: a MONAI bundle directory named for this model in the config ([models] bundles)
     bundle: Path | None = None
+    #: a bundle of its own: the labels neither the site coded nor SNOMED CT names (their code
+    #: is the node's local one, the label as meaning)
+    uncoded_labels: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -378,6 +392,7 @@ class Model:
             finding_type=spec.finding_type.code,
             finding_site=site,
             probability=float(probability),
+            category=spec.category,
             **values,
         )
 

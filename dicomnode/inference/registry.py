@@ -24,12 +24,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicomnode.errors import ModelPackageInvalid, UnknownModel
+from dicomnode.errors import BundleInvalid, ModelPackageInvalid, UnknownModel
 from dicomnode.inference.bundle import bundle_layout
 from dicomnode.inference.protocol import MODEL_TOML, InferenceModel, ModelSpec
 
 if TYPE_CHECKING:
-    from dicomnode.config import ModelsSettings, Settings
+    from dicomnode.config import BundleSettings, ModelsSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +88,28 @@ class ModelRegistry:
         dirs: Sequence[Path | str] = (),
         bundles: Mapping[str, Path | str] | None = None,
         *,
+        bundle_settings: Mapping[str, BundleSettings] | None = None,
         seed: int = 0,
         deterministic: bool = True,
         threads: int = 0,
     ) -> None:
         self.packages = discover(dirs)
         self.seed, self.deterministic, self.threads = seed, deterministic, threads
+        bundle_settings = bundle_settings or {}
+        own = [name for name in (bundles or {}) if name not in self.packages]
+        stray = sorted(set(bundle_settings) - set(own))
+        if stray:
+            raise BundleInvalid(
+                f"[models.bundle_settings] names {', '.join(map(repr, stray))}, which is no "
+                f"bundle of its own; those are: {', '.join(own) or 'none'} ([models.bundles] "
+                "names that are no model package)"
+            )
         for name, path in (bundles or {}).items():
             if name not in self.packages:
                 # no package of that name: the bundle is a model of its own
                 from dicomnode.inference.bundle_model import bundle_spec
 
-                self.packages[name] = bundle_spec(name, path)
+                self.packages[name] = bundle_spec(name, path, bundle_settings.get(name))
                 continue
             layout = bundle_layout(path)  # fail at start, not at the first job
             spec = self.packages[name]
@@ -112,6 +122,7 @@ class ModelRegistry:
         return cls(
             models.dirs,
             models.bundles,
+            bundle_settings=models.bundle_settings,
             seed=models.seed,
             deterministic=models.deterministic,
             threads=models.threads,

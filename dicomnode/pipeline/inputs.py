@@ -27,6 +27,7 @@ class SeriesFiles:
     paths: tuple[Path, ...]  # absolute
     sop_classes: frozenset[str]
     last_received_at: datetime | None
+    body_part: str = ""  # Body Part Examined, as the index has it
 
 
 def find_series(
@@ -45,6 +46,7 @@ def find_series(
             Series.series_instance_uid,
             Series.modality,
             Series.last_received_at,
+            Series.body_part_examined,
             Instance.path,
             Instance.sop_class_uid,
         )
@@ -68,6 +70,7 @@ def find_series(
             tuple(storage_dir / row.path for row in grouped[uid]),
             frozenset(row.sop_class_uid for row in grouped[uid]),
             grouped[uid][0].last_received_at,
+            grouped[uid][0].body_part_examined or "",
         )
         for uid in dict.fromkeys(series_uids)
     ]
@@ -96,7 +99,8 @@ def load_inputs(
 
 
 def check_accepted(spec: ModelSpec, item: SeriesFiles) -> None:
-    """InputsRejected when the series' modality or SOP classes are not the model's."""
+    """InputsRejected when the series' modality, SOP classes or body part are not the
+    model's."""
     accepts = spec.info.accepts
     if accepts.modalities and item.modality not in accepts.modalities:
         raise InputsRejected(
@@ -110,6 +114,11 @@ def check_accepted(spec: ModelSpec, item: SeriesFiles) -> None:
                 f"model {spec.name!r} accepts SOP classes {', '.join(accepts.sop_classes)}; "
                 f"series {item.series_instance_uid} has {', '.join(other)}"
             )
+    if accepts.body_parts and item.body_part.upper() not in accepts.body_parts:
+        raise InputsRejected(
+            f"model {spec.name!r} accepts body part {', '.join(accepts.body_parts)}; series "
+            f"{item.series_instance_uid} is {item.body_part or 'without a Body Part Examined'}"
+        )
 
 
 def name_inputs(

@@ -28,7 +28,10 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Segmented property categories (CID 7150)
 LESION = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 ANATOMY = Code("91723000", "SCT", "Anatomical Structure")
-#: Finding types that are anatomy rather than a lesion (the category follows from the type)
+#: a finding's ``category`` -> its segments' category
+CATEGORIES = {"anatomy": ANATOMY, "lesion": LESION}
+#: Finding types that are anatomy rather than a lesion, for findings that name no category (the
+#: model packages'): the category follows from the type
 ANATOMICAL_TYPES = frozenset(
     {
         "123037004",  # Body structure
@@ -50,6 +53,7 @@ class Segment:
     label: str
     finding_type: Code
     finding_site: Code | None
+    category: str | None = None  # the finding's: "anatomy", "lesion", None (from the type)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,9 @@ def plan_segments(
             classes[finding.label] = finding
     ranked = sorted(classes, key=lambda name: (order.get(name, 1 << 20), list(classes).index(name)))
     segments = tuple(
-        Segment(n, name, classes[name].finding_type, classes[name].finding_site)
+        Segment(
+            n, name, classes[name].finding_type, classes[name].finding_site, classes[name].category
+        )
         for n, name in enumerate(ranked, start=1)
     )
     number = {s.label: s.number for s in segments}
@@ -145,7 +151,7 @@ def build_seg(
         hd.seg.SegmentDescription(
             segment_number=segment.number,
             segment_label=lo(segment.label),
-            segmented_property_category=_code(_category(segment.finding_type)),
+            segmented_property_category=_code(_category(segment)),
             segmented_property_type=_code(segment.finding_type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
@@ -262,8 +268,18 @@ def _plane_positions(source: SourceImages, planes: Sequence[int]) -> list[Any]:
     return positions
 
 
-def _category(finding_type: Code) -> Code:
-    return ANATOMY if finding_type.value in ANATOMICAL_TYPES else LESION
+def _category(segment: Segment) -> Code:
+    """The segment's category: its finding's, else anatomy for a type in
+    :data:`ANATOMICAL_TYPES` and a lesion for any other."""
+    if segment.category is None:
+        return ANATOMY if segment.finding_type.value in ANATOMICAL_TYPES else LESION
+    try:
+        return CATEGORIES[segment.category]
+    except KeyError:
+        raise ResultsError(
+            f"finding {segment.label!r} has category {segment.category!r}; expected one of "
+            f"{', '.join(map(repr, CATEGORIES))}"
+        ) from None
 
 
 def _code(code: Code) -> Any:

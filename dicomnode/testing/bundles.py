@@ -137,11 +137,13 @@ def write_zoo_bundle(
     spatial_shape: tuple[int, int, int] = (32, 32, 16),
     seed: int = 3,
     state_dict: Mapping[str, Any] | None = None,
+    classification: bool = False,
 ) -> Path:
     """A bundle in the Model Zoo layout with the inference.json ``config``; returns ``root``.
 
     metadata.json is written as the zoo's are (``network_data_format`` with the image input and
-    the ``pred`` segmentation output, its ``channel_def`` from ``channels``). The weights are
+    the ``pred`` segmentation output, its ``channel_def`` from ``channels``; ``classification``:
+    class probabilities instead, as endoscopic_inbody_classification describes). The weights are
     ``state_dict`` (hand-set ones) or else the initial ones of ``network_def`` under
     ``torch.manual_seed(seed)``.
     """
@@ -167,13 +169,25 @@ def write_zoo_bundle(
                 },
             },
             "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "segmentation",
-                    "num_channels": len(channels),
-                    "spatial_shape": list(spatial_shape),
-                    "channel_def": channels,
-                },
+                "pred": (
+                    {
+                        "type": "probabilities",
+                        "format": "classes",
+                        "num_channels": len(channels),
+                        "spatial_shape": [1, len(channels)],
+                        "value_range": [0, 1],
+                        "is_patch_data": False,
+                        "channel_def": channels,
+                    }
+                    if classification
+                    else {
+                        "type": "image",
+                        "format": "segmentation",
+                        "num_channels": len(channels),
+                        "spatial_shape": list(spatial_shape),
+                        "channel_def": channels,
+                    }
+                ),
             },
         },
     }

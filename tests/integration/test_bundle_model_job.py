@@ -12,10 +12,13 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.app import Node
+from dicomnode.errors import InputsRejected
 from dicomnode.inference import ModelRegistry, findings_from_json
-from dicomnode.phantoms.simple import SeriesSpec
+from dicomnode.phantoms.simple import SeriesSpec, ct_slices
+from dicomnode.phantoms.writer import write_series
 from dicomnode.pipeline import ModelPipeline, job_models
-from dicomnode.testing import validators
+from dicomnode.testing import peers, validators
+from tests.helpers import port_of
 from tests.integration.test_pipeline import claim, store
 
 pytest.importorskip("torch")
@@ -65,6 +68,8 @@ def test_a_bundle_of_its_own_runs_through_the_job_path_to_a_seg(
         prop.CodeValue,
         prop.CodingSchemeDesignator,
     ) == code  # SNOMED CT by name, else the node's scheme
+    category = segment.SegmentedPropertyCategoryCodeSequence[0]
+    assert (category.CodeValue, category.CodeMeaning) == ("91723000", "Anatomical Structure")
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "spleen"
     assert algorithm.AlgorithmVersion == "bundle.tiny_spleen_ct_segmentation.0.5.3"
@@ -84,6 +89,73 @@ def test_a_bundle_of_its_own_runs_through_the_job_path_to_a_seg(
             report = validators.dciodvfy(path)
             assert report.errors == (), report.output
     assert np.array_equal(findings.masks["labels"], labels)
+
+
+@pytest.mark.slow
+def test_a_classification_bundle_runs_through_the_job_path_to_an_sr(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    from dicomnode.config import BundleSettings
+    from tests.unit.test_bundle_model_settings import monai_probabilities
+
+    node = start_node(background=False)
+    datasets = list(ct_slices(SeriesSpec(slices=20, rows=40, columns=44, pixel_mm=0.75, seed=8)))
+    for ds in datasets:
+        ds.BodyPartExamined = "ABDOMEN"
+    files = write_series(datasets, tmp_path / "ct")
+    assert peers.storescu(port_of(node), files).returncode == 0
+    series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    classes = {"0": "normal", "1": "nodule", "2": "widget"}
+    root = write_zoo_bundle(tmp_path / "cls", classes=classes, name="tiny_classifier", seed=5)
+    site = {
+        "labels": {"widget": {"value": "W-1", "scheme": "99SITE", "meaning": "Widget"}},
+        "accepts": {"modalities": ["CT"], "body_parts": ["abdomen"]},
+    }
+    head_only = {**site, "accepts": {"body_parts": ["HEAD"]}}
+    registry = ModelRegistry(
+        [],
+        {"grader": root, "head": root},
+        bundle_settings={
+            "grader": BundleSettings.model_validate(site),
+            "head": BundleSettings.model_validate(head_only),
+        },
+    )
+    pipelines = job_models(registry, ["grader", "head"], sessions=node.database.sessions)
+    pipelines["head"].load("cpu")
+    with pytest.raises(InputsRejected, match=r"accepts body part HEAD; series .* is ABDOMEN"):
+        pipelines["head"].run(claim(node, "head", [series_uid], route="h"))
+    pipeline = pipelines["grader"]
+    assert isinstance(pipeline, ModelPipeline)
+    pipeline.load("cpu")
+
+    result = dict(pipeline.run(claim(node, "grader", [series_uid])))
+    theirs = monai_probabilities(root, tmp_path / "ct")  # MONAI on the same files
+    top = int(np.argmax(theirs))
+    assert result["summary"]["class"] == classes[str(top)]
+    kinds = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
+    assert set(kinds) == {"SR"}  # no image out: no SEG
+    sr = dcmread(kinds["SR"])
+    items = list(_walk(sr))
+    finding_types = [
+        item.ConceptCodeSequence[0]
+        for item in items
+        if item.ConceptNameCodeSequence[0].CodeValue == "121071"  # Finding
+    ]
+    spec = registry.spec("grader")
+    code = spec.info.labels[top].finding_type
+    assert [(c.CodeValue, c.CodingSchemeDesignator) for c in finding_types] == [
+        (code.value, code.scheme)
+    ]
+    probabilities = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in items
+        if getattr(item, "ValueType", "") == "NUM"
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Probability"
+    ]
+    assert probabilities == [pytest.approx(float(theirs[top]), abs=2e-4)]
+    if validators.has_tool("dciodvfy"):
+        report = validators.dciodvfy(kinds["SR"])
+        assert report.errors == (), report.output
 
 
 def _walk(ds):  # type: ignore[no-untyped-def]

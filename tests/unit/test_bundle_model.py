@@ -102,6 +102,48 @@ def zoo_inference(network_def: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
+def zoo_classification(count: int) -> dict[str, Any]:
+    """inference.json of a tiny 3D classifier, as the zoo's classification bundles write theirs:
+    the whole (resized) volume through a SimpleInferer, softmax in the postprocessing."""
+    return {
+        "imports": ["$import glob", "$import os"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {
+            "_target_": "Classifier",
+            "in_shape": [1, 16, 16, 8],
+            "classes": count,
+            "channels": [4, 8],
+            "strides": [2, 2],
+        },
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "image"},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "image",
+                    "a_min": -200,
+                    "a_max": 300,
+                    "b_min": 0,
+                    "b_max": 1,
+                    "clip": True,
+                },
+                {"_target_": "Resized", "keys": "image", "spatial_size": [16, 16, 8]},
+                {"_target_": "EnsureTyped", "keys": "image"},
+            ],
+        },
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [{"_target_": "Activationsd", "keys": "pred", "softmax": True}],
+        },
+    }
+
+
 def write_zoo_bundle(
     root: Path,
     *,
@@ -110,10 +152,19 @@ def write_zoo_bundle(
     name: str = "tiny_spleen_ct_segmentation",
     version: str = "0.5.3",
     seed: int = 3,
+    classes: dict[str, str] | None = None,
 ) -> Path:
-    """A bundle in the Model Zoo layout with seeded weights saved now; returns ``root``."""
+    """A bundle in the Model Zoo layout with seeded weights saved now; returns ``root``.
+    With ``classes``, a classification bundle (:func:`zoo_classification`) of those classes."""
+    config = zoo_inference(network_def) if classes is None else zoo_classification(len(classes))
     return zoo_bundle(
-        root, zoo_inference(network_def), channels=channels, name=name, version=version, seed=seed
+        root,
+        config,
+        channels=classes or channels,
+        classification=classes is not None,
+        name=name,
+        version=version,
+        seed=seed,
     )
 
 
@@ -143,14 +194,22 @@ def test_spec_from_metadata(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     assert label_code("liver")[0].value == "10200004" and label_code("Lung")[1]
 
 
-def test_bundle_without_segmentation_output(tmp_path: Path) -> None:
+def test_bundle_without_segmentation_or_classification_output(tmp_path: Path) -> None:
     root = write_zoo_bundle(tmp_path / "b")
     metadata = json.loads((root / "configs" / "metadata.json").read_text())
     metadata["network_data_format"]["outputs"] = {
         "pred": {"type": "probabilities", "format": "classification", "num_channels": 2}
     }
     (root / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    with pytest.raises(BundleInvalid, match="classification outputs are not supported yet"):
+    spec = bundle_spec("grader", root)  # a classification: its classes are its labels
+    assert spec.info.params["output"] == "classification"
+    assert [(label.name, label.value) for label in spec.info.labels] == [
+        ("class_0", 1),
+        ("class_1", 2),
+    ]
+    metadata["network_data_format"]["outputs"] = {"pred": {"type": "text"}}
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(BundleInvalid, match="no segmentation or classification among"):
         bundle_spec("grader", root)
     with pytest.raises(BundleInvalid, match="bundles names model 'x', which is no model package"):
         bundle_spec("x", tmp_path / "nowhere")
