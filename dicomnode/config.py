@@ -276,7 +276,8 @@ class CommandModelSettings(_Section):
     writes the job's input DICOM files to ``in/`` in a fresh folder, runs ``command`` (or the
     ``image``) there and takes what it wrote to ``out/`` under the ``contract``: ``dicomnode``
     (DICOM SEG/SR files of the input's study and patient, sent as they are, or
-    ``findings.json``, which the node writes as its own SR), ``mercure`` (a mercure module's
+    ``findings.json``, which the node writes as its own SR, or a NIfTI label map on an input
+    series' grid, which it writes as its own SEG and SR), ``mercure`` (a mercure module's
     ``MERCURE_IN_DIR``/``MERCURE_OUT_DIR`` and ``task.json``; SEG, SR, Secondary Capture and
     derived images) or ``monai-deploy`` (a MONAI Deploy application's or MAP's
     ``HOLOSCAN_INPUT_PATH``/``HOLOSCAN_OUTPUT_PATH``; SEG and SR)."""
@@ -295,7 +296,8 @@ class CommandModelSettings(_Section):
     #: variables added to the worker's environment (``CUDA_VISIBLE_DEVICES`` is set from the
     #: worker's device: empty on the CPU)
     environment: dict[str, str] = {}
-    #: label value -> name, for label map outputs (not read yet: no NIfTI output so far)
+    #: label value -> name of a NIfTI label map's values (``dicomnode`` contract), for the
+    #: values its ``labels.json`` does not name
     labels: dict[int, str] = {}
     contract: str = "dicomnode"
     #: the model's files (a folder or file): ``HOLOSCAN_MODEL_PATH``/``MONAI_MODELPATH`` under

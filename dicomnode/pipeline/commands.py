@@ -14,7 +14,10 @@ The ``contract`` names how the program finds its folders and what of ``out/`` th
 - ``dicomnode``: ``DICOMNODE_INPUT``/``DICOMNODE_OUTPUT``; ``out/`` holds either DICOM SEG or
   SR files, each of the input's study and patient, which are sent as they are, or
   ``findings.json``, a list of findings in the node's JSON form
-  (:mod:`dicomnode.inference.findings`), which the node writes as its own SR.
+  (:mod:`dicomnode.inference.findings`), which the node writes as its own SR, or one NIfTI
+  label map (``*.nii.gz``/``*.nii``, with ``labels.json`` naming its values) on an input
+  series' grid, which the node writes as its own SEG and SR (:mod:`dicomnode.pipeline.nifti`);
+  job.json then gives each series' grid as NIfTI has it (``grid``).
 - ``mercure``: a mercure processing module, run unchanged: ``MERCURE_IN_DIR`` holds the files
   named ``<series UID>#<SOP instance UID>.dcm`` and mercure's ``task.json`` (the module's
   ``settings`` under ``process.settings``), ``MERCURE_OUT_DIR`` gets DICOM SEG, SR, Secondary
@@ -44,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from dicomnode.errors import (
     CommandModelFailed,
     CommandOutputInvalid,
@@ -51,14 +56,27 @@ from dicomnode.errors import (
     ModelError,
 )
 from dicomnode.pipeline.inputs import find_series
+from dicomnode.pipeline.nifti import (
+    LABEL_MAP,
+    LABELS_JSON,
+    grid_json,
+    is_nifti,
+    label_findings,
+    map_labels,
+    read_label_map,
+    read_labels,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from dicomnode.config import CommandModelSettings
+    from dicomnode.domain import Findings
+    from dicomnode.imaging import Volume
     from dicomnode.pipeline.inputs import SeriesFiles
     from dicomnode.pipeline.job import PipelineSettings
     from dicomnode.queue.worker import JobContext
+    from dicomnode.results.sr import FindingClass
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +130,9 @@ class Contract:
     append_folders: bool = False
     #: ``findings.json`` may replace the DICOM output (written as the node's SR)
     findings: bool = False
+    #: a NIfTI label map (and ``labels.json``) may replace it (written as the node's SEG and
+    #: SR); job.json then gives each series' grid as NIfTI has it
+    label_maps: bool = False
     #: Secondary Capture and derived images of new series are taken besides SEG and SR
     images: bool = False
     #: mercure's task.json in in/, the inputs named ``<series UID>#<SOP instance UID>.dcm``
@@ -129,7 +150,7 @@ class Contract:
 
 #: the adapters of config.COMMAND_CONTRACTS
 CONTRACTS: dict[str, Contract] = {
-    "dicomnode": Contract("dicomnode", append_folders=True, findings=True),
+    "dicomnode": Contract("dicomnode", append_folders=True, findings=True, label_maps=True),
     "mercure": Contract(
         "mercure",
         input_env=("MERCURE_IN_DIR",),
@@ -373,13 +394,14 @@ class CommandModel:
                     target = input_dir / f"{number:06d}.dcm"
                 shutil.copyfile(path, target)
                 files.append(str(target.relative_to(folder)))
-            described.append(
-                {
-                    "series_instance_uid": item.series_instance_uid,
-                    "modality": item.modality,
-                    "files": files,
-                }
-            )
+            entry: dict[str, Any] = {
+                "series_instance_uid": item.series_instance_uid,
+                "modality": item.modality,
+                "files": files,
+            }
+            if self.contract.label_maps:
+                entry["grid"] = _grid_json(item)
+            described.append(entry)
         job = context.job
         values = {
             "job_id": job.id,
@@ -540,7 +562,8 @@ class CommandModel:
         result: dict[str, Any],
     ) -> list[dict[str, str]]:
         """The contract: DICOM files moved to ``results/<job id>/dicom/`` as they are, or
-        (``dicomnode``) the findings of ``findings.json`` written as the node's SR."""
+        (``dicomnode``) the findings of ``findings.json`` written as the node's SR, or a NIfTI
+        label map as its SEG and SR."""
         assert context.output_root is not None
         files = sorted(p for p in output_dir.rglob("*") if p.is_file())
         if self.contract.result_json is not None:
@@ -552,6 +575,7 @@ class CommandModel:
                     return []  # a module that reports without images
         if not files:
             expected = f", or {FINDINGS_JSON}" if self.contract.findings else ""
+            expected += ", or a NIfTI label map" if self.contract.label_maps else ""
             raise CommandOutputInvalid(
                 f"command model {self.name!r} wrote nothing to out/ (expected DICOM "
                 f"{'/'.join(self.contract_kinds())} files{expected})"
@@ -565,6 +589,19 @@ class CommandModel:
                     f"({others}); the contract takes one or the other"
                 )
             return self._findings_objects(context, series, findings, result)
+        maps = [p for p in files if is_nifti(p)]
+        if self.contract.label_maps and maps:
+            labels = output_dir / LABELS_JSON
+            extra = [p for p in files if p not in maps and p != labels]
+            if len(maps) > 1 or extra:
+                named = ", ".join(str(p.relative_to(output_dir)) for p in [*maps, *extra])
+                raise CommandOutputInvalid(
+                    f"command model {self.name!r} wrote {named}; the contract takes one NIfTI "
+                    f"label map (and {LABELS_JSON}) or DICOM files, not several or both"
+                )
+            return self._label_map_objects(
+                context, series, maps[0], labels if labels in files else None, result
+            )
         return self._dicom_objects(context, study, output_dir, files)
 
     def contract_kinds(self) -> tuple[str, ...]:
@@ -689,11 +726,8 @@ class CommandModel:
     ) -> list[dict[str, str]]:
         """The findings of ``findings.json`` (a list in the node's JSON form, or an object
         with ``findings`` and an optional ``summary``) written as the node's SR."""
-        from dicomnode.imaging import is_planar, load_planar, load_series
-        from dicomnode.inference.findings import findings_from_json, jsonable
-        from dicomnode.results import build_results
+        from dicomnode.inference.findings import findings_from_json
 
-        assert context.output_root is not None
         try:
             values = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -729,10 +763,76 @@ class CommandModel:
                 "read (each needs label, finding_type {value, scheme, meaning} and "
                 f"probability): {type(exc).__name__}: {exc}"
             ) from exc
-        volumes = {}
-        for item in series:
-            load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
-            volumes[item.series_instance_uid] = load(list(item.paths))
+        volumes = _load_volumes(series)
+        return self._node_results(
+            context, series, findings, volumes, result, f"the SR of its {FINDINGS_JSON}"
+        )
+
+    def _label_map_objects(
+        self,
+        context: JobContext,
+        series: Sequence[SeriesFiles],
+        path: Path,
+        labels_json: Path | None,
+        result: dict[str, Any],
+    ) -> list[dict[str, str]]:
+        """The NIfTI label map (on an input series' grid; its labels named by ``labels.json``
+        or the ``labels`` setting) written as the node's SEG and SR: one segment and one
+        finding per label with voxels; a map without any gives an SR that finds none."""
+        from dicomnode.domain import Findings
+        from dicomnode.results.sr import FindingClass
+
+        where = f"command model {self.name!r}: out/{path.name}"
+        volumes = _load_volumes(series)
+        grids = {v.series_instance_uid: v.geometry for v in volumes.values()}
+        reference, labels = read_label_map(path, grids, where)
+        named = read_labels(labels_json, self.settings.labels, f"command model {self.name!r}")
+        present = [int(v) for v in np.unique(labels)]
+        classes = map_labels(present, named, where)
+        geometry = grids[reference]
+        found, voxels = label_findings(labels, geometry, classes)
+        findings = Findings(
+            model=self.name,
+            version=self.settings.version,
+            demo=False,
+            findings=tuple(found),
+            masks={LABEL_MAP: labels} if found else {},
+            reference=reference,
+            summary={"label_map": path.name, "voxels": voxels},
+        )
+        logger.info(
+            "job %s: command model %s wrote a label map with %d of its %d labels",
+            context.job.id,
+            self.name,
+            len(found),
+            len(classes),
+            extra={"action": "command_label_map", "job_id": context.job.id},
+        )
+        return self._node_results(
+            context,
+            series,
+            findings,
+            volumes,
+            result,
+            f"the SEG and SR of its out/{path.name}",
+            classes=[FindingClass(c.name, c.code) for c in classes],
+        )
+
+    def _node_results(
+        self,
+        context: JobContext,
+        series: Sequence[SeriesFiles],
+        findings: Findings,
+        volumes: Mapping[str, Volume],
+        result: dict[str, Any],
+        what: str,
+        classes: Sequence[FindingClass] = (),
+    ) -> list[dict[str, str]]:
+        """``findings`` in the job's result and written as the node's SEG and SR."""
+        from dicomnode.inference.findings import jsonable
+        from dicomnode.results import build_results
+
+        assert context.output_root is not None
         inputs = next(iter(volumes.values())) if len(volumes) == 1 else volumes
         result["findings"] = [jsonable(f) for f in findings.findings]
         result["summary"] = jsonable(findings.summary)
@@ -749,11 +849,12 @@ class CommandModel:
                 context.job.id,
                 route=context.job.route,
                 when=max(received, default=context.job.received_at),
+                classes=classes,
             )
         except Exception as exc:  # a highdicom or I/O failure fails the job with its reason
             raise CommandOutputInvalid(
-                f"command model {self.name!r}: the SR of its {FINDINGS_JSON} could not be "
-                f"written: {type(exc).__name__}: {exc}"
+                f"command model {self.name!r}: {what} could not be written: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         return [o.as_json() for o in objects]
 
@@ -770,6 +871,35 @@ class CommandModel:
             self._engine = make_engine(self.pipeline.database_url)
             self._sessions = make_session_factory(self._engine)
         return self._sessions()
+
+
+def _load_volumes(series: Sequence[SeriesFiles]) -> dict[str, Volume]:
+    """Each input series as a volume, by its UID."""
+    from dicomnode.imaging import is_planar, load_planar, load_series
+
+    volumes = {}
+    for item in series:
+        load = load_planar if is_planar(item.modality, item.sop_classes) else load_series
+        volumes[item.series_instance_uid] = load(list(item.paths))
+    return volumes
+
+
+def _grid_json(item: SeriesFiles) -> dict[str, Any] | None:
+    """The series' grid as a NIfTI of it has it (from its headers), for job.json; None for a
+    series that forms no volume (planar images, a broken stack)."""
+    from dicomnode.errors import SeriesNotVolume
+    from dicomnode.imaging import is_planar
+    from dicomnode.imaging.frames import read_frames
+    from dicomnode.imaging.load import DEFAULT_RULES
+    from dicomnode.imaging.stack import plan_one
+
+    if is_planar(item.modality, item.sop_classes):
+        return None
+    try:
+        _, frames = read_frames(list(item.paths), pixels=False)
+        return grid_json(plan_one(frames, DEFAULT_RULES).geometry)
+    except SeriesNotVolume:
+        return None
 
 
 def mercure_task(
