@@ -37,9 +37,10 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dicomnode.domain import Finding, Findings, MaskRef
+from dicomnode.domain import Finding, Findings
 from dicomnode.errors import BundleInvalid, InputsRejected, ModelError
 from dicomnode.inference.bundle import bundle_layout
+from dicomnode.inference.findings import LABEL_MAP, MapLabel, label_map_findings
 from dicomnode.inference.protocol import (
     Accepts,
     CodeSpec,
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 #: the ``entry`` of a bundle's spec: the registry makes a :class:`BundleModel` for it
 BUNDLE_ENTRY = "dicomnode.inference.bundle_model:BundleModel"
 #: the mask the label map goes under
-LABEL_MAP = "labels"
 #: the coding scheme of a label that no SNOMED CT concept is named like
 LOCAL_SCHEME = "99DICOMNODE"
 #: the data keys of MONAI's engines (monai.utils.CommonKeys)
@@ -405,7 +405,6 @@ class BundleModel(Model):
         )
 
     def predict(self, inputs: Volume | Mapping[str, Volume]) -> Findings:
-        import numpy as np
 
         if isinstance(inputs, Mapping):
             if len(inputs) != 1:
@@ -420,26 +419,11 @@ class BundleModel(Model):
         if self.spec.info.params.get("output") == CLASSIFICATION:
             return self.classify(volume)
         labels = self.label_map(volume)
-        geometry = volume.geometry
-        voxel_mm3 = float(abs(np.linalg.det(geometry.affine[:3, :3])))
-        findings, voxels = [], {}
-        for spec in self.spec.info.labels:
-            k, j, i = np.nonzero(labels == spec.value)
-            voxels[spec.name] = int(k.size)
-            if not k.size:
-                continue
-            centre = geometry.voxel_to_patient([i.mean(), j.mean(), k.mean()])
-            findings.append(
-                Finding(
-                    label=spec.name,
-                    finding_type=spec.finding_type.code,
-                    probability=1.0,  # a label map: each voxel is the label's or not
-                    centre_mm=tuple(round(float(c), 3) for c in centre),  # type: ignore[arg-type]
-                    volume_mm3=round(float(k.size) * voxel_mm3, 3),
-                    mask=MaskRef(LABEL_MAP, spec.value),
-                    category=spec.category,
-                )
-            )
+        classes = [
+            MapLabel(spec.value, spec.name, spec.finding_type.code, spec.category)
+            for spec in self.spec.info.labels
+        ]
+        findings, voxels = label_map_findings(labels, volume.geometry, classes)
         return self.findings(
             findings,
             masks={LABEL_MAP: labels} if findings else {},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,50 @@ def _save_npz(path: Path, **arrays: Any) -> None:
         for name, array in arrays.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+
+
+#: the mask name under which a label map's findings keep their voxels
+LABEL_MAP = "labels"
+
+
+@dataclasses.dataclass(frozen=True)
+class MapLabel:
+    """One label value of a label map: its name, its finding type's code, its SEG category."""
+
+    value: int
+    name: str
+    code: Code
+    category: str | None = None
+
+
+def label_map_findings(
+    labels: Any, geometry: Any, classes: Iterable[MapLabel]
+) -> tuple[list[Finding], dict[str, int]]:
+    """One finding per label with voxels (its volume and centre; its voxels the map's, under
+    :data:`LABEL_MAP`), and each label's voxel count. ``labels`` is ``[slice, row, column]``
+    on ``geometry`` (a :class:`~dicomnode.imaging.Geometry`)."""
+    import numpy as np
+
+    voxel_mm3 = float(abs(np.linalg.det(geometry.affine[:3, :3])))
+    findings, voxels = [], {}
+    for label in classes:
+        k, j, i = np.nonzero(labels == label.value)
+        voxels[label.name] = int(k.size)
+        if not k.size:
+            continue
+        centre = geometry.voxel_to_patient([i.mean(), j.mean(), k.mean()])
+        findings.append(
+            Finding(
+                label=label.name,
+                finding_type=label.code,
+                probability=1.0,  # a label map: each voxel is the label's or not
+                centre_mm=tuple(round(float(c), 3) for c in centre),  # type: ignore[arg-type]
+                volume_mm3=round(float(k.size) * voxel_mm3, 3),
+                mask=MaskRef(LABEL_MAP, label.value),
+                category=label.category,
+            )
+        )
+    return findings, voxels
 
 
 def findings_to_json(findings: Findings, masks: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -55,13 +55,12 @@ from dicomnode.errors import (
     InferenceCancelled,
     ModelError,
 )
+from dicomnode.inference.findings import LABEL_MAP, label_map_findings
 from dicomnode.pipeline.inputs import find_series
 from dicomnode.pipeline.nifti import (
-    LABEL_MAP,
     LABELS_JSON,
     grid_json,
     is_nifti,
-    label_findings,
     map_labels,
     read_label_map,
     read_labels,
@@ -790,7 +789,7 @@ class CommandModel:
         present = [int(v) for v in np.unique(labels)]
         classes = map_labels(present, named, where)
         geometry = grids[reference]
-        found, voxels = label_findings(labels, geometry, classes)
+        found, voxels = label_map_findings(labels, geometry, classes)
         findings = Findings(
             model=self.name,
             version=self.settings.version,

@@ -19,22 +19,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dicomnode.errors import CommandOutputInvalid
+from dicomnode.inference.findings import MapLabel
 
 if TYPE_CHECKING:
-    from dicomnode.domain import Code, Finding
     from dicomnode.imaging import Geometry
 
 #: the label names and codes beside the label map
 LABELS_JSON = "labels.json"
 #: the mask the label map goes under in the findings
-LABEL_MAP = "labels"
 #: a voxel of the map may lie this far from the series' (mm), at most a tenth of a voxel
 GRID_TOLERANCE_MM = 0.1
 #: LPS <-> RAS
@@ -43,15 +41,6 @@ _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def is_nifti(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
-
-
-@dataclass(frozen=True)
-class MapLabel:
-    """One label value of a map: its name and its finding type's code."""
-
-    value: int
-    name: str
-    code: Code
 
 
 def grid_json(geometry: Geometry) -> dict[str, Any]:
@@ -259,31 +248,3 @@ def map_labels(
                 ) from exc
         out.append(MapLabel(value, name, spec.code))
     return out
-
-
-def label_findings(
-    labels: np.ndarray, geometry: Geometry, classes: Sequence[MapLabel]
-) -> tuple[list[Finding], dict[str, int]]:
-    """One finding per label with voxels (its volume and centre, its voxels the map's under
-    :data:`LABEL_MAP`), and each label's voxel count."""
-    from dicomnode.domain import Finding, MaskRef
-
-    voxel_mm3 = float(abs(np.linalg.det(geometry.affine[:3, :3])))
-    findings, voxels = [], {}
-    for label in classes:
-        k, j, i = np.nonzero(labels == label.value)
-        voxels[label.name] = int(k.size)
-        if not k.size:
-            continue
-        centre = geometry.voxel_to_patient([i.mean(), j.mean(), k.mean()])
-        findings.append(
-            Finding(
-                label=label.name,
-                finding_type=label.code,
-                probability=1.0,  # a label map: each voxel is the label's or not
-                centre_mm=tuple(round(float(c), 3) for c in centre),  # type: ignore[arg-type]
-                volume_mm3=round(float(k.size) * voxel_mm3, 3),
-                mask=MaskRef(LABEL_MAP, label.value),
-            )
-        )
-    return findings, voxels

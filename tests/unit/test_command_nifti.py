@@ -13,9 +13,9 @@ import pytest
 
 from dicomnode.errors import CommandOutputInvalid
 from dicomnode.imaging import Geometry
+from dicomnode.inference.findings import label_map_findings
 from dicomnode.pipeline.nifti import (
     grid_json,
-    label_findings,
     map_labels,
     read_label_map,
     read_labels,
@@ -130,7 +130,7 @@ def test_labels_come_from_labels_json_over_the_setting(tmp_path: Path) -> None:
     with pytest.raises(CommandOutputInvalid, match=r"label 1 \('x'\) has a code the node cannot"):
         map_labels([1], read_labels(path, {}, "m"), "m")
     # findings: one per label with voxels, its volume from the grid's voxel size
-    findings, voxels = label_findings(node_map(), GEOMETRY, labels)
+    findings, voxels = label_map_findings(node_map(), GEOMETRY, labels)
     assert voxels == {"liver": 2, "lesion": 8, "spleen": 0}
     assert [(f.label, f.volume_mm3) for f in findings] == [
         ("liver", round(2 * 0.8 * 0.9 * 2.5, 3)),
