@@ -37,6 +37,7 @@ PHI_KEYS = frozenset(
         "inputs",
         "dedupe_key",
         "path",
+        "program_output",  # a command model's stdout and stderr: its words may name the patient
     }
 )
 #: free-text keys that may quote a UID

@@ -343,6 +343,11 @@ class CommandModel:
                     stream: str((folder / f"{stream}.log").relative_to(context.output_root))
                     for stream in ("stdout", "stderr")
                 },
+                # what `jobs show` and the API show of the run (the files hold it all); the
+                # program's own words may name the patient: a token without phi never sees them
+                "program_output": {
+                    stream: tail(folder / f"{stream}.log") for stream in ("stdout", "stderr")
+                },
                 "inputs": [
                     {
                         "series_instance_uid": item.series_instance_uid,

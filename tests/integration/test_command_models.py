@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicomnode.api.phi import redact
 from dicomnode.app import Node
 from dicomnode.config import CommandModelSettings, ModelsSettings
 from dicomnode.domain import JobState
@@ -188,6 +189,9 @@ def test_command_models_run_through_the_worker(
     assert not (folder / "in").exists()
     assert "wrote a SEG and an SR" in (folder / "stdout.log").read_text()
     assert good.result["exit_code"] == 0 and good.result["contract"] == "dicomnode"
+    # what `jobs show` and the API show of the run; a token without phi never sees it
+    assert good.result["program_output"]["stdout"] == "wrote a SEG and an SR"
+    assert redact(good.result)["program_output"] is None
 
     # findings.json: the node's own SR of the input's study, with the program's finding
     findings = jobs["findings"]
