@@ -271,6 +271,16 @@ COMMAND_CONTRACTS = ("dicomnode", "mercure", "monai-deploy")
 _NOT_YET_CONTRACTS = ("nifti", "totalsegmentator")
 
 
+class AcceptsSettings(_Section):
+    """What a model the site configures (a bundle of its own, a command) runs on, as a
+    package's ``[accepts]``: a series that is not refuses the job with the reason."""
+
+    modalities: tuple[str, ...] = ()  # empty: any
+    sop_classes: tuple[str, ...] = ()  # empty: any
+    min_slices: int = Field(1, ge=1)
+    body_parts: tuple[str, ...] = ()  # Body Part Examined (e.g. "ABDOMEN"); empty: any
+
+
 class CommandModelSettings(_Section):
     """A model that is a program or a container image (``[models.commands.NAME]``): the worker
     writes the job's input DICOM files to ``in/`` in a fresh folder, runs ``command`` (or the
@@ -305,6 +315,8 @@ class CommandModelSettings(_Section):
     model_path: Path | None = None
     #: the module's settings: ``task.json``'s ``process.settings`` under ``mercure``
     settings: dict[str, Any] = {}
+    #: what it runs on (modalities, SOP classes, body parts, instances at least); unset: any
+    accepts: AcceptsSettings | None = None
 
     @model_validator(mode="after")
     def _check_command_or_image(self) -> CommandModelSettings:
@@ -339,15 +351,6 @@ class BundleLabelSettings(_Section):
     category: Literal["anatomy", "lesion"] | None = None
 
 
-class BundleAcceptsSettings(_Section):
-    """What a bundle of its own runs on, as a package's ``[accepts]``."""
-
-    modalities: tuple[str, ...] = ()  # empty: any
-    sop_classes: tuple[str, ...] = ()  # empty: any
-    min_slices: int = Field(1, ge=1)
-    body_parts: tuple[str, ...] = ()  # Body Part Examined (e.g. "ABDOMEN"); empty: any
-
-
 class BundleSettings(_Section):
     """What the site says of a MONAI bundle that is a model of its own
     (``[models.bundle_settings.NAME]``): it wins over what metadata.json says."""
@@ -358,7 +361,7 @@ class BundleSettings(_Section):
     #: classification reported (unset: the argmax class)
     threshold: float | None = Field(None, gt=0, lt=1)
     #: unset: the modality of metadata.json's input
-    accepts: BundleAcceptsSettings | None = None
+    accepts: AcceptsSettings | None = None
     level: Literal["series", "study"] = "series"  # "study" is refused at start, for now
     description: str = ""  # unset: metadata.json's task
 

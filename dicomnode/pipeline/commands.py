@@ -53,10 +53,11 @@ from dicomnode.errors import (
     CommandModelFailed,
     CommandOutputInvalid,
     InferenceCancelled,
+    InputsRejected,
     ModelError,
 )
 from dicomnode.inference.findings import LABEL_MAP, label_map_findings
-from dicomnode.pipeline.inputs import find_series
+from dicomnode.pipeline.inputs import check_series, find_series
 from dicomnode.pipeline.nifti import (
     LABELS_JSON,
     grid_json,
@@ -324,6 +325,7 @@ class CommandModel:
         job = context.job
         with self._session() as session:
             series = find_series(session, job.inputs, context.storage_dir, self.name)
+        self._check_accepted(series)
         folder = context.output_root / "results" / str(job.id) / COMMAND_DIR
         if folder.exists():  # an earlier attempt's, written straight into the spool
             shutil.rmtree(folder)
@@ -369,6 +371,27 @@ class CommandModel:
         return result
 
     # -- the steps -------------------------------------------------------------------------
+
+    def _check_accepted(self, series: Sequence[SeriesFiles]) -> None:
+        """InputsRejected when a series is not what ``accepts`` says the program runs on."""
+        given = self.settings.accepts
+        if given is None:
+            return
+        from dicomnode.inference.protocol import Accepts
+
+        accepts = Accepts(
+            modalities=given.modalities,
+            sop_classes=given.sop_classes,
+            min_slices=given.min_slices,
+            body_parts=given.body_parts,
+        )
+        for item in series:
+            check_series(self.name, accepts, item)
+            if len(item.paths) < accepts.min_slices:
+                raise InputsRejected(
+                    f"model {self.name!r} needs at least {accepts.min_slices} instances; series "
+                    f"{item.series_instance_uid} has {len(item.paths)}"
+                )
 
     def _write_inputs(
         self, context: JobContext, series: Sequence[SeriesFiles], folder: Path, input_dir: Path

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from dicomnode.imaging import Volume
-    from dicomnode.inference.protocol import ModelSpec
+    from dicomnode.inference.protocol import Accepts, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -101,22 +101,28 @@ def load_inputs(
 def check_accepted(spec: ModelSpec, item: SeriesFiles) -> None:
     """InputsRejected when the series' modality, SOP classes or body part are not the
     model's."""
-    accepts = spec.info.accepts
+    check_series(spec.name, spec.info.accepts, item)
+
+
+def check_series(model: str, accepts: Accepts, item: SeriesFiles) -> None:
+    """InputsRejected when the series' modality, SOP classes or body part are not those
+    ``accepts`` names (any model: a package, a bundle, a command)."""
+    name = model
     if accepts.modalities and item.modality not in accepts.modalities:
         raise InputsRejected(
-            f"model {spec.name!r} accepts modality {', '.join(accepts.modalities)}; series "
+            f"model {name!r} accepts modality {', '.join(accepts.modalities)}; series "
             f"{item.series_instance_uid} is {item.modality or 'without a modality'}"
         )
     if accepts.sop_classes:
         other = sorted(item.sop_classes - set(accepts.sop_classes))
         if other:
             raise InputsRejected(
-                f"model {spec.name!r} accepts SOP classes {', '.join(accepts.sop_classes)}; "
+                f"model {name!r} accepts SOP classes {', '.join(accepts.sop_classes)}; "
                 f"series {item.series_instance_uid} has {', '.join(other)}"
             )
     if accepts.body_parts and item.body_part.upper() not in accepts.body_parts:
         raise InputsRejected(
-            f"model {spec.name!r} accepts body part {', '.join(accepts.body_parts)}; series "
+            f"model {name!r} accepts body part {', '.join(accepts.body_parts)}; series "
             f"{item.series_instance_uid} is {item.body_part or 'without a Body Part Examined'}"
         )
 

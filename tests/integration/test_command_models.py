@@ -128,6 +128,8 @@ def test_command_models_run_through_the_worker(
         script, "sleep", timeout_s=3, environment={
             "PYTHONPATH": str(ROOT), "CMD_TEST": "yes", "CMD_PID_FILE": str(pid_file)}
     )  # fmt: skip
+    # a program for MR only: a CT job is refused before it runs
+    commands["cmd_mronly"] = command(script, "good", accepts={"modalities": ["MR"]})
     with peers.storescp(tmp_path / "pacs", ae_title="PACS") as pacs:
         node = start_node(
             models={"commands": commands},
@@ -141,7 +143,7 @@ def test_command_models_run_through_the_worker(
         assert stored.returncode == 0, stored.stderr
         first = dcmread(files[0])
         study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-        for mode in MODES:
+        for mode in (*MODES, "mronly"):
             node.jobs.enqueue(
                 dedupe_key=f"cmd/{mode}",
                 route="commands",
@@ -227,6 +229,10 @@ def test_command_models_run_through_the_worker(
         assert "SOMEONE-ELSE" not in job.error and str(first.PatientID) not in job.error
         # nothing of a failed run was published, so nothing of it can be sent
         assert not (node.spool.root / "results" / str(job.id)).exists(), mode
+    refused = jobs["mronly"]
+    assert refused.state is JobState.FAILED and refused.error is not None
+    assert re.search(r"'cmd_mronly' accepts modality MR; series .* is CT", refused.error)
+    assert not (node.spool.root / "results" / str(refused.id)).exists()
     assert {o["job_id"] for o in _sends(node)} == {good.id, findings.id}
     # the timeout killed the program's whole process group, its grandchild too
     grandchild = int(pid_file.read_text())
