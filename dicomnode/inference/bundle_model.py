@@ -282,6 +282,13 @@ def bundle_spec(name: str, path: Path | str, settings: BundleSettings | None = N
     return ModelSpec(info, layout.root, layout.root, uncoded_labels=tuple(uncoded))
 
 
+def ras_affine(volume: Volume) -> Any:
+    """The series' affine as MONAI's image loader gives it: ``[x, y, z]`` voxels to RAS mm."""
+    import numpy as np
+
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.geometry.affine  # LPS -> RAS
+
+
 def series_image(volume: Volume) -> Any:
     """The series as MONAI's image loader gives it: a MetaTensor ``[x, y, z]`` (column, row,
     slice) with the affine in RAS and no channel axis."""
@@ -295,7 +302,7 @@ def series_image(volume: Volume) -> Any:
             "a bundle runs on grey-level volumes"
         )
     array = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.geometry.affine  # LPS -> RAS
+    affine = ras_affine(volume)
     meta = {
         "original_affine": affine.copy(),
         "spatial_shape": np.array(array.shape),
@@ -466,11 +473,12 @@ class BundleModel(Model):
         import numpy as np
 
         out, _ = self.run(volume)
-        source = series_image(volume)
-        if tuple(out.shape[1:]) != tuple(source.shape) or not np.allclose(
-            np.asarray(out.affine), np.asarray(source.affine), atol=1e-3
+        # the source grid, without a second copy of the series: [x, y, z] and its RAS affine
+        shape, affine = tuple(reversed(volume.array.shape[:3])), ras_affine(volume)
+        if tuple(out.shape[1:]) != shape or not np.allclose(
+            np.asarray(out.affine), affine, atol=1e-3
         ):
-            out = self._to_source(out, source)
+            out = self._to_source(out, shape, affine)
         array = out.detach().cpu()
         labels = self.spec.info.labels
         threshold = self.spec.info.thresholds.get("probability")
@@ -550,7 +558,7 @@ class BundleModel(Model):
             },
         )
 
-    def _to_source(self, out: Any, source: Any) -> Any:
+    def _to_source(self, out: Any, shape: tuple[int, ...], affine: Any) -> Any:
         """The prediction resampled (nearest) onto the source grid: for a bundle whose
         postprocessing does not invert its spatial preprocessing."""
         import torch
@@ -566,7 +574,7 @@ class BundleModel(Model):
         if not isinstance(out, MetaTensor):
             raise BundleInvalid(
                 f"bundle {str(self.spec.bundle)!r}: its prediction has no affine and is "
-                f"{tuple(out.shape[1:])}, not the series' {tuple(source.shape)}"
+                f"{tuple(out.shape[1:])}, not the series' {shape}"
             )
         resample = SpatialResample(mode="nearest", dtype=torch.float64)  # type: ignore[arg-type]
-        return resample(out.float(), dst_affine=source.affine, spatial_size=tuple(source.shape))
+        return resample(out.float(), dst_affine=torch.as_tensor(affine), spatial_size=shape)
