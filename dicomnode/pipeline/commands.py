@@ -530,7 +530,10 @@ class CommandModel:
                         f"ran past its timeout of {self.settings.timeout_s:g} s and was killed",
                         stderr_log,
                     )
-                if context.cancelled.wait(min(left, 0.1)):
+                # wait on the program itself (its end is seen at once), the cancel each 0.1 s
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(min(left, 0.1))
+                if process.returncode is None and context.cancelled.is_set():
                     _kill_container(container)
                     _kill_group(process)
                     raise InferenceCancelled(
