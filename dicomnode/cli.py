@@ -592,12 +592,18 @@ def _models_check(args: argparse.Namespace) -> int:
         accepted_modalities,
         check_objects,
         dciodvfy_tool,
+        uncoded_labels,
         write_phantom,
     )
 
+    settings = load_settings(args.config)
+    for label in uncoded_labels(settings, args.name):
+        print(f"warning: label {label!r} has no code: neither [models.bundle_settings."
+              f"{args.name}] labels nor SNOMED CT names it; coded in the node's local scheme, "
+              "which no viewer knows")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dicomnode-check-") as scratch:
         if not args.files:
-            modalities = accepted_modalities(load_settings(args.config), args.name)
+            modalities = accepted_modalities(settings, args.name)
             args.files = write_phantom(modalities, Path(scratch) / "phantom")
             print(f"input: a phantom of {len({f.parent for f in args.files})} series "
                   f"({args.files[0].parent.name})")  # fmt: skip

@@ -258,6 +258,15 @@ def _dciodvfy(tool: str, path: Path) -> list[str]:
     return errors
 
 
+def uncoded_labels(settings: Settings, name: str) -> tuple[str, ...]:
+    """The labels of model ``name`` that neither the site nor SNOMED CT codes (a bundle's:
+    they get the node's local code, which no viewer knows)."""
+    from dicomnode.inference.registry import ModelRegistry
+
+    spec = ModelRegistry.from_settings(settings).packages.get(name)
+    return tuple(spec.uncoded_labels) if spec is not None else ()
+
+
 def accepted_modalities(settings: Settings, name: str) -> tuple[str, ...]:
     """The modalities model ``name`` accepts (empty: any, or it does not say)."""
     from dicomnode.inference.registry import ModelRegistry

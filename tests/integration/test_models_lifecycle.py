@@ -159,3 +159,21 @@ def test_check_objects_names_what_is_wrong(tmp_path: Path) -> None:
     (check,) = check_objects(other)
     assert any("is not the input's" in p for p in check.problems)
     assert any("no SR storage class" in p for p in check.problems)
+
+
+@pytest.mark.slow
+def test_models_check_of_a_bundle_warns_of_labels_without_a_code(tmp_path: Path) -> None:
+    """A Model Zoo-style bundle of its own, checked on the phantom of its modality: its objects
+    pass, and a label neither the site nor SNOMED CT codes is named in a warning."""
+    from dicomnode.testing.bundles import write_zoo_bundle
+    from tests.unit.test_bundle_model import zoo_inference
+
+    bundle = write_zoo_bundle(
+        tmp_path / "bundle", zoo_inference(None), channels={"0": "background", "1": "widget"}
+    )
+    config = tmp_path / "node.toml"
+    config.write_text(f'[models.bundles]\nzoo_widget = "{bundle}"\n')
+    result = cli("models", "check", "zoo_widget", "--config", str(config), env=_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning: label 'widget' has no code" in result.stdout
+    assert "ok zoo_widget: 2 of 2 object(s) valid" in result.stdout
