@@ -296,17 +296,28 @@ class CommandModel:
         from dicomnode.inference.device import resolve_device
 
         self._refusal = None
+        self.runtime = None
         if self.settings.image is not None:
             self.runtime = find_runtime(self.settings.runtime)
-            if self.runtime is None:
-                wanted = self.settings.runtime or "docker or podman"
-                self._refusal = (
-                    f"command model {self.name!r} runs the image {self.settings.image!r}, but "
-                    f"{wanted} is not installed (not found on PATH)"
-                )
-        elif shutil.which(program := self.settings.command[0]) is None:
+        if self.runtime is None and self.settings.image is not None and not self.settings.command:
+            wanted = self.settings.runtime or "docker or podman"
+            self._refusal = (
+                f"command model {self.name!r} runs the image {self.settings.image!r}, but "
+                f"{wanted} is not installed (not found on PATH), and it names no command to "
+                "run without one"
+            )
+        elif self.runtime is None and shutil.which(program := self.settings.command[0]) is None:
             self._refusal = (
                 f"command model {self.name!r}: program {program!r} not found or not executable"
+            )
+        elif self.runtime is None and self.settings.image is not None:
+            # the issue's "the plain command otherwise": no container runtime on this host
+            logger.info(
+                "command model %s: no container runtime for image %r; its command runs on "
+                "this machine",
+                self.name,
+                self.settings.image,
+                extra={"action": "model_loaded"},
             )
         if self._refusal is not None:
             if self.pipeline.strict:
@@ -550,10 +561,11 @@ class CommandModel:
     def _container(
         self, context: JobContext, folder: Path, input_dir: Path, output_dir: Path
     ) -> ContainerRun | None:
-        """How the job's container runs; None for a program on this machine."""
-        if self.settings.image is None:
+        """How the job's container runs; None for a program on this machine (no image, or no
+        container runtime here: then its command runs as a plain program)."""
+        if self.settings.image is None or self.runtime is None:
             return None
-        assert self.runtime is not None and self.device is not None
+        assert self.device is not None
         model = self.settings.model_path
         return ContainerRun(
             runtime=self.runtime,

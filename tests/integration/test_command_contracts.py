@@ -191,6 +191,21 @@ def test_an_image_without_a_runtime_is_refused_at_load(
         CommandModel("seg", podman, PipelineSettings(strict=True)).load("cpu")
 
 
+def test_an_image_with_a_command_runs_the_command_without_a_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's "docker or podman when one is installed; the plain command otherwise"."""
+    program = tmp_path / "seg-tool"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # the program, neither docker nor podman
+    settings = CommandModelSettings(image="example/seg:1", command=["seg-tool", "{input}"])
+    model = CommandModel("seg", settings, PipelineSettings(strict=True))
+    model.load("cpu")  # no refusal: the command runs on this machine
+    assert model._refusal is None and model.runtime is None
+    assert model._container(None, tmp_path, tmp_path / "in", tmp_path / "out") is None  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_mercure_modules_and_monai_apps_run_through_the_worker(
     start_node: Callable[..., Node], tmp_path: Path
