@@ -483,8 +483,7 @@ class BundleModel(Model):
         labels = self.spec.info.labels
         threshold = self.spec.info.thresholds.get("probability")
         if array.shape[0] > 1:  # one channel per label, the background first (not discretised)
-            array = array.argmax(0, keepdim=True)
-            values = array[0].numpy().astype(np.int64)
+            values = array.argmax(0).numpy()  # int64, once (no further full-size int64 copies)
         elif threshold is not None and len(labels) == 1:  # one label's probabilities (sigmoid)
             values = np.where(array[0].float().numpy() >= threshold, labels[0].value, 0)
         else:
@@ -492,7 +491,8 @@ class BundleModel(Model):
         top = max((label.value for label in self.spec.info.labels), default=0)
         values[(values < 0) | (values > top)] = 0
         dtype = np.uint8 if top < 256 else np.uint16
-        return np.ascontiguousarray(values.transpose(2, 1, 0)).astype(dtype)
+        # narrow first, then the [slice, row, column] copy: one small array, not two int64 ones
+        return np.ascontiguousarray(values.astype(dtype).transpose(2, 1, 0))
 
     def class_probabilities(self, volume: Volume) -> Any:
         """The probability of each class (in channel order) the bundle gives ``volume``: its
