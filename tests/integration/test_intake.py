@@ -112,13 +112,15 @@ def test_series_with_a_gap_waits_for_the_grace(
 
 
 def test_quiet_period_without_release(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    # no background: the test sweeps itself, and no worker may take the job past queued first
     node = start_node(
+        background=False,
         routes=[
             {
                 **CHEST,
                 "completion": {"quiet_s": 0.5, "release_grace_s": 60, "expected_counts": False},
             }
-        ]
+        ],
     )
     intake, jobs = _intake(node)
     assert peers.storescu(port_of(node), _ct(tmp_path, "ct", slices=3)).returncode == 0
