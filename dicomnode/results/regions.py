@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dicomnode.domain import Findings
 from dicomnode.imaging.geometry import Geometry
 
 #: angular bins of an outline: a point every 5 degrees at most
@@ -178,3 +179,23 @@ def _long_axis(points: list[Point]) -> tuple[Point, Point]:
     distances = np.hypot(*(array[:, None, :] - array[None, :, :]).transpose(2, 0, 1))
     a, b = np.unravel_index(int(np.argmax(distances)), distances.shape)
     return points[min(a, b)], points[max(a, b)]
+
+
+def finding_regions(
+    findings: Findings, geometry: Geometry, attention: np.ndarray | None = None
+) -> tuple[KeyRegion, ...]:
+    """Each finding's region, in the findings' order: on its mask's key slice; else around its
+    centre; else (a classification) where the model looked, or the whole middle slice."""
+    shape = geometry.shape
+    regions = []
+    for finding in findings.findings:
+        region = None
+        if finding.mask is not None and finding.mask.name in findings.masks:
+            labels = np.asarray(findings.masks[finding.mask.name])
+            region = mask_region(labels, finding.mask.value)
+        if region is None and finding.centre_mm is not None:
+            region = point_region(geometry, finding.centre_mm, finding.diameter_mm)
+        if region is None:
+            region = attention_region(attention, shape)
+        regions.append(region)
+    return tuple(regions)
