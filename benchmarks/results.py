@@ -82,6 +82,7 @@ def measure(paths: list[Path], folder: Path, runs: int) -> dict[str, tuple[float
     from dicomnode.results import FindingClass, write_objects
     from dicomnode.results.build import BuiltObjects
     from dicomnode.results.common import Producer
+    from dicomnode.results.regions import finding_regions
     from dicomnode.results.seg import build_seg
     from dicomnode.results.source import SourceImages, read_headers
     from dicomnode.results.sr import CT_CHEST, build_sr
@@ -103,8 +104,9 @@ def measure(paths: list[Path], folder: Path, runs: int) -> dict[str, tuple[float
             seg = build_seg(findings, source, producer, uids, WHEN, series_number=9901,
                             series_description="lung_nodule segmentation")  # fmt: skip
             t2 = time.perf_counter()
+            regions = finding_regions(findings, volume.geometry)
             sr = build_sr(findings, source, list(source.datasets), producer, uids, WHEN, seg=seg,
-                          procedure=CT_CHEST, series_number=9902, classes=classes,
+                          procedure=CT_CHEST, series_number=9902, classes=classes, regions=regions,
                           series_description="lung_nodule findings")  # fmt: skip
             t3 = time.perf_counter()
             assert seg is not None

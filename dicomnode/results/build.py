@@ -74,6 +74,7 @@ def build_objects(
     """The SEG, SR and SC datasets of ``findings`` on ``inputs`` (``paths``: every file of the
     input series); ``classes``: the model's labels; ``procedure``: the model's declared
     procedure reported, if any."""
+    from dicomnode.results.regions import finding_regions
     from dicomnode.results.sc import ATTENTION, build_sc
     from dicomnode.results.seg import build_seg
     from dicomnode.results.sr import build_sr, procedure_reported
@@ -101,6 +102,8 @@ def build_objects(
     read = time.perf_counter()
     out: list[tuple[str, str, Dataset]] = []
     order = {c.label: n for n, c in enumerate(classes)}
+    attention = findings.masks.get(ATTENTION) if findings.masks else None
+    regions = finding_regions(findings, volume.geometry, attention)
     seg = None
     if settings.seg:
         seg = build_seg(
@@ -123,11 +126,10 @@ def build_objects(
             seg=seg, procedure=procedure_code,
             series_number=settings.sr_series_number,
             series_description=producer.describe(settings.sr_description),
-            classes=classes,
+            regions=regions, classes=classes,
         )  # fmt: skip
         out.append(("SR", "sr.dcm", sr))
     reported = time.perf_counter()
-    attention = findings.masks.get(ATTENTION) if findings.masks else None
     if settings.sc and attention is not None:
         images = build_sc(
             attention, source, producer, uids, when,

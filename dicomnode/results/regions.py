@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dicomnode.domain import Findings
+from dicomnode.domain import Finding, Findings
+from dicomnode.errors import ResultsError
 from dicomnode.imaging.geometry import Geometry
 
 #: angular bins of an outline: a point every 5 degrees at most
@@ -90,7 +91,7 @@ def point_region(
 ) -> KeyRegion:
     """A finding known only by its centre (and diameter): a circle of that diameter around
     it, or the point, on the slice nearest to it."""
-    i, j, k = (float(v) for v in geometry.patient_to_voxel(np.asarray(centre_mm))[0])
+    i, j, k = (float(v) for v in np.atleast_2d(geometry.patient_to_voxel(centre_mm))[0])
     slices = geometry.shape[0]
     index = int(np.clip(round(k), 0, slices - 1))
     centre = (i + 0.5, j + 0.5)
@@ -181,6 +182,18 @@ def _long_axis(points: list[Point]) -> tuple[Point, Point]:
     return points[min(a, b)], points[max(a, b)]
 
 
+def mask_of(findings: Findings, finding: Finding) -> np.ndarray:
+    """The label map ``finding`` refers to."""
+    assert finding.mask is not None
+    name = finding.mask.name
+    if name not in findings.masks:
+        raise ResultsError(
+            f"finding {finding.label!r} refers to mask {name!r}; the model returned "
+            f"masks {sorted(findings.masks) or 'none'}"
+        )
+    return np.asarray(findings.masks[name])
+
+
 def finding_regions(
     findings: Findings, geometry: Geometry, attention: np.ndarray | None = None
 ) -> tuple[KeyRegion, ...]:
@@ -190,9 +203,8 @@ def finding_regions(
     regions = []
     for finding in findings.findings:
         region = None
-        if finding.mask is not None and finding.mask.name in findings.masks:
-            labels = np.asarray(findings.masks[finding.mask.name])
-            region = mask_region(labels, finding.mask.value)
+        if finding.mask is not None:
+            region = mask_region(mask_of(findings, finding), finding.mask.value)
         if region is None and finding.centre_mm is not None:
             region = point_region(geometry, finding.centre_mm, finding.diameter_mm)
         if region is None:

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from dicomnode.domain import Code, Findings
 from dicomnode.errors import ResultsError
 from dicomnode.results.common import Producer, lo, stamp
+from dicomnode.results.regions import mask_of
 from dicomnode.results.source import SourceImages
 from dicomnode.results.uids import ResultUIDs
 
@@ -90,12 +91,7 @@ def plan_segments(
         if ref is None:
             finding_segments.append(None)
             continue
-        if ref.name not in findings.masks:
-            raise ResultsError(
-                f"finding {finding.label!r} refers to mask {ref.name!r}; the model returned "
-                f"masks {sorted(findings.masks) or 'none'}"
-            )
-        mask = findings.masks[ref.name]
+        mask = mask_of(findings, finding)
         lut = luts.get(ref.name)
         if lut is None:
             top = int(mask.max()) if mask.size else 0

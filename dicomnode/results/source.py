@@ -66,6 +66,11 @@ class SourceImages:
     def first(self) -> Dataset:
         return self.datasets[0]
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(slices, rows, columns)."""
+        return (len(self.slices), int(self.first.Rows), int(self.first.Columns))
+
     def dataset_of(self, k: int) -> tuple[Dataset, int | None]:
         """The dataset and frame number slice ``k`` came from."""
         index, frame = self.slices[k]

@@ -23,12 +23,16 @@ from pydicom.sequence import Sequence as DicomSequence
 from dicomnode.domain import Code, Finding, Findings
 from dicomnode.errors import ResultsError
 from dicomnode.results.common import DEMO_NOTE, Producer, stamp
+from dicomnode.results.regions import KeyRegion, whole_image
 from dicomnode.results.seg import SEG_STORAGE, SegResult
 from dicomnode.results.source import SourceImages
 from dicomnode.results.uids import ResultUIDs
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 PROBABILITY = Code("122157", "DCM", "Probability")
+#: a grade as a number, so that viewers listing a group's numbers show it
+SEVERITY = Code("246112005", "SCT", "Severity")
+GRADE_UNIT = Code("{grade}", "UCUM", "grade")
 COMMENT = Code("121106", "DCM", "Comment")
 PIXELS = Code("{pixels}", "UCUM", "Pixels")
 FINDING = Code("121071", "DCM", "Finding")
@@ -98,9 +102,11 @@ def build_sr(
     procedure: Code,
     series_number: int,
     series_description: str,
+    regions: Sequence[KeyRegion],
     classes: Sequence[FindingClass] = (),
 ) -> Dataset:
-    """The TID 1500 report of ``findings`` on ``source`` (``library``: every source image)."""
+    """The TID 1500 report of ``findings`` on ``source`` (``library``: every source image;
+    ``regions``: each finding's region on its key slice, from :mod:`dicomnode.results.regions`)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -116,20 +122,29 @@ def build_sr(
     )
     context = hd.sr.ObservationContext(observer_device_context=device)
     algorithm = hd.sr.AlgorithmIdentification(name=producer.model, version=producer.version)
+    if len(regions) != len(findings.findings):
+        raise ResultsError(
+            f"{len(regions)} image regions for {len(findings.findings)} findings; expected one each"
+        )
     groups: list[Any] = []
-    for index, finding in enumerate(findings.findings):
+    for index, (finding, region) in enumerate(zip(findings.findings, regions, strict=True)):
         segment = seg.finding_segments[index] if seg is not None else None
         groups.extend(
-            _groups(finding, index, segment, seg, source, frame_of_reference, uids, algorithm)
+            _groups(
+                finding, index, region, segment, seg, source, frame_of_reference, uids, algorithm
+            )
         )
     comments = []
     if producer.demo:
         comments.append(f"{producer.model} {producer.version} ran with {DEMO_NOTE}.")
     if not groups:
         looked_for = list(classes) or [FindingClass(producer.model, FINDING)]
+        # said of the whole middle image: a viewer needs an image to show any group on
+        everywhere = _image_region(whole_image(source.shape, len(source.slices) // 2), source)
         for number, absent in enumerate(looked_for, start=1):
             groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    referenced_region=everywhere,
                     tracking_identifier=hd.sr.TrackingIdentifier(
                         uid=uids.uid("absent", absent.label),
                         identifier=f"no {absent.label} ({number})",
@@ -194,6 +209,7 @@ def _is(item: Dataset, concept: Any) -> bool:
 def _groups(
     finding: Finding,
     index: int,
+    region: KeyRegion,
     segment: int | None,
     seg: SegResult | None,
     source: SourceImages,
@@ -201,8 +217,9 @@ def _groups(
     uids: ResultUIDs,
     algorithm: Any,
 ) -> list[Any]:
-    """One finding's measurement groups: volumetric (TID 1411) with its SEG segment (and a
-    planar point group, TID 1410, for its centre) or its centre; else TID 1501."""
+    """One finding's measurement groups, all with its tracking identifier and UID: first a
+    planar ROI group (TID 1410) with its numbers on the 2-D region where it is largest (what a
+    viewer draws and lists), then its SEG segment (TID 1411) and its centre (a 3-D point)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -211,9 +228,6 @@ def _groups(
         uid=uids.uid("finding", number), identifier=f"{finding.label} {number}"
     )
     sites = [hd.sr.FindingSite(_code(finding.finding_site))] if finding.finding_site else None
-    centre = None
-    if finding.centre_mm is not None and frame_of_reference:
-        centre = np.array([finding.centre_mm], dtype=np.float64)
     measurements = []
     if finding.diameter_mm is not None:
         measurements.append(
@@ -223,19 +237,28 @@ def _groups(
         measurements.append(
             _measure(codes.SCT.Volume, finding.volume_mm3, codes.UCUM.CubicMillimeter)
         )
+    grade = _grade(finding)
+    if grade is not None:
+        measurements.append(_measure(_code(SEVERITY), grade, _code(GRADE_UNIT)))
     measurements.append(_measure(_code(PROBABILITY), finding.probability, codes.UCUM.NoUnits))
     evaluations = [hd.sr.QualitativeEvaluation(*pair) for pair in _evaluations_of(finding)]
-    common: dict[str, Any] = {
+    about: dict[str, Any] = {
         "tracking_identifier": tracking,
         "finding_type": _code(finding.finding_type),
         "algorithm_id": algorithm,
         "finding_sites": sites,
-        "measurements": measurements,
-        "qualitative_evaluations": evaluations or None,
     }
+    groups: list[Any] = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=_image_region(region, source),
+            measurements=measurements,
+            qualitative_evaluations=evaluations or None,
+            **about,
+        )
+    ]
     series = hd.sr.SourceSeriesForSegmentation(source.series_instance_uid)
     if segment is not None and seg is not None:
-        groups: list[Any] = [
+        groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=SEG_STORAGE,
@@ -243,46 +266,58 @@ def _groups(
                     segment_number=segment,
                     source_series=series,
                 ),
-                **common,
+                **about,
             )
-        ]
-        if centre is not None:
-            # TID 1411 holds a segment or a region, not both: the centre is a second group
-            # about the same finding (same tracking identifier and UID), a point region.
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    referenced_region=hd.sr.ImageRegion3D("POINT", centre, frame_of_reference),
-                    finding_type=_code(finding.finding_type),
-                    algorithm_id=algorithm,
-                    finding_sites=sites,
-                )
+        )
+    if finding.centre_mm is not None and frame_of_reference:
+        centre = np.array([finding.centre_mm], dtype=np.float64)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=hd.sr.ImageRegion3D("POINT", centre, frame_of_reference),
+                **about,
             )
-        return groups
-    if centre is not None:
-        return [
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                referenced_volume_surface=hd.sr.VolumeSurface(
-                    "POINT", centre, frame_of_reference, source_series=series
-                ),
-                **common,
-            )
-        ]
-    return [hd.sr.MeasurementsAndQualitativeEvaluations(**common)]
+        )
+    return groups
+
+
+def _image_region(region: KeyRegion, source: SourceImages) -> Any:
+    """``region`` as an SCOORD on the source image (and frame) of its slice."""
+    import highdicom as hd
+
+    ds, frame = source.dataset_of(region.slice_index)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues(region.graphic_type),
+        graphic_data=region.graphic_data(),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            referenced_frame_numbers=None if frame is None else [frame],
+        ),
+    )
+
+
+def _grade(finding: Finding) -> int | None:
+    """A graded finding's grade (on the ICDR scale, 0 to 4), else None."""
+    attributes = finding.attributes or {}
+    grade = attributes.get("grade")
+    if grade is None or str(attributes.get("scale", "ICDR")).upper() != "ICDR":
+        return None
+    try:
+        value = int(grade)
+    except (TypeError, ValueError) as exc:
+        raise ResultsError(
+            f"finding {finding.label!r} has ICDR grade {grade!r}; expected 0 to 4"
+        ) from exc
+    if value not in ICDR:
+        raise ResultsError(f"finding {finding.label!r} has ICDR grade {grade!r}; expected 0 to 4")
+    return value
 
 
 def _evaluations_of(finding: Finding) -> list[tuple[Any, Any]]:
     """Coded evaluations: a graded finding's grade; a finding without a place, its presence."""
-    attributes = finding.attributes or {}
-    grade = attributes.get("grade")
-    if grade is not None and str(attributes.get("scale", "ICDR")).upper() == "ICDR":
-        try:
-            value = ICDR[int(grade)]
-        except (KeyError, ValueError) as exc:
-            raise ResultsError(
-                f"finding {finding.label!r} has ICDR grade {grade!r}; expected 0 to 4"
-            ) from exc
-        return [(_code(finding.finding_type), _code(value))]
+    grade = _grade(finding)
+    if grade is not None:
+        return [(_code(finding.finding_type), _code(ICDR[grade]))]
     if finding.mask is None and finding.centre_mm is None:
         return [(_code(finding.finding_type), _code(PRESENT))]
     return []

@@ -48,6 +48,7 @@ def warm_up() -> float:
     if _WARM:
         return 0.0
     from dicomnode.results.common import Producer
+    from dicomnode.results.regions import mask_region
     from dicomnode.results.seg import build_seg
     from dicomnode.results.source import SourceImages
     from dicomnode.results.sr import CT_CHEST, build_sr
@@ -65,8 +66,10 @@ def warm_up() -> float:
     when = datetime(2026, 1, 1, tzinfo=UTC)
     seg = build_seg(findings, source, producer, uids, when, series_number=1,
                     series_description="warm-up")  # fmt: skip
+    region = mask_region(mask, 1)
+    assert region is not None
     build_sr(findings, source, datasets, producer, uids, when, seg=seg, procedure=CT_CHEST,
-             series_number=2, series_description="warm-up")  # fmt: skip
+             series_number=2, series_description="warm-up", regions=[region])  # fmt: skip
     _WARM = True
     seconds = time.perf_counter() - started
     logger.debug("results: highdicom warmed up in %.2f s", seconds, extra={"action": "results"})

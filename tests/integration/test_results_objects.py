@@ -176,14 +176,22 @@ def test_dcmqi_and_highdicom_read_the_sr(
     path = written["storage"] / written["objects"]["SR"].path
     seg_uid = written["objects"]["SEG"].sop_instance_uid
     report = validators.tid1500reader(path, tmp_path / "sr.json")
-    volumetric = [m for m in report["Measurements"] if "ReferencedSegment" in m]
-    assert len(volumetric) == 2
-    for group, truth in zip(volumetric, chest.phantom.truth.nodules, strict=True):
-        assert group["ReferencedSegment"] == 1 and group["segmentationSOPInstanceUID"] == seg_uid
-        assert group["Finding"]["CodeValue"] == "27925004"
-        assert group["FindingSite"]["CodeValue"] == "39607008"
+    # a finding's groups share its tracking UID: its numbers on a 2-D region, its SEG segment,
+    # its 3-D centre
+    by_finding: dict[str, list[dict[str, Any]]] = {}
+    for group in report["Measurements"]:
+        by_finding.setdefault(group["TrackingUniqueIdentifier"], []).append(group)
+    assert len(by_finding) == 2
+    for groups, truth in zip(by_finding.values(), chest.phantom.truth.nodules, strict=True):
+        assert len(groups) == 3
+        (segmented,) = [g for g in groups if "ReferencedSegment" in g]
+        assert segmented["ReferencedSegment"] == 1
+        assert segmented["segmentationSOPInstanceUID"] == seg_uid
+        assert {g["Finding"]["CodeValue"] for g in groups} == {"27925004"}
+        assert {g["FindingSite"]["CodeValue"] for g in groups} == {"39607008"}
+        (numbered,) = [g for g in groups if g["measurementItems"]]
         values = {m["quantity"]["CodeMeaning"]: (float(m["value"]), m["units"]["CodeValue"])
-                  for m in group["measurementItems"]}  # fmt: skip
+                  for m in numbered["measurementItems"]}  # fmt: skip
         assert values["Diameter"] == (pytest.approx(truth.diameter_mm), "mm")
         assert values["Volume"] == (pytest.approx(truth.volume_mm3), "mm3")
         assert values["Probability"][1] == "1"
@@ -193,15 +201,35 @@ def test_dcmqi_and_highdicom_read_the_sr(
     assert json_of(sr) == json_of(written["built"]["SR"])
     content = sr.content
     groups = content.get_volumetric_roi_measurement_groups()
-    points = content.get_planar_roi_measurement_groups()
-    assert len(groups) == len(points) == 2
-    for group, point, truth in zip(groups, points, chest.phantom.truth.nodules, strict=True):
-        assert group.tracking_uid == point.tracking_uid  # one finding, two groups
+    planar = content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2 and len(planar) == 4
+    regions, points = planar[0::2], planar[1::2]
+    labels = chest.phantom.nodule_labels
+    for group, region, point, truth in zip(
+        groups, regions, points, chest.phantom.truth.nodules, strict=True
+    ):
+        assert group.tracking_uid == region.tracking_uid == point.tracking_uid  # one finding
         assert group.referenced_segment.referenced_segment_numbers == [1]
-        region = point.roi
-        assert region.graphic_type.value == "POINT"
-        assert region.value.ravel().tolist() == pytest.approx(truth.center_mm, abs=1e-3)
-        assert region.frame_of_reference_uid == dcmread(chest.paths[0]).FrameOfReferenceUID
+        assert point.roi.graphic_type.value == "POINT"
+        assert point.roi.value.ravel().tolist() == pytest.approx(truth.center_mm, abs=1e-3)
+        assert point.roi.frame_of_reference_uid == dcmread(chest.paths[0]).FrameOfReferenceUID
+        # the 2-D outline lies on the slice where the nodule is largest, around its pixels
+        outline = region.roi
+        assert outline.graphic_type.value == "POLYLINE"
+        areas = (labels == truth.label).sum(axis=(1, 2))
+        k = int(np.argmax(areas))
+        (image,) = [i for i in outline.ContentSequence if i.ValueType == "IMAGE"]
+        reference = image.ReferencedSOPSequence[0]
+        frame = chest.volume.frames[k]
+        assert reference.ReferencedSOPInstanceUID == frame.sop_instance_uid
+        if frame.frame_number is not None:
+            assert reference.ReferencedFrameNumber == frame.frame_number
+        columns, rows = outline.value[:, 0], outline.value[:, 1]
+        js, is_ = np.nonzero(labels[k] == truth.label)
+        assert rows.min() == js.min() and rows.max() == js.max() + 1
+        assert columns.min() == is_.min() and columns.max() == is_.max() + 1
+        numbers = {m.name.meaning for m in region.get_measurements()}
+        assert numbers == {"Diameter", "Volume", "Probability"}
     (device,) = content.get_observer_contexts(observer_type=codes.DCM.Device)
     assert "demo weights" in device.observer_identifying_attributes.model_name
     assert "lung_nodule 0.1.0 ran with demo weights: not for clinical use." in texts(sr)
@@ -284,9 +312,14 @@ def test_no_findings_give_an_sr_that_says_so(tmp_path: Path) -> None:
     report = validators.tid1500reader(path, tmp_path / "sr.json")
     assert len(report["Measurements"]) == 1
     content = hd.sr.srread(path).content
-    (group,) = content.get_image_measurement_groups()
+    (group,) = content.get_planar_roi_measurement_groups()
     (evaluation,) = group.get_qualitative_evaluations()
     assert evaluation.name.value == "27925004" and evaluation.value.value == "272519000"  # absent
+    # said of the whole middle slice, so that a viewer has an image to show it on
+    middle = chest.volume.frames[len(chest.volume.frames) // 2]
+    (image,) = [i for i in group.roi.ContentSequence if i.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == middle.sop_instance_uid
+    assert group.roi.value.tolist() == [[0, 0], [64, 0], [64, 64], [0, 64], [0, 0]]
     assert "No findings: lung_nodule found no nodule." in texts(hd.sr.srread(path))
 
 
