@@ -90,7 +90,8 @@ def point_region(
 ) -> KeyRegion:
     """A finding known only by its centre (and diameter): a circle of that diameter around
     it, or the point, on the slice nearest to it."""
-    i, j, k = (float(v) for v in geometry.patient_to_voxel(np.asarray(centre_mm))[0])
+    point = np.asarray(centre_mm, dtype=np.float64).reshape(1, 3)  # one point: (1, 3)
+    i, j, k = (float(v) for v in geometry.patient_to_voxel(point)[0])
     slices = geometry.shape[0]
     index = int(np.clip(round(k), 0, slices - 1))
     centre = (i + 0.5, j + 0.5)
