@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_run = models_commands.add_parser(
         "run",
         help="run one model once on DICOM files (no queue, no database); write what it would "
-        "send (SEG/SR/SC) into --out",
+        "send (SEG/SR/SC/KO) into --out",
     )
     _config_option(models_run)
     models_run.add_argument("name", help="the model (models list names them)")

@@ -409,21 +409,28 @@ class QueueSettings(_Section):
 
 
 class ResultsSettings(_Section):
-    """The DICOM objects written from a job's findings (``[results]``): a SEG, a TID 1500 SR
-    and, for a classification's attention map, Secondary Capture images, each a new series in
-    the source study."""
+    """The DICOM objects written from a job's findings (``[results]``): a SEG, a TID 1500 SR,
+    for a classification's attention map Secondary Capture images, and key images (each
+    finding outlined with its numbers burned in, Secondary Captures) flagged by a Key Object
+    Selection document; each a new series in the source study."""
 
     enabled: bool = True
     seg: bool = True
     sr: bool = True
     sc: bool = True
+    #: key images and their Key Object Selection document
+    summary: bool = True
     seg_series_number: int = Field(9901, ge=1, le=2**31 - 1)
     sr_series_number: int = Field(9902, ge=1, le=2**31 - 1)
     sc_series_number: int = Field(9903, ge=1, le=2**31 - 1)
+    summary_series_number: int = Field(9904, ge=1, le=2**31 - 1)
+    kos_series_number: int = Field(9905, ge=1, le=2**31 - 1)
     #: Series Description templates: {model}, {version}; " (demo)" is added for demo weights
     seg_description: str = "{model} segmentation"
     sr_description: str = "{model} findings"
     sc_description: str = "{model} attention map"
+    summary_description: str = "{model} key images"
+    kos_description: str = "{model} key objects"
     manufacturer: str = Field("dicomnode", min_length=1, max_length=64)
     institution_name: str = Field("", max_length=64)
     device_serial_number: str = Field("1", min_length=1, max_length=64)
@@ -432,8 +439,13 @@ class ResultsSettings(_Section):
     #: Secondary Capture: at most this many frames (the most attended), heat map opacity
     sc_max_frames: int = Field(3, ge=1, le=100)
     sc_opacity: float = Field(0.5, gt=0, le=1)
+    #: key images: at most this many (the most probable findings' first)
+    summary_max_images: int = Field(8, ge=1, le=100)
 
-    @field_validator("seg_description", "sr_description", "sc_description")
+    @field_validator(
+        "seg_description", "sr_description", "sc_description", "summary_description",
+        "kos_description",
+    )  # fmt: skip
     @classmethod
     def _check_template(cls, value: str) -> str:
         try:

@@ -174,7 +174,7 @@ class ResultObject:
     """One DICOM object a job wrote: an entry of its result's ``objects``, which the send
     queue delivers."""
 
-    kind: str  # SEG, SR or SC
+    kind: str  # SEG, SR, SC or KO
     path: str  # relative to the storage directory
     sop_class_uid: str
     sop_instance_uid: str

@@ -241,7 +241,7 @@ class DestinationUnavailable(SendError):
 
 
 class ResultsError(DicomNodeError):
-    """The job's findings could not be written as DICOM objects (SEG, SR, SC)."""
+    """The job's findings could not be written as DICOM objects (SEG, SR, SC, KO)."""
 
 
 class JobNotFound(DicomNodeError):

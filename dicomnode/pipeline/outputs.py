@@ -1,5 +1,5 @@
-"""A job's outputs: its masks beside the spool, its findings as JSON, and its SEG, SR and SC
-written as DICOM for the send queue."""
+"""A job's outputs: its masks beside the spool, its findings as JSON, and its SEG, SR, SC
+(attention map and key images) and KOS written as DICOM for the send queue."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def write_results(
     route: str,
     received_at: datetime,
 ) -> list[dict[str, str]] | None:
-    """The job's SEG, SR and SC in ``results/<job id>/dicom/`` under ``storage_dir`` (the run's
+    """The job's SEG, SR, SC and KO in ``results/<job id>/dicom/`` under ``storage_dir`` (the run's
     staging root), as the result's ``objects`` (None: results are off). Dated when the inputs'
     last instance arrived (``received_at`` for a job whose series have no time), so a rerun
     writes the same objects."""

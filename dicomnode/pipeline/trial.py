@@ -36,6 +36,7 @@ TRIAL_ROUTE = "models-run"
 SOP_CLASSES = {
     "SEG": ("1.2.840.10008.5.1.4.1.1.66.4",),
     "SC": ("1.2.840.10008.5.1.4.1.1.7",),
+    "KO": ("1.2.840.10008.5.1.4.1.1.88.59",),  # Key Object Selection Document Storage
 }
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 #: the phantom ``models check`` writes for a model that accepts the modality
@@ -229,7 +230,7 @@ def check_objects(run: TrialRun, *, dciodvfy: str | None = None) -> list[ObjectC
             if not sop_class.startswith(SR_CLASS_PREFIX):
                 problems.append(f"SOP class {sop_class or '(none)'} is no SR storage class")
         elif expected is None:
-            problems.append(f"kind {kind!r} is none of SEG, SR, SC")
+            problems.append(f"kind {kind!r} is none of SEG, SR, SC, KO")
         elif sop_class not in expected:
             problems.append(f"SOP class {sop_class or '(none)'}, expected {expected[0]}")
         if str(ds.get("StudyInstanceUID", "")) != run.study_instance_uid:

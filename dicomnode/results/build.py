@@ -1,5 +1,6 @@
-"""A job's findings as DICOM files: the SEG, the SR and the SC images, written beside its masks
-(``results/<job id>/dicom/``), each described for the send queue."""
+"""A job's findings as DICOM files: the SEG, the SR, the SC images, the key images and their
+KOS, written beside its masks (``results/<job id>/dicom/``), each described for the send
+queue."""
 
 from __future__ import annotations
 
@@ -71,13 +72,15 @@ def build_objects(
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
 ) -> BuiltObjects:
-    """The SEG, SR and SC datasets of ``findings`` on ``inputs`` (``paths``: every file of the
-    input series); ``classes``: the model's labels; ``procedure``: the model's declared
-    procedure reported, if any."""
+    """The SEG, SR, SC, key image and KOS datasets of ``findings`` on ``inputs`` (``paths``:
+    every file of the input series); ``classes``: the model's labels; ``procedure``: the
+    model's declared procedure reported, if any."""
+    from dicomnode.results.kos import build_kos
     from dicomnode.results.regions import finding_regions
     from dicomnode.results.sc import ATTENTION, build_sc
     from dicomnode.results.seg import build_seg
     from dicomnode.results.sr import build_sr, procedure_reported
+    from dicomnode.results.summary import build_summary, summary_text
 
     started = time.perf_counter()
     volume = reference_volume(inputs, findings.reference)
@@ -103,6 +106,7 @@ def build_objects(
     out: list[tuple[str, str, Dataset]] = []
     order = {c.label: n for n, c in enumerate(classes)}
     attention = findings.masks.get(ATTENTION) if findings.masks else None
+    # each finding's key slice and outline there: the SR's image regions and the key images
     regions = finding_regions(findings, volume.geometry, attention)
     seg = None
     if settings.seg:
@@ -139,12 +143,34 @@ def build_objects(
             opacity=settings.sc_opacity,
         )  # fmt: skip
         out += [("SC", f"sc-{n:03d}.dcm", ds) for n, ds in enumerate(images, start=1)]
+    captured = time.perf_counter()
+    keys: list[Dataset] = []
+    if settings.summary:
+        keys = build_summary(
+            findings, regions, source, producer, uids, when,
+            series_number=settings.summary_series_number,
+            series_description=producer.describe(settings.summary_description),
+            max_images=settings.summary_max_images,
+            classes=classes,
+        )  # fmt: skip
+        out += [("SC", f"key-{n:03d}.dcm", ds) for n, ds in enumerate(keys, start=1)]
+    summarised = time.perf_counter()
+    if keys:
+        kos = build_kos(
+            keys, source, producer, uids, when,
+            description=summary_text(findings, producer, classes),
+            series_number=settings.kos_series_number,
+            series_description=producer.describe(settings.kos_description),
+        )  # fmt: skip
+        out.append(("KO", "kos.dcm", kos))
     done = time.perf_counter()
     timing = {
         "read_sources": round(read - started, 4),
         "seg": round(segged - read, 4),
         "sr": round(reported - segged, 4),
-        "sc": round(done - reported, 4),
+        "sc": round(captured - reported, 4),
+        "summary": round(summarised - captured, 4),
+        "kos": round(done - summarised, 4),
     }
     return BuiltObjects(tuple(out), timing)
 

@@ -98,8 +98,6 @@ def build_sc(
 ) -> list[Dataset]:
     """Secondary Capture images of ``attention`` (uint8, [frames, rows, columns] on the source
     grid) over the source frames chosen by :func:`select_frames`."""
-    import highdicom as hd
-
     attention = np.asarray(attention)
     first = source.first
     shape = (len(source.slices), int(first.Rows), int(first.Columns))
@@ -123,44 +121,80 @@ def build_sc(
         )
         if producer.demo:
             note += f"; {DEMO_NOTE}"
-        try:
-            sc = hd.sc.SCImage(
-                pixel_array=rgb,
-                photometric_interpretation="RGB",
-                bits_allocated=8,
-                coordinate_system="PATIENT",
-                study_instance_uid=str(ds.StudyInstanceUID),
-                series_instance_uid=uids.series("sc"),
-                series_number=series_number,
-                sop_instance_uid=uids.instance("sc", number),
-                instance_number=number,
-                manufacturer=producer.manufacturer,
-                patient_id=str(ds.PatientID),
-                patient_name=ds.PatientName,
-                patient_birth_date=str(ds.PatientBirthDate),
-                patient_sex=str(ds.PatientSex),
-                accession_number=str(ds.AccessionNumber),
-                study_id=str(ds.StudyID),
-                study_date=str(ds.StudyDate),
-                study_time=str(ds.StudyTime),
-                referring_physician_name=ds.ReferringPhysicianName,
-                patient_orientation=("L", "P"),  # replaced below with the source's
-                laterality=_laterality(ds),
-                series_description=series_description,
-                institution_name=producer.institution_name or None,
-            )
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ResultsError(
-                f"SC of instance {ds.SOPInstanceUID} could not be built: {exc}"
-            ) from exc
-        sc.PatientOrientation = _patient_orientation(ds)
-        sc.BurnedInAnnotation = "NO"
-        sc.ImageComments = note[:10240]
-        sc.DerivationDescription = lo(f"{producer.model} attention map over the source")
-        sc.SourceImageSequence = [_source_reference(ds, frame)]
-        stamp(sc, when)
+        sc = secondary_capture(
+            rgb, ds, frame, producer, when,
+            series_instance_uid=uids.series("sc"),
+            sop_instance_uid=uids.instance("sc", number),
+            instance_number=number,
+            series_number=series_number,
+            series_description=series_description,
+            comments=note,
+            derivation=f"{producer.model} attention map over the source",
+        )  # fmt: skip
         images.append(sc)
     return images
+
+
+def secondary_capture(
+    rgb: np.ndarray,
+    ds: Dataset,
+    frame: int | None,
+    producer: Producer,
+    when: datetime,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int,
+    series_number: int,
+    series_description: str,
+    comments: str,
+    derivation: str,
+) -> Dataset:
+    """An RGB Secondary Capture image made from frame ``frame`` of source ``ds``: its patient,
+    study, orientation and laterality, a reference to the source frame, no burned-in patient
+    text, dated ``when``."""
+    import highdicom as hd
+
+    try:
+        sc = hd.sc.SCImage(
+            pixel_array=rgb,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=producer.manufacturer,
+            patient_id=str(ds.PatientID),
+            patient_name=ds.PatientName,
+            patient_birth_date=str(ds.PatientBirthDate),
+            patient_sex=str(ds.PatientSex),
+            accession_number=str(ds.AccessionNumber),
+            study_id=str(ds.StudyID),
+            study_date=str(ds.StudyDate),
+            study_time=str(ds.StudyTime),
+            referring_physician_name=ds.ReferringPhysicianName,
+            patient_orientation=("L", "P"),  # replaced below with the source's
+            laterality=_laterality(ds),
+            series_description=series_description,
+            institution_name=producer.institution_name or None,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ResultsError(f"SC of instance {ds.SOPInstanceUID} could not be built: {exc}") from exc
+    sc.PatientOrientation = _patient_orientation(ds)
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip()
+    if body_part:
+        sc.BodyPartExamined = body_part  # tells a validator whether laterality is needed
+    elif "Laterality" not in sc:
+        sc.Laterality = ""  # type 2C: unknown (neither the body part nor the side is known)
+    sc.BurnedInAnnotation = "NO"
+    sc.ImageComments = comments[:10240]
+    sc.DerivationDescription = lo(derivation)
+    sc.SourceImageSequence = [_source_reference(ds, frame)]
+    stamp(sc, when)
+    return sc
 
 
 def _source_reference(ds: Dataset, frame: int | None) -> Dataset:

@@ -59,7 +59,7 @@ def test_a_bundle_of_its_own_runs_through_the_job_path_to_a_seg(
     assert dice(labels, theirs, 1) >= 0.99
 
     kinds = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
-    assert set(kinds) == {"SEG", "SR"}
+    assert set(kinds) == {"SEG", "SR", "SC", "KO"}  # SC: the key image, KO: its KOS
     seg = dcmread(kinds["SEG"])
     (segment,) = seg.SegmentSequence  # the background is no segment
     assert segment.SegmentLabel == label
@@ -133,7 +133,7 @@ def test_a_classification_bundle_runs_through_the_job_path_to_an_sr(
     top = int(np.argmax(theirs))
     assert result["summary"]["class"] == classes[str(top)]
     kinds = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
-    assert set(kinds) == {"SR"}  # no image out: no SEG
+    assert set(kinds) == {"SR", "SC", "KO"}  # no image out: no SEG; a key image and its KOS
     sr = dcmread(kinds["SR"])
     items = list(_walk(sr))
     finding_types = [

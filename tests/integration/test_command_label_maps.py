@@ -135,7 +135,7 @@ def test_label_maps_become_the_nodes_seg_and_sr(
         assert found["lesion"]["finding_type"]["value"] == "108369006"
         centres[mode] = {k: f["centre_mm"] for k, f in found.items()}
         kinds = {o["kind"]: node.spool.root / o["path"] for o in job.result["objects"]}
-        assert sorted(kinds) == ["SEG", "SR"]
+        assert sorted(kinds) == ["KO", "SC", "SEG", "SR"]  # SC: key images
         assert _segment_voxels(kinds["SEG"]) == expected
         seg = dcmread(kinds["SEG"])
         assert str(seg.StudyInstanceUID) == study
@@ -152,7 +152,7 @@ def test_label_maps_become_the_nodes_seg_and_sr(
     empty = jobs["empty"]
     assert empty.state is JobState.DONE, empty.error
     assert empty.result is not None and empty.result["findings"] == []
-    assert [o["kind"] for o in empty.result["objects"]] == ["SR"]
+    assert [o["kind"] for o in empty.result["objects"]] == ["SR", "SC", "KO"]  # "no ... found"
     reasons = {
         "shifted": rf"out/labels\.nii\.gz is not on the grid of series {re.escape(series)}: its "
         r"voxels lie up to 3\.000 mm from the series'",

@@ -170,12 +170,13 @@ def test_command_models_run_through_the_worker(
         # sent as the program wrote them
         received = tmp_path / "pacs"
         wait_until(
-            lambda: len([p for p in received.rglob("*") if p.is_file()]) >= 3,
+            lambda: len([p for p in received.rglob("*") if p.is_file()]) >= 5,
             timeout=60,
             what="the objects' sends",
         )
     got = {str(dcmread(p).SOPInstanceUID) for p in received.rglob("*") if p.is_file()}
-    assert set(written) <= got and len(got) == 3  # the SEG, the SR, and the node's SR below
+    # the SEG, the SR, and the node's SR, key image and KOS below
+    assert set(written) <= got and len(got) == 5
     for path in written.values():
         ds = dcmread(path)
         assert str(ds.StudyInstanceUID) == study and ds.PatientID == first.PatientID
@@ -202,7 +203,9 @@ def test_command_models_run_through_the_worker(
     (finding,) = findings.result["findings"]
     assert finding["label"] == "nodule" and finding["probability"] == 0.875
     assert findings.result["summary"] == {"n": 1}
-    (sr,) = findings.result["objects"]
+    sr, key, kos = findings.result["objects"]
+    assert (key["kind"], kos["kind"]) == ("SC", "KO")  # its key image and KOS, sent too
+    assert {key["sop_instance_uid"], kos["sop_instance_uid"]} <= got
     assert sr["kind"] == "SR" and sr["study_instance_uid"] == study
     sr_path = node.spool.root / sr["path"]
     assert sr_path.is_file() and sr["sop_instance_uid"] in got

@@ -94,7 +94,7 @@ def test_models_run_writes_the_seg_and_sr_of_lung_nodule(tmp_path: Path) -> None
     assert "model lung_nodule: 1 series in" in result.stdout and "finding: nodule" in result.stdout
     written = sorted(out.glob("*.dcm"))
     kinds = {str(dcmread(p, stop_before_pixels=True).Modality): p for p in written}
-    assert set(kinds) == {"SEG", "SR"}, written
+    assert set(kinds) == {"SEG", "SR", "OT", "KO"}, written  # OT: the key images (SC)
     study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     for path in written:
         assert str(dcmread(path, stop_before_pixels=True).StudyInstanceUID) == study
@@ -131,7 +131,7 @@ def test_models_check_of_command_models(tmp_path: Path) -> None:
     good = cli("models", "check", "cmd_findings", *map(str, files), "--config", str(config),
                env=env)  # fmt: skip
     assert good.returncode == 0, good.stdout + good.stderr
-    assert "ok   SR" in good.stdout and "ok cmd_findings: 1 of 1 object(s) valid" in good.stdout
+    assert "ok   SR" in good.stdout and "ok cmd_findings: 3 of 3 object(s) valid" in good.stdout
     # without files: a phantom (a chest CT: a command model names no modality)
     phantom = cli("models", "check", "cmd_findings", "--config", str(config), env=env)
     assert phantom.returncode == 0, phantom.stdout + phantom.stderr
@@ -176,4 +176,4 @@ def test_models_check_of_a_bundle_warns_of_labels_without_a_code(tmp_path: Path)
     result = cli("models", "check", "zoo_widget", "--config", str(config), env=_env(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning: label 'widget' has no code" in result.stdout
-    assert "ok zoo_widget: 2 of 2 object(s) valid" in result.stdout
+    assert "ok zoo_widget: 4 of 4 object(s) valid" in result.stdout

@@ -98,8 +98,9 @@ def test_pipeline_runs_a_model_on_a_stored_series(
     assert entry["shape"] == [12, 32, 32]
     assert entry["spacing_mm"] == pytest.approx([0.7, 0.7, 1.25])
     assert set(result["timing_s"]) == {"load_inputs", "predict", "results", "total"}
-    # the body mask as a SEG and the finding in a TID 1500 SR, beside the masks
-    assert [o["kind"] for o in result["objects"]] == ["SEG", "SR"]
+    # the body mask as a SEG and the finding in a TID 1500 SR, beside the masks; its key image
+    # and the KOS flagging it
+    assert [o["kind"] for o in result["objects"]] == ["SEG", "SR", "SC", "KO"]
     assert all((node.spool.root / o["path"]).is_file() for o in result["objects"])
 
     (finding,) = result["findings"]

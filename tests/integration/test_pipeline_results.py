@@ -34,7 +34,7 @@ def test_a_job_run_twice_writes_the_same_objects(
 
     first = dict(pipeline.run(context))
     objects = first["objects"]
-    assert [o["kind"] for o in objects] == ["SEG", "SR"]
+    assert [o["kind"] for o in objects] == ["SEG", "SR", "SC", "KO"]  # SC: the key image
     assert {o["study_instance_uid"] for o in objects} == {str(dcmread(files[0]).StudyInstanceUID)}
     contents = {o["path"]: (node.spool.root / o["path"]).read_bytes() for o in objects}
     for o in objects:

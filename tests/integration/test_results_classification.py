@@ -74,14 +74,16 @@ def test_grade_and_attention_give_an_sr_and_secondary_captures(
         route="retina", when=WHEN,
         classes=[FindingClass("dr_grade", DR), FindingClass("hard_exudates", EXUDATE)],
     )  # fmt: skip
-    assert [o.kind for o in objects] == ["SR", "SC", "SC", "SC"]  # no mask: no SEG
+    # no mask: no SEG; the attention map's three SCs, one key image (both findings where the
+    # model looked) and its KOS
+    assert [o.kind for o in objects] == ["SR", "SC", "SC", "SC", "SC", "KO"]
     for entry in objects:
         report = validators.dciodvfy(tmp_path / entry.path)
         assert report.errors == (), f"{entry.kind}: {report.output}"
 
     source = dcmread(paths[0], stop_before_pixels=True)
     shown = []
-    for entry in objects[1:]:
+    for entry in objects[1:4]:
         sc = dcmread(tmp_path / entry.path)
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
         assert sc.StudyInstanceUID == source.StudyInstanceUID
@@ -120,7 +122,8 @@ def test_grade_and_attention_give_an_sr_and_secondary_captures(
     (presence,) = lesion.get_qualitative_evaluations()
     assert (presence.name.value, presence.value.value) == ("274741008", "52101004")  # present
     severity, probability = grade.get_measurements()
-    assert (severity.name.meaning, severity.value, severity.unit.value) == ("Severity", 2, "{grade}")
+    assert (severity.name.meaning, severity.unit.value) == ("Severity", "{grade}")
+    assert severity.value == 2
     assert probability.value == pytest.approx(0.7)
     comments = [
         str(item.TextValue) for item in dcmread(sr_path).ContentSequence[-1].ContentSequence
@@ -172,7 +175,8 @@ def test_colour_fundus_photograph_gets_its_heat_map_in_colour(tmp_path: Path, jp
     findings = grading(volume, [0])
     objects, _ = build_results(findings, volume, paths, ResultsSettings(), tmp_path / "store", 13,
                                route="retina", when=WHEN)  # fmt: skip
-    assert [o.kind for o in objects] == ["SR", "SC"]  # one photograph: one image shown
+    # one photograph: one image shown; its key image and KOS
+    assert [o.kind for o in objects] == ["SR", "SC", "SC", "KO"]
     for entry in objects:
         report = validators.dciodvfy(tmp_path / "store" / entry.path)
         assert report.errors == (), report.output

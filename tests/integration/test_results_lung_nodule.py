@@ -58,7 +58,7 @@ def test_chest_phantom_through_the_lung_model_gives_a_seg_covering_its_nodules(
     result = dict(model.run(JobContext(job, "cpu", "test-worker", storage_dir=node.spool.root)))
 
     objects = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
-    assert set(objects) == {"SEG", "SR"}
+    assert set(objects) == {"SEG", "SR", "SC", "KO"}  # SC: the key images
     assert all(o["study_instance_uid"] == first.StudyInstanceUID for o in result["objects"])
     assert result["timing_s"]["results"] > 0
     for path in objects.values():

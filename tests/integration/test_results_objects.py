@@ -102,7 +102,7 @@ def json_of(ds: Dataset) -> dict[str, Any]:
 
 def test_seg_and_sr_pass_dciodvfy(written: dict[str, Any]) -> None:
     validators.require_tool("dciodvfy")
-    assert set(written["objects"]) == {"SEG", "SR"}
+    assert set(written["objects"]) == {"SEG", "SR", "SC", "KO"}  # SC: key images
     for kind, entry in written["objects"].items():
         report = validators.dciodvfy(written["storage"] / entry.path)
         assert report.errors == (), f"{kind}: {report.output}"
@@ -286,7 +286,7 @@ def test_sources_without_type2_attributes_give_valid_objects(tmp_path: Path) -> 
         nodule_findings(chest.phantom), load_series(stripped), stripped, SETTINGS,
         tmp_path / "storage", 1, route="chest-ct", when=WHEN,
     )  # fmt: skip
-    assert [o.kind for o in objects] == ["SEG", "SR"]
+    assert [o.kind for o in objects] == ["SEG", "SR", "SC", "SC", "KO"]  # two key images
     for entry in objects:
         path = tmp_path / "storage" / entry.path
         report = validators.dciodvfy(path)
@@ -305,8 +305,8 @@ def test_no_findings_give_an_sr_that_says_so(tmp_path: Path) -> None:
         empty, chest.volume, chest.paths, SETTINGS, tmp_path / "storage", 2,
         route="chest-ct", when=WHEN, classes=[NODULE_CLASS],
     )  # fmt: skip
-    (entry,) = objects
-    assert entry.kind == "SR"
+    assert [o.kind for o in objects] == ["SR", "SC", "KO"]  # a key image saying so
+    entry = objects[0]
     path = tmp_path / "storage" / entry.path
     assert validators.dciodvfy(path).errors == ()
     report = validators.tid1500reader(path, tmp_path / "sr.json")
