@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomnode.testing.browser import chromium_path
 from dicomnode.testing.peers import LOOPBACK, free_port
-from dicomnode.testing.waiting import wait_until
+from dicomnode.testing.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     import numpy as np
@@ -514,9 +514,13 @@ class Viewer:
         )
         return [" ".join(text.split()) for text in found]
 
-    def answer_prompts(self, answer: str = "Yes") -> list[str]:
-        """Answer each question OHIF shows with ``answer``; the questions."""
-        asked = self.prompts()
+    def answer_prompts(self, answer: str = "Yes", *, wait: float = 0.0) -> list[str]:
+        """Answer each question OHIF shows with ``answer`` (waiting up to ``wait`` s for one to
+        show); the questions, none when none showed."""
+        try:
+            asked = wait_until(self.prompts, timeout=wait, interval=0.2, what="OHIF's question")
+        except WaitTimeout:
+            return []
         buttons = self.page.locator("button:visible", has_text=re.compile(f"^{answer}$"))
         for _ in range(buttons.count()):
             buttons.first.click()
@@ -588,15 +592,10 @@ def show_series(viewer: Viewer, thumbnail: Thumbnail, study: str, out: Path, n: 
     prompts: list[str] = []
     try:
         viewer.load_series(thumbnail)
-        # a SEG or SR first shows a preview and asks whether to open it (track it)
-        wait_until(
-            lambda: viewer.prompts() or thumbnail.modality not in ("SEG", "SR", "RTSTRUCT"),
-            timeout=10,
-            interval=0.2,
-            what=f"OHIF's question on loading {thumbnail.modality}",
-        )
         viewer.skip_tour()
-        prompts = viewer.answer_prompts()
+        # a SEG or SR first shows a preview and asks whether to open it (track it)
+        wait = 10.0 if thumbnail.modality in ("SEG", "SR", "RTSTRUCT") else 0.0
+        prompts = viewer.answer_prompts(wait=wait)
         lit = viewer.wait_rendered(timeout=20)
         coloured = viewer.coloured_fraction()
     except Exception as exc:  # the probe goes on to the next series
