@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything dicomnode and its tests need: Debian peers (dcmtk, PostgreSQL, Orthanc and
-# its DICOMweb plugin, dicom3tools, Chromium for the dashboard test) when missing, and the
-# Python virtual environment in .venv.
+# its DICOMweb plugin, dicom3tools, Chromium for the dashboard and OHIF tests, npm) when missing,
+# the Python virtual environment in .venv, and the OHIF viewer's prebuilt dist in .ohif/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,7 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v chromium >/dev/null || need+=(chromium)
+command -v npm >/dev/null || need+=(npm)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
@@ -43,4 +44,17 @@ if ! docker compose version >/dev/null 2>&1 && [ ! -x .venv-compose/bin/docker-c
   .venv-compose/bin/python -m pip install -q "PyYAML>=6" "jsonschema<4" "python-dotenv<1" \
     docopt texttable distro cached-property dockerpty "docker>=5,<7" "requests<2.32" \
     "websocket-client<1"
+fi
+
+# The OHIF viewer (tests/integration/test_ohif.py, python -m dicomnode.testing.ohif probe): only
+# the prebuilt dist/ of @ohif/app is used. `npm install` of it fails (it pins @ohif/i18n at its
+# own version, which npm does not have), so the package alone is fetched and unpacked.
+OHIF_VERSION=3.13.2
+OHIF_APP=.ohif/node_modules/@ohif/app
+if [ ! -e "$OHIF_APP/dist/index.html" ] && command -v npm >/dev/null; then
+  echo "setup: fetching @ohif/app@${OHIF_VERSION} into $OHIF_APP"
+  mkdir -p .ohif/pack "$OHIF_APP"
+  tarball=$(npm pack --silent --pack-destination .ohif/pack "@ohif/app@${OHIF_VERSION}" | tail -1)
+  tar -xzf ".ohif/pack/$tarball" -C "$OHIF_APP" --strip-components=1
+  rm -f ".ohif/pack/$tarball"
 fi

@@ -112,7 +112,15 @@ class Orthanc:
             "TcpNoDelay": True,
         }
         if self.dicomweb:
-            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                # OHIF reads the whole series metadata (WADO-RS /metadata): all of it, from the
+                # files, rather than the tags kept in the index
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+                "EnableMetadataCache": True,
+            }
         return config
 
     def start(self) -> Orthanc:
@@ -188,6 +196,21 @@ class Orthanc:
 
     def version(self) -> str:
         return str(self.rest("/system")["Version"])
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        """Store one DICOM file through the REST API (``POST /instances``); Orthanc's answer
+        (its ``ID``, ``ParentStudy``, ``ParentSeries``, ``Status``)."""
+        request = urllib.request.Request(
+            self.url + "/instances",
+            data=path.read_bytes(),
+            headers={"Content-Type": "application/dicom"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:  # loopback only
+            answer = json.loads(response.read())
+        if not isinstance(answer, dict) or "ID" not in answer:
+            raise OrthancError(f"Orthanc did not store {path}: {answer}")
+        return answer
 
     def instance_count(self) -> int:
         """How many instances Orthanc holds."""

@@ -1,0 +1,167 @@
+"""The node's result objects as radiologists see them: OHIF v3 in Chromium, reading Orthanc.
+
+A chest CT phantom with two nodules, its SEG and its TID 1500 SR go into Orthanc (DICOMweb);
+OHIF (the prebuilt @ohif/app of scripts/setup.sh) shows them in Debian's Chromium driven by
+Playwright. Screenshots and the browser's console log are kept under the test's tmp_path (their
+folder is printed when a test fails).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicomnode.results import build_objects, write_objects
+from dicomnode.testing.browser import chromium_path
+from dicomnode.testing.ohif import OhifServer, Thumbnail, Viewer, ohif_dist, ohif_stack
+from dicomnode.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+from dicomnode.testing.peers import missing_peer
+from tests.integration.test_results_objects import (
+    NODULE_CLASS,
+    SETTINGS,
+    WHEN,
+    Chest,
+    nodule_findings,
+    write_chest,
+)
+
+pytestmark = pytest.mark.slow
+
+#: the corner overlay's image number: "I:27 (14/40)", instance 27, shown 14th of 40
+SLICE = re.compile(r"I:\s*(\d+)\s*\((\d+)/(\d+)\)")
+
+
+@dataclass(frozen=True)
+class Study:
+    chest: Chest
+    uid: str
+    #: InstanceNumber -> the phantom's slice index k
+    slice_of_instance: dict[int, int]
+
+
+@dataclass(frozen=True)
+class Stack:
+    pacs: Orthanc
+    server: OhifServer
+    viewer: Viewer
+    study: Study
+    out: Path
+
+
+def require_peers() -> Path:
+    """OHIF's dist, or a skip (a failure where $DICOMNODE_REQUIRE_PEERS=1)."""
+    dist = ohif_dist()
+    if dist is None:
+        missing_peer(
+            "OHIF's dist is missing (.ohif/, from scripts/setup.sh; or $DICOMNODE_OHIF_DIST)"
+        )
+    if chromium_path() is None:
+        missing_peer("Chromium is not installed (Debian package chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing_peer("the playwright package is not installed (pip install -e '.[dev]')")
+    if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
+        missing_peer("Orthanc or its DICOMweb plugin is not installed (Debian orthanc-dicomweb)")
+    return dist
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Orthanc holding the phantom CT, its SEG and SR; OHIF in front of it; one browser."""
+    dist = require_peers()
+    root = tmp_path_factory.mktemp("ohif")
+    chest = write_chest(root / "ct")
+    built = build_objects(
+        nodule_findings(chest.phantom), chest.volume, chest.paths, SETTINGS,
+        route="chest-ct", when=WHEN, classes=[NODULE_CLASS],
+    )  # fmt: skip
+    objects = write_objects(built, root / "storage", 1)
+    headers = [dcmread(path, stop_before_pixels=True) for path in chest.paths]
+    study = Study(
+        chest,
+        str(headers[0].StudyInstanceUID),
+        {int(ds.InstanceNumber): k for k, ds in enumerate(headers)},
+    )
+    with ohif_stack(root, dist) as (pacs, server, viewer):
+        for path in [*chest.paths, *(root / "storage" / o.path for o in objects)]:
+            pacs.upload(path)
+        yield Stack(pacs, server, viewer, study, root / "out")
+        viewer.console.write(root / "out" / "console.json")
+
+
+@pytest.fixture
+def keep(stack: Stack, tmp_path: Path) -> Iterator[Path]:
+    """The test's screenshots and console log under tmp_path; their folder printed on failure."""
+    failed = True
+    try:
+        yield tmp_path
+        failed = False
+    finally:
+        stack.viewer.console.write(tmp_path / "console.json")
+        if failed:
+            stack.viewer.screenshot(tmp_path / "failure.png")
+            print(f"OHIF screenshots and console log: {tmp_path}")
+
+
+def open_study(stack: Stack) -> dict[str, Thumbnail]:
+    thumbnails = stack.viewer.open_study(stack.server.viewer_url(stack.study.uid))
+    return {thumbnail.modality: thumbnail for thumbnail in thumbnails}
+
+
+def shown_slice(viewer: Viewer) -> int:
+    """The InstanceNumber of the image the viewport shows."""
+    found = SLICE.search(viewer.overlay_text())
+    assert found, f"no image number in the viewport's overlay: {viewer.overlay_text()!r}"
+    return int(found.group(1))
+
+
+def test_ohif_shows_the_ct_and_the_seg_over_it(stack: Stack, keep: Path) -> None:
+    viewer = stack.viewer
+    series = open_study(stack)
+    assert set(series) == {"CT", "SEG", "SR"}, series
+    assert viewer.wait_rendered() > 0.2  # the CT, not a black viewport
+    viewer.screenshot(keep / "ct.png")
+    assert viewer.coloured_fraction() < 1e-4  # grey: nothing coloured before the SEG
+
+    viewer.load_series(series["SEG"])
+    # OHIF previews the SEG and asks whether to open it
+    asked = viewer.answer_prompts(wait=15)
+    assert any("Segmentation" in question for question in asked), asked
+    coloured = viewer.wait_coloured(min_share=1e-3)
+    viewer.screenshot(keep / "seg.png")
+    labels = stack.study.chest.phantom.nodule_labels
+    instance = shown_slice(viewer)
+    k = stack.study.slice_of_instance[instance]
+    assert labels[k].any(), f"OHIF shows the SEG on instance {instance} (slice {k}): no nodule"
+    assert "nodule" in viewer.show_tab("panelSegmentation").lower()
+
+    # six slices on, neither nodule is there: the overlay goes
+    viewer.scroll(6)
+    elsewhere = stack.study.slice_of_instance[shown_slice(viewer)]
+    assert abs(elsewhere - k) == 6 and not labels[elsewhere].any()
+    viewer.screenshot(keep / "seg-elsewhere.png")
+    assert viewer.coloured_fraction() < coloured / 10
+    assert viewer.console.entries, "the browser's console log is empty"
+
+
+def test_ohif_lists_the_srs_findings(stack: Stack, keep: Path) -> None:
+    """What OHIF makes of the TID 1500 SR (being redesigned): each finding as a measurement."""
+    viewer = stack.viewer
+    series = open_study(stack)
+    viewer.wait_rendered()
+    viewer.load_series(series["SR"])
+    asked = viewer.answer_prompts(wait=15)
+    viewer.wait_rendered()
+    panel = viewer.show_tab("trackedMeasurements")
+    viewer.screenshot(keep / "sr.png")
+    said = viewer.console.matching("SR", "measurement", "error", "unable")
+    (keep / "sr-console.json").write_text(json.dumps(said, indent=1))
+    print("OHIF asked:", asked, "\nmeasurement panel:", panel)
+    assert "Measurements (2)" in panel, panel
+    assert not viewer.console.matching("pageerror"), viewer.console.matching("pageerror")
