@@ -470,6 +470,20 @@ class Viewer:
             for text in self.page.locator('[data-cy^="viewport-overlay-"]').all_inner_texts()
         )
 
+    def annotation_text(self) -> list[str]:
+        """The text lines of the annotations drawn on the viewport (cornerstone draws them as
+        SVG over the canvas): an SR's labels and numbers as a radiologist reads them."""
+        lines: list[str] = self.page.eval_on_selector_all(
+            "svg text", "nodes => nodes.map(n => n.textContent.trim()).filter(Boolean)"
+        )
+        return lines
+
+    def wait_annotations(self, *, timeout: float | None = None) -> list[str]:
+        """The annotations' text, once there is some."""
+        wait_until(self.annotation_text, timeout=timeout or self.timeout_s,
+                   what="annotations drawn on the viewport")  # fmt: skip
+        return self.annotation_text()
+
     def panel_text(self) -> dict[str, str]:
         """The text of the side panels (the open tab of each), by side; empty when collapsed."""
         texts: dict[str, str] = self.page.evaluate(

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
@@ -23,6 +24,7 @@ from dicomnode.testing.browser import chromium_path
 from dicomnode.testing.ohif import OhifServer, Thumbnail, Viewer, ohif_dist, ohif_stack
 from dicomnode.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
 from dicomnode.testing.peers import missing_peer
+from dicomnode.testing.waiting import wait_until
 from tests.integration.test_results_objects import (
     NODULE_CLASS,
     SETTINGS,
@@ -124,7 +126,7 @@ def shown_slice(viewer: Viewer) -> int:
 def test_ohif_shows_the_ct_and_the_seg_over_it(stack: Stack, keep: Path) -> None:
     viewer = stack.viewer
     series = open_study(stack)
-    assert set(series) == {"CT", "SEG", "SR"}, series
+    assert {"CT", "SEG", "SR", "KO", "OT"} <= set(series), series
     assert viewer.wait_rendered() > 0.2  # the CT, not a black viewport
     viewer.screenshot(keep / "ct.png")
     assert viewer.coloured_fraction() < 1e-4  # grey: nothing coloured before the SEG
@@ -150,18 +152,36 @@ def test_ohif_shows_the_ct_and_the_seg_over_it(stack: Stack, keep: Path) -> None
     assert viewer.console.entries, "the browser's console log is empty"
 
 
-def test_ohif_lists_the_srs_findings(stack: Stack, keep: Path) -> None:
-    """What OHIF makes of the TID 1500 SR (being redesigned): each finding as a measurement."""
+def test_ohif_draws_each_finding_with_its_numbers_on_its_key_slice(
+    stack: Stack, keep: Path
+) -> None:
+    """The SR opens on the first finding's key slice (where the nodule is largest), its outline
+    drawn with the diameter, volume and probability beside it; the arrows go to the next."""
     viewer = stack.viewer
     series = open_study(stack)
     viewer.wait_rendered()
     viewer.load_series(series["SR"])
-    asked = viewer.answer_prompts(wait=15)
+    viewer.answer_prompts(wait=15)
     viewer.wait_rendered()
-    panel = viewer.show_tab("trackedMeasurements")
-    viewer.screenshot(keep / "sr.png")
+    labels = stack.study.chest.phantom.nodule_labels
+    truths = stack.study.chest.phantom.truth.nodules
+    seen = []
+    for number, truth in enumerate(truths, start=1):
+        text = " | ".join(viewer.wait_annotations())
+        viewer.screenshot(keep / f"sr-{number}.png")
+        k = stack.study.slice_of_instance[shown_slice(viewer)]
+        areas = (labels == truth.label).sum(axis=(1, 2))
+        assert k == int(np.argmax(areas)), (number, k, text)
+        assert f"Diameter: {truth.diameter_mm:.2f} mm" in text, text
+        assert f"Volume: {truth.volume_mm3:.2f} mm3" in text, text
+        assert "Probability: " in text, text
+        seen.append(k)
+        if number < len(truths):
+            viewer.page.locator("[data-cy='viewport-action-arrows-right']").first.click()
+            wait_until(lambda shown=k: stack.study.slice_of_instance[shown_slice(viewer)] != shown,
+                       what="the next finding's slice")  # fmt: skip
+    assert len(set(seen)) == len(truths)
     said = viewer.console.matching("SR", "measurement", "error", "unable")
     (keep / "sr-console.json").write_text(json.dumps(said, indent=1))
-    print("OHIF asked:", asked, "\nmeasurement panel:", panel)
-    assert "Measurements (2)" in panel, panel
     assert not viewer.console.matching("pageerror"), viewer.console.matching("pageerror")
+    assert not viewer.console.matching("Unable to generate tool state")
