@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    from dicomnode.results.uids import ResultUIDs
 
 #: Said wherever a result made with demo weights is shown (series, SR device, SEG content).
 DEMO_NOTE = "demo weights: not for clinical use"
@@ -65,3 +69,20 @@ def stamp(ds: Dataset, when: datetime) -> None:
     for item in ds.get("ContributingEquipmentSequence") or ():
         if "ContributionDateTime" in item:  # highdicom's own entry, stamped with the clock
             item.ContributionDateTime = date + time
+
+
+def observer_device(producer: Producer, uids: ResultUIDs) -> Any:
+    """The model as the observing device of an SR or a KOS (highdicom's ObserverContext), with
+    a UID derived from its name and version."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uids.device_uid(producer.model, producer.version),
+            name=producer.model,
+            manufacturer_name=producer.manufacturer,
+            model_name=producer.model_name,
+        ),
+    )

@@ -11,7 +11,7 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 
 from dicomnode.errors import ResultsError
-from dicomnode.results.common import Producer, stamp
+from dicomnode.results.common import Producer, observer_device, stamp
 from dicomnode.results.source import SourceImages
 from dicomnode.results.uids import ResultUIDs
 
@@ -51,20 +51,11 @@ def build_kos(
 ) -> Dataset:
     """The KOS of the key ``images`` (summary Secondary Captures) and their source slices."""
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     if not images:
         raise ResultsError("a key object selection needs at least one key image")
     sources = key_sources(images, source)
-    device = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uids.device_uid(producer.model, producer.version),
-            name=producer.model,
-            manufacturer_name=producer.manufacturer,
-            model_name=producer.model_name,
-        ),
-    )
+    device = observer_device(producer, uids)
     referenced = [*images, *(ds for ds, _ in sources)]
     try:
         content = hd.ko.KeyObjectSelection(

@@ -22,7 +22,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnode.domain import Code, Finding, Findings
 from dicomnode.errors import ResultsError
-from dicomnode.results.common import DEMO_NOTE, Producer, stamp
+from dicomnode.results.common import DEMO_NOTE, Producer, observer_device, stamp
 from dicomnode.results.regions import KeyRegion, whole_image
 from dicomnode.results.seg import SEG_STORAGE, SegResult
 from dicomnode.results.source import SourceImages
@@ -111,15 +111,7 @@ def build_sr(
     from pydicom.sr.codedict import codes
 
     frame_of_reference = str(source.first.get("FrameOfReferenceUID", ""))
-    device = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uids.device_uid(producer.model, producer.version),
-            name=producer.model,
-            manufacturer_name=producer.manufacturer,
-            model_name=producer.model_name,
-        ),
-    )
+    device = observer_device(producer, uids)
     context = hd.sr.ObservationContext(observer_device_context=device)
     algorithm = hd.sr.AlgorithmIdentification(name=producer.model, version=producer.version)
     if len(regions) != len(findings.findings):
