@@ -107,6 +107,7 @@ def measure(paths: list[Path], folder: Path, runs: int) -> dict[str, tuple[float
             regions = finding_regions(findings, volume.geometry)
             sr = build_sr(findings, source, list(source.datasets), producer, uids, WHEN, seg=seg,
                           procedure=CT_CHEST, series_number=9902, classes=classes, regions=regions,
+                          pixel_spacing=volume.geometry.pixel_spacing,
                           series_description="lung_nodule findings")  # fmt: skip
             t3 = time.perf_counter()
             assert seg is not None

@@ -62,6 +62,12 @@ class Geometry:
         return (float(norms[0]), float(norms[1]), float(norms[2]))
 
     @property
+    def pixel_spacing(self) -> tuple[float, float]:
+        """In-plane step in mm, row then column (DICOM Pixel Spacing's order)."""
+        column, row, _ = self.spacing
+        return (row, column)
+
+    @property
     def direction(self) -> np.ndarray:
         """3x3 whose columns are the unit vectors of i, j and k in patient space."""
         return self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)

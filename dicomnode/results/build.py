@@ -131,6 +131,7 @@ def build_objects(
             series_number=settings.sr_series_number,
             series_description=producer.describe(settings.sr_description),
             regions=regions, classes=classes,
+            pixel_spacing=volume.geometry.pixel_spacing,
         )  # fmt: skip
         out.append(("SR", "sr.dcm", sr))
     reported = time.perf_counter()

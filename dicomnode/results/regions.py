@@ -41,6 +41,31 @@ class KeyRegion:
     def graphic_data(self) -> np.ndarray:
         return np.array(self.points, dtype=np.float64)
 
+    @property
+    def tool(self) -> str:
+        """The cornerstone3D tool (OHIF's) that draws this graphic: a freehand outline, a
+        rectangle (a 5-point axis-aligned box), a circle or a probe."""
+        if self.graphic_type == "CIRCLE":
+            return "CircleROI"
+        if self.graphic_type == "POINT":
+            return "Probe"
+        if len(self.points) == 5 and _is_box(self.points):
+            return "RectangleROI"
+        return "PlanarFreehandROI"
+
+    def area_mm2(self, spacing_row_col: tuple[float, float]) -> float | None:
+        """The area inside the outline (or circle) in mm2, given the pixel spacing (row,
+        column); None for a point."""
+        scale = spacing_row_col[0] * spacing_row_col[1]
+        if self.graphic_type == "CIRCLE":
+            (c0, r0), (c1, r1) = self.points[:2]
+            return float(np.pi * ((c1 - c0) ** 2 + (r1 - r0) ** 2) * scale)
+        if self.graphic_type == "POLYLINE" and len(self.points) >= 4:
+            array = self.graphic_data()
+            x, y = array[:, 0], array[:, 1]
+            return float(abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2 * scale)
+        return None
+
     def long_axis_mm(self, spacing_row_col: tuple[float, float]) -> float | None:
         """The long axis in millimetres, given the pixel spacing (row, column)."""
         if self.long_axis is None:
@@ -126,6 +151,12 @@ def _box(k: int, r0: int, r1: int, c0: int, c1: int) -> KeyRegion:
     corners = ((c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0))
     points = tuple((float(c), float(r)) for c, r in corners)
     return KeyRegion(k, "POLYLINE", points, (points[0], points[2]))
+
+
+def _is_box(points: tuple[tuple[float, float], ...]) -> bool:
+    """Whether five points are a closed box with sides along the rows and columns."""
+    (a, b, c, d, e) = points
+    return a == e and a[1] == b[1] and b[0] == c[0] and c[1] == d[1] and d[0] == a[0]
 
 
 def _bounds(hit: np.ndarray) -> tuple[tuple[int, int], ...] | None:

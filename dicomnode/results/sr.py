@@ -1,10 +1,11 @@
 """Findings as a Comprehensive 3D SR following TID 1500 (Measurement Report), with highdicom.
 
 The model is the observer (a device: its name, version, and a UID derived from both); the
-source images form the image library; each finding is a measurement group with a tracking
-identifier and UID, its finding type and site, its measurements in UCUM units (diameter mm,
-volume mm3, probability), its centre as a SCOORD3D point in the source's frame of reference and
-the SEG segment holding its voxels. A classification's grade is a coded qualitative evaluation.
+source images form the image library; each finding is one planar measurement group (TID 1410)
+on the image where it is largest, with a tracking identifier and UID, its finding type and
+site, and its numbers in UCUM units (the region's area mm2, diameter mm inferred from its 3-D
+centre, volume mm3 inferred from its SEG segment, probability). A classification's grade is a
+coded qualitative evaluation and a number.
 A run that found nothing says so, and demo weights say so, in TID 1500's Qualitative
 Evaluations.
 """
@@ -27,6 +28,7 @@ from dicomnode.results.regions import KeyRegion, whole_image
 from dicomnode.results.seg import SEG_STORAGE, SegResult
 from dicomnode.results.source import SourceImages
 from dicomnode.results.uids import ResultUIDs
+from dicomnode.results.wording import finding_names, finding_text
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 PROBABILITY = Code("122157", "DCM", "Probability")
@@ -34,6 +36,8 @@ PROBABILITY = Code("122157", "DCM", "Probability")
 SEVERITY = Code("246112005", "SCT", "Severity")
 GRADE_UNIT = Code("{grade}", "UCUM", "grade")
 COMMENT = Code("121106", "DCM", "Comment")
+#: the prefix of OHIF's (cornerstone3D's) tracking identifiers; see :func:`tracking_text`
+CORNERSTONE_TOOLS = "Cornerstone3DTools@^0.1.0"
 PIXELS = Code("{pixels}", "UCUM", "Pixels")
 FINDING = Code("121071", "DCM", "Finding")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -103,10 +107,12 @@ def build_sr(
     series_number: int,
     series_description: str,
     regions: Sequence[KeyRegion],
+    pixel_spacing: tuple[float, float],
     classes: Sequence[FindingClass] = (),
 ) -> Dataset:
     """The TID 1500 report of ``findings`` on ``source`` (``library``: every source image;
-    ``regions``: each finding's region on its key slice, from :mod:`dicomnode.results.regions`)."""
+    ``regions``: each finding's region on its key slice, from :mod:`dicomnode.results.regions`;
+    ``pixel_spacing``: the source's, row then column, in mm)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -119,12 +125,23 @@ def build_sr(
             f"{len(regions)} image regions for {len(findings.findings)} findings; expected one each"
         )
     groups: list[Any] = []
+    names = finding_names(findings.findings)
     for index, (finding, region) in enumerate(zip(findings.findings, regions, strict=True)):
         segment = seg.finding_segments[index] if seg is not None else None
         groups.extend(
             _groups(
-                finding, index, region, segment, seg, source, frame_of_reference, uids, algorithm
-            )
+                finding,
+                index,
+                names[index],
+                region,
+                segment,
+                seg,
+                source,
+                frame_of_reference,
+                pixel_spacing,
+                uids,
+                algorithm,
+            )  # fmt: skip
         )
     comments = []
     if producer.demo:
@@ -132,14 +149,15 @@ def build_sr(
     if not groups:
         looked_for = list(classes) or [FindingClass(producer.model, FINDING)]
         # said of the whole middle image: a viewer needs an image to show any group on
-        everywhere = _image_region(whole_image(source.shape, len(source.slices) // 2), source)
+        whole = whole_image(source.shape, len(source.slices) // 2)
+        everywhere = _image_region(whole, source)
         for number, absent in enumerate(looked_for, start=1):
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     referenced_region=everywhere,
                     tracking_identifier=hd.sr.TrackingIdentifier(
                         uid=uids.uid("absent", absent.label),
-                        identifier=f"no {absent.label} ({number})",
+                        identifier=tracking_text(whole, f"no {absent.label} ({number})"),
                     ),
                     algorithm_id=algorithm,
                     qualitative_evaluations=[
@@ -201,38 +219,68 @@ def _is(item: Dataset, concept: Any) -> bool:
 def _groups(
     finding: Finding,
     index: int,
+    name: str,
     region: KeyRegion,
     segment: int | None,
     seg: SegResult | None,
     source: SourceImages,
     frame_of_reference: str,
+    pixel_spacing: tuple[float, float],
     uids: ResultUIDs,
     algorithm: Any,
 ) -> list[Any]:
-    """One finding's measurement groups, all with its tracking identifier and UID: first a
-    planar ROI group (TID 1410) with its numbers on the 2-D region where it is largest (what a
-    viewer draws and lists), then its SEG segment (TID 1411) and its centre (a 3-D point)."""
+    """One finding's measurement groups, under one tracking identifier and UID: its numbers
+    (TID 1501), then its SEG segment (TID 1411).
+
+    The numbers' group is the shape OHIF rebuilds into a measurement of its own tools: the
+    first number is the area of the 2-D region where the finding is largest, inferred from
+    that region (a SCOORD on the source image), and the others follow (the diameter inferred
+    from the finding's 3-D centre). A planar group (TID 1410) cannot hold coordinates under its
+    numbers, and without them OHIF draws the numbers but cannot list them."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    number = index + 1
     tracking = hd.sr.TrackingIdentifier(
-        uid=uids.uid("finding", number), identifier=f"{finding.label} {number}"
+        uid=uids.uid("finding", index + 1), identifier=tracking_text(region, name)
     )
     sites = [hd.sr.FindingSite(_code(finding.finding_site))] if finding.finding_site else None
+    # the region goes under the first number, whichever that is
+    drawn: list[Any] = [_coordinates(region, source)]
     measurements = []
-    if finding.diameter_mm is not None:
+    area = region.area_mm2(pixel_spacing)
+    if area is not None:
         measurements.append(
-            _measure(codes.SCT.Diameter, finding.diameter_mm, codes.UCUM.Millimeter)
+            _measure(codes.SCT.Area, area, codes.UCUM.SquareMillimeter, coordinates=drawn)
         )
+        drawn = []
+    if finding.diameter_mm is not None:
+        centre = []
+        if finding.centre_mm is not None and frame_of_reference:
+            centre = [
+                hd.sr.CoordinatesForMeasurement3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                    graphic_data=np.array([finding.centre_mm], dtype=np.float64),
+                    frame_of_reference_uid=frame_of_reference,
+                )
+            ]
+        measurements.append(
+            _measure(codes.SCT.Diameter, finding.diameter_mm, codes.UCUM.Millimeter,
+                     coordinates=drawn or centre)
+        )  # fmt: skip
+        drawn = []
     if finding.volume_mm3 is not None:
         measurements.append(
-            _measure(codes.SCT.Volume, finding.volume_mm3, codes.UCUM.CubicMillimeter)
-        )
+            _measure(codes.SCT.Volume, finding.volume_mm3, codes.UCUM.CubicMillimeter,
+                     coordinates=drawn)
+        )  # fmt: skip
+        drawn = []
     grade = _grade(finding)
     if grade is not None:
-        measurements.append(_measure(_code(SEVERITY), grade, _code(GRADE_UNIT)))
-    measurements.append(_measure(_code(PROBABILITY), finding.probability, codes.UCUM.NoUnits))
+        measurements.append(_measure(_code(SEVERITY), grade, _code(GRADE_UNIT), coordinates=drawn))
+        drawn = []
+    measurements.append(
+        _measure(_code(PROBABILITY), finding.probability, codes.UCUM.NoUnits, coordinates=drawn)
+    )
     evaluations = [hd.sr.QualitativeEvaluation(*pair) for pair in _evaluations_of(finding)]
     about: dict[str, Any] = {
         "tracking_identifier": tracking,
@@ -240,15 +288,18 @@ def _groups(
         "algorithm_id": algorithm,
         "finding_sites": sites,
     }
-    groups: list[Any] = [
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=_image_region(region, source),
-            measurements=measurements,
-            qualitative_evaluations=evaluations or None,
-            **about,
+    numbers = hd.sr.MeasurementsAndQualitativeEvaluations(
+        measurements=measurements, qualitative_evaluations=evaluations or None, **about
+    )
+    # the finding in words: what OHIF lists the measurement under
+    numbers[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=_code(COMMENT),
+            value=finding_text(finding, name),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-    ]
-    series = hd.sr.SourceSeriesForSegmentation(source.series_instance_uid)
+    )
+    groups: list[Any] = [numbers]
     if segment is not None and seg is not None:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -256,20 +307,37 @@ def _groups(
                     sop_class_uid=SEG_STORAGE,
                     sop_instance_uid=str(seg.dataset.SOPInstanceUID),
                     segment_number=segment,
-                    source_series=series,
+                    source_series=hd.sr.SourceSeriesForSegmentation(source.series_instance_uid),
                 ),
                 **about,
             )
         )
-    if finding.centre_mm is not None and frame_of_reference:
-        centre = np.array([finding.centre_mm], dtype=np.float64)
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                referenced_region=hd.sr.ImageRegion3D("POINT", centre, frame_of_reference),
-                **about,
-            )
-        )
     return groups
+
+
+def tracking_text(region: KeyRegion, name: str) -> str:
+    """A group's tracking identifier: OHIF's tool for its region, then the finding's name.
+
+    OHIF (cornerstone3D's SR adapters) chooses the tool it rebuilds a group into, and so whether
+    it lists the group among the measurements, from the start of this text, the way OHIF names
+    its own groups; without it an outline or a circle is drawn but never listed."""
+    return f"{CORNERSTONE_TOOLS}:{region.tool}:{name}"
+
+
+def _coordinates(region: KeyRegion, source: SourceImages) -> Any:
+    """``region`` as the SCOORD a number is inferred from (TID 320)."""
+    import highdicom as hd
+
+    ds, frame = source.dataset_of(region.slice_index)
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues(region.graphic_type),
+        graphic_data=region.graphic_data(),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            referenced_frame_numbers=None if frame is None else [frame],
+        ),
+    )
 
 
 def _image_region(region: KeyRegion, source: SourceImages) -> Any:
@@ -315,10 +383,14 @@ def _evaluations_of(finding: Finding) -> list[tuple[Any, Any]]:
     return []
 
 
-def _measure(name: Any, value: float, unit: Any) -> Any:
+def _measure(name: Any, value: float, unit: Any, *, coordinates: Sequence[Any] = ()) -> Any:
+    """A TID 300 measurement, inferred from ``coordinates`` when there are any."""
     import highdicom as hd
 
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit)
+    return hd.sr.Measurement(
+        name=name, value=float(value), unit=unit,
+        referenced_coordinates=list(coordinates) or None,
+    )  # fmt: skip
 
 
 def _library(images: Sequence[Dataset]) -> Dataset:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
-from dicomnode.domain import Finding, Findings
+from dicomnode.domain import Findings
 from dicomnode.errors import ResultsError
 from dicomnode.results.common import DEMO_NOTE, Producer
 from dicomnode.results.regions import KeyRegion
@@ -23,61 +23,13 @@ from dicomnode.results.render import WARNING, Line, Outline, colour_of, key_imag
 from dicomnode.results.sc import display_pixels, secondary_capture
 from dicomnode.results.source import SourceImages
 from dicomnode.results.uids import ResultUIDs
+from dicomnode.results.wording import finding_names, finding_text
 
 if TYPE_CHECKING:
     from dicomnode.results.sr import FindingClass
 
 #: the warning line of every key image made with demo weights
 DEMO_WARNING = DEMO_NOTE.upper()
-#: ICDR grades, short
-ICDR_SHORT = {0: "No DR", 1: "Mild NPDR", 2: "Moderate NPDR", 3: "Severe NPDR", 4: "PDR"}
-#: at least this many mm3: shown in mL
-ML_FROM_MM3 = 10_000.0
-
-
-def finding_names(findings: Sequence[Finding]) -> list[str]:
-    """Each finding's short name: its label in words, numbered where the label repeats
-    (``Nodule 1``, ``Nodule 2``, ``Enhancing tumor``)."""
-    counts: dict[str, int] = {}
-    for finding in findings:
-        counts[finding.label] = counts.get(finding.label, 0) + 1
-    seen: dict[str, int] = {}
-    names = []
-    for finding in findings:
-        words = finding.label.replace("_", " ").strip() or finding.finding_type.meaning
-        if (finding.attributes or {}).get("grade") is not None:
-            words = finding.finding_type.meaning  # "Diabetic retinopathy", not "dr grade"
-        words = words[:1].upper() + words[1:]
-        if counts[finding.label] > 1:
-            seen[finding.label] = seen.get(finding.label, 0) + 1
-            words = f"{words} {seen[finding.label]}"
-        names.append(words)
-    return names
-
-
-def finding_text(finding: Finding, name: str) -> str:
-    """One line of a finding's numbers, e.g. ``Nodule 1: 12.3 mm, 905 mm3, p=0.91``, ``Diabetic
-    retinopathy grade 3 (Severe NPDR), p=0.85``."""
-    probability = f"p={float(finding.probability):.2f}"
-    attributes = finding.attributes or {}
-    grade = attributes.get("grade")
-    if grade is not None:
-        scale = str(attributes.get("scale", "ICDR"))
-        try:
-            short = ICDR_SHORT.get(int(grade)) if scale.upper() == "ICDR" else None
-        except (TypeError, ValueError):
-            short = None
-        words = f" ({short})" if short else ""
-        return f"{finding.finding_type.meaning} grade {grade}{words}, {probability}"
-    parts = []
-    if finding.diameter_mm is not None:
-        parts.append(f"{float(finding.diameter_mm):.1f} mm")
-    if finding.volume_mm3 is not None:
-        volume = float(finding.volume_mm3)
-        parts.append(f"{volume / 1000:.1f} mL" if volume >= ML_FROM_MM3 else f"{volume:.0f} mm3")
-    if not parts and finding.mask is None and finding.centre_mm is None:
-        parts.append("present")
-    return f"{name}: {', '.join([*parts, probability])}"
 
 
 def not_found_text(classes: Sequence[FindingClass], model: str) -> str:

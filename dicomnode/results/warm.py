@@ -69,7 +69,8 @@ def warm_up() -> float:
     region = mask_region(mask, 1)
     assert region is not None
     build_sr(findings, source, datasets, producer, uids, when, seg=seg, procedure=CT_CHEST,
-             series_number=2, series_description="warm-up", regions=[region])  # fmt: skip
+             series_number=2, series_description="warm-up", regions=[region],
+             pixel_spacing=(1.0, 1.0))  # fmt: skip
     _WARM = True
     seconds = time.perf_counter() - started
     logger.debug("results: highdicom warmed up in %.2f s", seconds, extra={"action": "results"})

@@ -303,6 +303,11 @@ class ConsoleLog:
         with self._lock:
             self.entries.append({"time": round(time.time(), 3), "type": kind, "text": text, **more})
 
+    def clear(self) -> None:
+        """Forget what was said so far (one test's log apart from the last's)."""
+        with self._lock:
+            self.entries.clear()
+
     def matching(self, *words: str) -> list[dict[str, Any]]:
         """Entries whose type or text mentions any of ``words`` (case-insensitive)."""
         lowered = [word.lower() for word in words]

@@ -176,22 +176,29 @@ def test_dcmqi_and_highdicom_read_the_sr(
     path = written["storage"] / written["objects"]["SR"].path
     seg_uid = written["objects"]["SEG"].sop_instance_uid
     report = validators.tid1500reader(path, tmp_path / "sr.json")
-    # a finding's groups share its tracking UID: its numbers on a 2-D region, its SEG segment,
-    # its 3-D centre
+    # a finding's groups share its tracking UID: its numbers, its SEG segment
     by_finding: dict[str, list[dict[str, Any]]] = {}
     for group in report["Measurements"]:
         by_finding.setdefault(group["TrackingUniqueIdentifier"], []).append(group)
     assert len(by_finding) == 2
-    for groups, truth in zip(by_finding.values(), chest.phantom.truth.nodules, strict=True):
-        assert len(groups) == 3
+    for number, (groups, truth) in enumerate(
+        zip(by_finding.values(), chest.phantom.truth.nodules, strict=True), start=1
+    ):
+        assert len(groups) == 2
         (segmented,) = [g for g in groups if "ReferencedSegment" in g]
         assert segmented["ReferencedSegment"] == 1
         assert segmented["segmentationSOPInstanceUID"] == seg_uid
         assert {g["Finding"]["CodeValue"] for g in groups} == {"27925004"}
         assert {g["FindingSite"]["CodeValue"] for g in groups} == {"39607008"}
+        # OHIF's tool for an outline, then the finding's name
+        assert {g["TrackingIdentifier"] for g in groups} == {
+            f"Cornerstone3DTools@^0.1.0:PlanarFreehandROI:Nodule {number}"
+        }
         (numbered,) = [g for g in groups if g["measurementItems"]]
         values = {m["quantity"]["CodeMeaning"]: (float(m["value"]), m["units"]["CodeValue"])
                   for m in numbered["measurementItems"]}  # fmt: skip
+        assert list(values) == ["Area", "Diameter", "Volume", "Probability"]
+        assert values["Area"][1] == "mm2"
         assert values["Diameter"] == (pytest.approx(truth.diameter_mm), "mm")
         assert values["Volume"] == (pytest.approx(truth.volume_mm3), "mm3")
         assert values["Probability"][1] == "1"
@@ -200,21 +207,20 @@ def test_dcmqi_and_highdicom_read_the_sr(
     sr = hd.sr.srread(path)
     assert json_of(sr) == json_of(written["built"]["SR"])
     content = sr.content
-    groups = content.get_volumetric_roi_measurement_groups()
-    planar = content.get_planar_roi_measurement_groups()
-    assert len(groups) == 2 and len(planar) == 4
-    regions, points = planar[0::2], planar[1::2]
+    segmented_groups = content.get_volumetric_roi_measurement_groups()
+    numbered_groups = content.get_image_measurement_groups()
+    assert len(segmented_groups) == 2 and len(numbered_groups) == 2
+    assert not content.get_planar_roi_measurement_groups()
     labels = chest.phantom.nodule_labels
-    for group, region, point, truth in zip(
-        groups, regions, points, chest.phantom.truth.nodules, strict=True
+    spacing = chest.volume.geometry.pixel_spacing
+    for number, (segmented_group, group, truth) in enumerate(
+        zip(segmented_groups, numbered_groups, chest.phantom.truth.nodules, strict=True), start=1
     ):
-        assert group.tracking_uid == region.tracking_uid == point.tracking_uid  # one finding
-        assert group.referenced_segment.referenced_segment_numbers == [1]
-        assert point.roi.graphic_type.value == "POINT"
-        assert point.roi.value.ravel().tolist() == pytest.approx(truth.center_mm, abs=1e-3)
-        assert point.roi.frame_of_reference_uid == dcmread(chest.paths[0]).FrameOfReferenceUID
-        # the 2-D outline lies on the slice where the nodule is largest, around its pixels
-        outline = region.roi
+        assert segmented_group.tracking_uid == group.tracking_uid  # one finding
+        assert segmented_group.referenced_segment.referenced_segment_numbers == [1]
+        area, diameter, _, _ = group.get_measurements()
+        # the area is of the outline on the slice where the nodule is largest, around its pixels
+        (outline,) = area.referenced_coordinates
         assert outline.graphic_type.value == "POLYLINE"
         areas = (labels == truth.label).sum(axis=(1, 2))
         k = int(np.argmax(areas))
@@ -228,8 +234,18 @@ def test_dcmqi_and_highdicom_read_the_sr(
         js, is_ = np.nonzero(labels[k] == truth.label)
         assert rows.min() == js.min() and rows.max() == js.max() + 1
         assert columns.min() == is_.min() and columns.max() == is_.max() + 1
-        numbers = {m.name.meaning for m in region.get_measurements()}
-        assert numbers == {"Diameter", "Volume", "Probability"}
+        # the outline holds the nodule's pixels there, and not many more
+        pixels = areas[k] * spacing[0] * spacing[1]
+        assert pixels <= area.value <= 1.5 * pixels
+        # the diameter is measured about the nodule's 3-D centre
+        (centre,) = diameter.referenced_coordinates
+        assert centre.graphic_type.value == "POINT"
+        assert centre.value.ravel().tolist() == pytest.approx(truth.center_mm, abs=1e-3)
+        assert centre.frame_of_reference_uid == dcmread(chest.paths[0]).FrameOfReferenceUID
+        # the finding in words, which OHIF lists it under
+        (said,) = [i.TextValue for i in group[0].ContentSequence
+                   if i.ConceptNameCodeSequence[0].CodeValue == "121106"]  # fmt: skip
+        assert said.startswith(f"Nodule {number}: {truth.diameter_mm:.1f} mm, ")
     (device,) = content.get_observer_contexts(observer_type=codes.DCM.Device)
     assert "demo weights" in device.observer_identifying_attributes.model_name
     assert "lung_nodule 0.1.0 ran with demo weights: not for clinical use." in texts(sr)

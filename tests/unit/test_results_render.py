@@ -17,13 +17,8 @@ from dicomnode.results.render import (
     key_image,
     scale_factor,
 )
-from dicomnode.results.summary import (
-    DEMO_WARNING,
-    finding_names,
-    finding_text,
-    key_slices,
-    summary_text,
-)
+from dicomnode.results.summary import DEMO_WARNING, key_slices, summary_text
+from dicomnode.results.wording import finding_names, finding_text
 
 NODULE = Code("27925004", "SCT", "Nodule")
 DR = Code("4855003", "SCT", "Diabetic retinopathy")
