@@ -105,23 +105,30 @@ def test_grade_and_attention_give_an_sr_and_secondary_captures(
     report = validators.tid1500reader(sr_path, tmp_path / "sr.json")
     assert len(report["Measurements"]) == 2
     content = hd.sr.srread(sr_path).content
-    grade, lesion = content.get_planar_roi_measurement_groups()
-    # each on the most attended B-scan, boxed where the attention is at least half its peak
+    grade, lesion = content.get_image_measurement_groups()
+    # each on the most attended B-scan, boxed where the attention is at least half its peak:
+    # the box's area comes first, inferred from the box
     for group in (grade, lesion):
-        (image,) = [i for i in group.roi.ContentSequence if i.ValueType == "IMAGE"]
+        assert group.tracking_identifier.startswith("Cornerstone3DTools@^0.1.0:RectangleROI:")
+        area = group.get_measurements()[0]
+        assert (area.name.meaning, area.unit.value) == ("Area", "mm2")
+        (box,) = area.referenced_coordinates
+        (image,) = [i for i in box.ContentSequence if i.ValueType == "IMAGE"]
         (reference,) = image.ReferencedSOPSequence
         assert reference.ReferencedSOPInstanceUID == volume.frames[hot[0]].sop_instance_uid
         assert reference.ReferencedFrameNumber == volume.frames[hot[0]].frame_number
         attention = grading(volume, hot).masks["attention"][hot[0]]
         js, is_ = np.nonzero(attention >= 0.5 * attention.max())
         c0, r0, c1, r1 = is_.min(), js.min(), is_.max() + 1, js.max() + 1
-        assert group.roi.value.tolist() == [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]
+        assert box.value.tolist() == [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]
+        spacing = volume.geometry.pixel_spacing
+        assert area.value == pytest.approx((c1 - c0) * (r1 - r0) * spacing[0] * spacing[1])
     (evaluation,) = grade.get_qualitative_evaluations()
     assert evaluation.name.value == "4855003"
     assert evaluation.value.value == "312904009"  # moderate non-proliferative DR
     (presence,) = lesion.get_qualitative_evaluations()
     assert (presence.name.value, presence.value.value) == ("274741008", "52101004")  # present
-    severity, probability = grade.get_measurements()
+    _, severity, probability = grade.get_measurements()
     assert (severity.name.meaning, severity.unit.value) == ("Severity", "{grade}")
     assert severity.value == 2
     assert probability.value == pytest.approx(0.7)
