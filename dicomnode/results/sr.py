@@ -128,21 +128,9 @@ def build_sr(
     names = finding_names(findings.findings)
     for index, (finding, region) in enumerate(zip(findings.findings, regions, strict=True)):
         segment = seg.finding_segments[index] if seg is not None else None
-        groups.extend(
-            _groups(
-                finding,
-                index,
-                names[index],
-                region,
-                segment,
-                seg,
-                source,
-                frame_of_reference,
-                pixel_spacing,
-                uids,
-                algorithm,
-            )  # fmt: skip
-        )
+        made = _groups(finding, index, names[index], region, segment, seg, source,
+                       frame_of_reference, pixel_spacing, uids, algorithm)  # fmt: skip
+        groups.extend(made)
     comments = []
     if producer.demo:
         comments.append(f"{producer.model} {producer.version} ran with {DEMO_NOTE}.")
@@ -165,8 +153,8 @@ def build_sr(
                     ],
                 )
             )
-        names = ", ".join(a.label for a in classes) or "findings"
-        comments.append(f"No findings: {producer.model} found no {names}.")
+        looked = ", ".join(a.label for a in classes) or "findings"
+        comments.append(f"No findings: {producer.model} found no {looked}.")
     summary = findings.summary or {}
     if summary.get("grade_meaning"):
         comments.append(str(summary["grade_meaning"]))
