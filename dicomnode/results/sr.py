@@ -165,8 +165,8 @@ def build_sr(
                     ],
                 )
             )
-        names = ", ".join(a.label for a in classes) or "findings"
-        comments.append(f"No findings: {producer.model} found no {names}.")
+        looked_names = ", ".join(a.label for a in classes) or "findings"
+        comments.append(f"No findings: {producer.model} found no {looked_names}.")
     summary = findings.summary or {}
     if summary.get("grade_meaning"):
         comments.append(str(summary["grade_meaning"]))
