@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -510,8 +510,17 @@ class Viewer:
         """Open the study at ``url``, then its (first) series of ``modality``; answer OHIF's
         "track these measurements?" (asked because it can rebuild them as its own tools) with
         yes or no. The questions asked."""
-        series = {thumbnail.modality: thumbnail for thumbnail in self.open_study(url)}
-        self.wait_rendered()
+        self.open_study(url)
+        # the study browser lists series as their metadata comes: wait for the report's
+        series = wait_until(
+            lambda: (found := {t.modality: t for t in self.thumbnails()}) and modality in found
+            and found,
+            timeout=self.timeout_s, what=f"OHIF's study browser to list the {modality}",
+        )  # fmt: skip
+        # the first series in the viewport, set up (its image may be all but black: the first
+        # slice of a sagittal head series is outside the head)
+        wait_until(lambda: SLICE.search(self.overlay_text()), timeout=self.timeout_s,
+                   what="OHIF's first image", ignore=(Exception,))  # fmt: skip
         self.load_series(series[modality])
         asked = self.answer_prompts("Yes" if track else "No", wait=15)
         self.wait_rendered()
@@ -600,16 +609,15 @@ class Viewer:
 
 
 @contextmanager
-def kept(viewer: Viewer, folder: Path) -> Iterator[Path]:
-    """A test's screenshots and the console log under ``folder``; on failure also a screenshot
-    of the page, and the folder printed."""
-    failed = True
+def kept(viewer: Viewer, folder: Path, failed: Callable[[], bool]) -> Iterator[Path]:
+    """A test's screenshots and the console log under ``folder``; when ``failed()`` says so
+    after it (pytest does not raise a test's failure into its fixtures), also a screenshot of
+    the page, and the folder printed."""
     try:
         yield folder
-        failed = False
     finally:
         viewer.console.write(folder / "console.json")
-        if failed:
+        if failed():
             viewer.screenshot(folder / "failure.png")
             print(f"OHIF screenshots and console log: {folder}")
 

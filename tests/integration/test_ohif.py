@@ -75,9 +75,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def keep(stack: Stack, tmp_path: Path) -> Iterator[Path]:
+def keep(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """The test's screenshots and console log under tmp_path; their folder printed on failure."""
-    with kept(stack.viewer, tmp_path) as folder:
+    failed_before = request.session.testsfailed
+    with kept(
+        stack.viewer, tmp_path, lambda: request.session.testsfailed > failed_before
+    ) as folder:
         yield folder
 
 
