@@ -511,17 +511,19 @@ class Viewer:
         "track these measurements?" (asked because it can rebuild them as its own tools) with
         yes or no. The questions asked."""
         self.open_study(url)
+
         # the study browser lists series as their metadata comes: wait for the report's
-        series = wait_until(
-            lambda: (found := {t.modality: t for t in self.thumbnails()}) and modality in found
-            and found,
-            timeout=self.timeout_s, what=f"OHIF's study browser to list the {modality}",
-        )  # fmt: skip
+        def listed() -> Thumbnail | None:
+            return next((t for t in self.thumbnails() if t.modality == modality), None)
+
+        report = wait_until(listed, timeout=self.timeout_s,
+                            what=f"OHIF's study browser to list the {modality}")  # fmt: skip
         # the first series in the viewport, set up (its image may be all but black: the first
         # slice of a sagittal head series is outside the head)
         wait_until(lambda: SLICE.search(self.overlay_text()), timeout=self.timeout_s,
                    what="OHIF's first image", ignore=(Exception,))  # fmt: skip
-        self.load_series(series[modality])
+        assert report is not None  # wait_until returns only a truthy value
+        self.load_series(report)
         asked = self.answer_prompts("Yes" if track else "No", wait=15)
         self.wait_rendered()
         return asked
