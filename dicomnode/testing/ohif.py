@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -68,6 +68,8 @@ THUMBNAIL = '[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbn
 #: the canvas cornerstone3D draws the active viewport into
 VIEWPORT_CANVAS = ".viewport-wrapper.active canvas.cornerstone-canvas, canvas.cornerstone-canvas"
 VIEWPORT_PANE = '[data-cy="viewport-pane"]'
+#: the corner overlay's image number: "I:27 (14/40)", instance 27, shown 14th of 40
+SLICE = re.compile(r"I:\s*(\d+)\s*\((\d+)/(\d+)\)")
 
 
 def ohif_dist() -> Path | None:
@@ -76,6 +78,28 @@ def ohif_dist() -> Path | None:
     configured = os.environ.get(DIST_ENV)
     dist = Path(configured) if configured else REPO / ".ohif/node_modules/@ohif/app/dist"
     return dist if (dist / "index.html").is_file() else None
+
+
+def require_ohif() -> Path:
+    """OHIF's dist, or the test ends (:func:`missing_peer`: a skip, a failure where
+    $DICOMNODE_REQUIRE_PEERS=1) when it, Chromium, Playwright or Orthanc's DICOMweb is missing."""
+    import importlib.util
+
+    from dicomnode.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC
+    from dicomnode.testing.peers import missing_peer
+
+    dist = ohif_dist()
+    if dist is None:
+        missing_peer(
+            "OHIF's dist is missing (.ohif/, from scripts/setup.sh; or $DICOMNODE_OHIF_DIST)"
+        )
+    if chromium_path() is None:
+        missing_peer("Chromium is not installed (Debian package chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing_peer("the playwright package is not installed (pip install -e '.[dev]')")
+    if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
+        missing_peer("Orthanc or its DICOMweb plugin is not installed (Debian orthanc-dicomweb)")
+    return dist
 
 
 def app_config(friendly_name: str = "dicomnode test Orthanc") -> str:
@@ -475,6 +499,35 @@ class Viewer:
             for text in self.page.locator('[data-cy^="viewport-overlay-"]').all_inner_texts()
         )
 
+    def shown_instance(self) -> int:
+        """The InstanceNumber of the image the viewport shows (from its corner overlay)."""
+        found = SLICE.search(self.overlay_text())
+        if not found:
+            raise ViewerError(f"no image number in the viewport's overlay: {self.overlay_text()!r}")
+        return int(found.group(1))
+
+    def open_report(self, url: str, *, track: bool, modality: str = "SR") -> list[str]:
+        """Open the study at ``url``, then its (first) series of ``modality``; answer OHIF's
+        "track these measurements?" (asked because it can rebuild them as its own tools) with
+        yes or no. The questions asked."""
+        self.open_study(url)
+
+        # the study browser lists series as their metadata comes: wait for the report's
+        def listed() -> Thumbnail | None:
+            return next((t for t in self.thumbnails() if t.modality == modality), None)
+
+        report = wait_until(listed, timeout=self.timeout_s,
+                            what=f"OHIF's study browser to list the {modality}")  # fmt: skip
+        # the first series in the viewport, set up (its image may be all but black: the first
+        # slice of a sagittal head series is outside the head)
+        wait_until(lambda: SLICE.search(self.overlay_text()), timeout=self.timeout_s,
+                   what="OHIF's first image", ignore=(Exception,))  # fmt: skip
+        assert report is not None  # wait_until returns only a truthy value
+        self.load_series(report)
+        asked = self.answer_prompts("Yes" if track else "No", wait=15)
+        self.wait_rendered()
+        return asked
+
     def annotation_text(self) -> list[str]:
         """The text lines of the annotations drawn on the viewport (cornerstone draws them as
         SVG over the canvas): an SR's labels and numbers as a radiologist reads them."""
@@ -555,6 +608,20 @@ class Viewer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path))
         return path
+
+
+@contextmanager
+def kept(viewer: Viewer, folder: Path, failed: Callable[[], bool]) -> Iterator[Path]:
+    """A test's screenshots and the console log under ``folder``; when ``failed()`` says so
+    after it (pytest does not raise a test's failure into its fixtures), also a screenshot of
+    the page, and the folder printed."""
+    try:
+        yield folder
+    finally:
+        viewer.console.write(folder / "console.json")
+        if failed():
+            viewer.screenshot(folder / "failure.png")
+            print(f"OHIF screenshots and console log: {folder}")
 
 
 def css_escape(identifier: str) -> str:

@@ -4,7 +4,6 @@ same study, with the findings of the phantoms' truth."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,11 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dicomnode.app import Node
-from dicomnode.config import DEFAULT_ROUTES
-from dicomnode.domain import FINAL_STATES, JobState
+from dicomnode.domain import JobState
 from dicomnode.phantoms.demo import DemoStudy, demo_studies
-from dicomnode.queue.listing import JobFilter
-from dicomnode.testing.orthanc import Orthanc
-from dicomnode.testing.peers import storescu
-from dicomnode.testing.waiting import wait_until
-from tests.helpers import port_of
+from tests.e2e.roundtrip import pacs_roundtrip, wait_results_filed
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-AUTOROUTE = REPO / "deploy" / "orthanc" / "autoroute.lua"
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
 
 
@@ -48,35 +39,12 @@ def _check_findings(study: DemoStudy, findings: list[dict[str, Any]]) -> None:
         assert grade["attributes"]["grade"] == study.truth.grade, grade
 
 
-def test_orthanc_forwards_each_study_and_files_the_findings_under_it(
-    start_node: Callable[..., Node], tmp_path: Path
-) -> None:
+def test_orthanc_forwards_each_study_and_files_the_findings_under_it(tmp_path: Path) -> None:
     studies = demo_studies(tmp_path / "studies")
-    pacs = Orthanc(tmp_path / "orthanc", lua_scripts=[AUTOROUTE], sync_storage=False)
-    routes = [route.model_copy(update={"destinations": ("pacs",)}) for route in DEFAULT_ROUTES]
-    node = start_node(
-        workers=[{"models": ["lung_nodule", "brain_tumor", "oct_grading"]}],
-        routes=routes,
-        destinations=[
-            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
-        ],
-    )
-    pacs.modalities["dicomnode"] = ("DICOMNODE", "127.0.0.1", port_of(node))
-    pacs.start()
-    try:
-        for study in studies:  # the scanner sends to the PACS only
-            sent = storescu(pacs.dicom_port, study.files, called_aet="ORTHANC")
-            assert sent.returncode == 0, sent.stderr
-        jobs = wait_until(
-            lambda: (found := node.jobs.list(JobFilter(state=list(FINAL_STATES))))
-            and len(found) == 3
-            and found,
-            timeout=900,
-            what="the three jobs to end",
-        )  # fmt: skip
-        by_study = {job.study_instance_uid: job for job in jobs}
+    with pacs_roundtrip(tmp_path, studies) as roundtrip:
+        pacs, node = roundtrip.pacs, roundtrip.node
         for study in studies:
-            job = by_study[study.study_instance_uid]
+            job = roundtrip.jobs[study.study_instance_uid]
             assert job.model == study.model
             assert job.state is JobState.DONE, job.error
             objects = job.result["objects"]
@@ -84,14 +52,7 @@ def test_orthanc_forwards_each_study_and_files_the_findings_under_it(
             assert kinds >= ({"SR", "SC"} if study.name == "retina" else {"SEG", "SR"}), kinds
             _check_findings(study, job.result["findings"])
             # Orthanc holds every result object, under the source study
-            wanted = {o["sop_instance_uid"] for o in objects}
-            wait_until(
-                lambda s=study, w=wanted: w <= {
-                    i["SOPInstanceUID"] for i in pacs.study_instances(s.study_instance_uid)
-                },
-                timeout=120,
-                what=f"the {study.name} results in Orthanc",
-            )  # fmt: skip
+            wait_results_filed(roundtrip, study)
             report = next(o for o in objects if o["kind"] == "SR")
             sr = dcmread(BytesIO(pacs.instance_file(report["sop_instance_uid"])))
             assert sr.SOPClassUID == SR and sr.StudyInstanceUID == study.study_instance_uid
@@ -102,5 +63,3 @@ def test_orthanc_forwards_each_study_and_files_the_findings_under_it(
                 assert stored.StudyInstanceUID == study.study_instance_uid
         # the node's own results were not forwarded back to it: one job per study
         assert len(node.jobs.list(limit=100)) == 3
-    finally:
-        pacs.stop(graceful=False)

@@ -8,9 +8,7 @@ folder is printed when a test fails).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +18,8 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.results import build_objects, write_objects
-from dicomnode.testing.browser import chromium_path
-from dicomnode.testing.ohif import OhifServer, Thumbnail, Viewer, ohif_dist, ohif_stack
-from dicomnode.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
-from dicomnode.testing.peers import missing_peer
+from dicomnode.testing.ohif import OhifServer, Thumbnail, Viewer, kept, ohif_stack, require_ohif
+from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.waiting import wait_until
 from tests.integration.test_results_objects import (
     NODULE_CLASS,
@@ -35,9 +31,6 @@ from tests.integration.test_results_objects import (
 )
 
 pytestmark = pytest.mark.slow
-
-#: the corner overlay's image number: "I:27 (14/40)", instance 27, shown 14th of 40
-SLICE = re.compile(r"I:\s*(\d+)\s*\((\d+)/(\d+)\)")
 
 
 @dataclass(frozen=True)
@@ -57,26 +50,10 @@ class Stack:
     out: Path
 
 
-def require_peers() -> Path:
-    """OHIF's dist, or a skip (a failure where $DICOMNODE_REQUIRE_PEERS=1)."""
-    dist = ohif_dist()
-    if dist is None:
-        missing_peer(
-            "OHIF's dist is missing (.ohif/, from scripts/setup.sh; or $DICOMNODE_OHIF_DIST)"
-        )
-    if chromium_path() is None:
-        missing_peer("Chromium is not installed (Debian package chromium)")
-    if importlib.util.find_spec("playwright") is None:
-        missing_peer("the playwright package is not installed (pip install -e '.[dev]')")
-    if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
-        missing_peer("Orthanc or its DICOMweb plugin is not installed (Debian orthanc-dicomweb)")
-    return dist
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Orthanc holding the phantom CT, its SEG and SR; OHIF in front of it; one browser."""
-    dist = require_peers()
+    dist = require_ohif()
     root = tmp_path_factory.mktemp("ohif")
     chest = write_chest(root / "ct")
     built = build_objects(
@@ -98,17 +75,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def keep(stack: Stack, tmp_path: Path) -> Iterator[Path]:
+def keep(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """The test's screenshots and console log under tmp_path; their folder printed on failure."""
-    failed = True
-    try:
-        yield tmp_path
-        failed = False
-    finally:
-        stack.viewer.console.write(tmp_path / "console.json")
-        if failed:
-            stack.viewer.screenshot(tmp_path / "failure.png")
-            print(f"OHIF screenshots and console log: {tmp_path}")
+    failed_before = request.session.testsfailed
+    with kept(
+        stack.viewer, tmp_path, lambda: request.session.testsfailed > failed_before
+    ) as folder:
+        yield folder
 
 
 def open_study(stack: Stack) -> dict[str, Thumbnail]:
@@ -118,9 +91,7 @@ def open_study(stack: Stack) -> dict[str, Thumbnail]:
 
 def shown_slice(viewer: Viewer) -> int:
     """The InstanceNumber of the image the viewport shows."""
-    found = SLICE.search(viewer.overlay_text())
-    assert found, f"no image number in the viewport's overlay: {viewer.overlay_text()!r}"
-    return int(found.group(1))
+    return viewer.shown_instance()
 
 
 def test_ohif_shows_the_ct_and_the_seg_over_it(stack: Stack, keep: Path) -> None:
@@ -165,14 +136,8 @@ def wait_slice(stack: Stack, k: int, what: str) -> None:
 
 
 def open_sr(stack: Stack, *, track: bool) -> list[str]:
-    """Open the study, then its SR; answer OHIF's "track these measurements?" (asked because
-    it can rebuild them as its own tools) with yes or no. The questions asked."""
-    series = open_study(stack)
-    stack.viewer.wait_rendered()
-    stack.viewer.load_series(series["SR"])
-    asked = stack.viewer.answer_prompts("Yes" if track else "No", wait=15)
-    stack.viewer.wait_rendered()
-    return asked
+    """Open the study, then its SR, tracking its measurements or not; the questions asked."""
+    return stack.viewer.open_report(stack.server.viewer_url(stack.study.uid), track=track)
 
 
 def test_ohif_draws_each_finding_with_its_numbers_on_its_key_slice(
