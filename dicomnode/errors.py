@@ -14,6 +14,8 @@ class DicomNodeError(Exception):
     dicom_status: int = 0xC000
     #: HTTP status for the API.
     http_status: int = 500
+    #: the same input would fail the same way again: a job failing with it is not retried
+    permanent: bool = False
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -230,6 +232,7 @@ class InputsRejected(DicomNodeError):
     """The job's input series do not fit the model."""
 
     http_status = 422
+    permanent = True  # a series stored and complete does not change between attempts
 
 
 class InferenceCancelled(DicomNodeError):

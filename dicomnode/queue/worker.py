@@ -225,8 +225,10 @@ class Worker:
                 if context.cancelled.is_set():
                     return None
                 error = _describe(exc)
+                retry = not getattr(exc, "permanent", False)
                 return self._record(
-                    lambda: self.repository.fail(job.id, self.worker_id, error), job.id
+                    lambda: self.repository.fail(job.id, self.worker_id, error, retry=retry),
+                    job.id,
                 )
             if context.cancelled.is_set():
                 logger.info(

@@ -6,6 +6,7 @@
 
 - ``sleep=S``: take S seconds (ends early when the job is cancelled or its lease is lost);
 - ``fail=N``: raise on the first N attempts (``fail=always``: on every one);
+- ``refuse=1``: reject its input (:class:`~dicomnode.errors.InputsRejected`, a permanent error);
 - ``write=1``: write ``results/<job id>/echo.json`` (its attempt and worker) as a model's
   result files are written, after the sleep, whether or not the lease was lost meanwhile;
 - ``allocate=MB``: take MB megabytes of memory (every page touched) for the rest of the run, as
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
+from dicomnode.errors import InputsRejected
 from dicomnode.queue.worker import JobContext, JobModel
 
 RUN_LOG_ENV = "DICOMNODE_TEST_RUN_LOG"
@@ -82,6 +84,8 @@ class EchoModel:
             self._record("kill", context)
             os.kill(os.getpid(), signal.SIGKILL)
         del ballast
+        if steer.get("refuse") == "1":
+            raise InputsRejected(f"echo refuses its {len(job.inputs)} input series")
         fail = steer.get("fail", "0")
         if fail == "always" or job.attempts <= int(fail):
             raise ModelFailure(f"told to fail (attempt {job.attempts})")

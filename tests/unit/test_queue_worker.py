@@ -115,6 +115,18 @@ def test_a_failing_model_is_retried_then_fails_with_the_exception(
     assert failed.error == "ModelFailure: told to fail (attempt 2)"
 
 
+def test_an_input_the_model_refuses_fails_at_once_without_retries(
+    repo: JobRepository, workers: Callable[..., tuple[Worker, EchoModel]]
+) -> None:
+    """A one-slice localizer does not grow more slices between attempts: no backoff, no retry."""
+    refused = add(repo, route="localizer?refuse=1", max_attempts=3)
+    workers()
+    wait_until(lambda: state_of(repo, refused.id) is JobState.FAILED, timeout=10)
+    failed = repo.get(refused.id)
+    assert failed is not None and failed.attempts == 1
+    assert failed.error == "InputsRejected: echo refuses its 2 input series"
+
+
 def test_heartbeats_keep_a_job_longer_than_its_lease(
     repo: JobRepository, workers: Callable[..., tuple[Worker, EchoModel]]
 ) -> None:
