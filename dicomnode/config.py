@@ -241,6 +241,10 @@ class RouteSettings(_Section):
     priority: Literal["routine", "urgent", "stat"] = "routine"
     level: Literal["series", "study"] = "series"
     completion: CompletionSettings = CompletionSettings()
+    #: an input outside the model's validated acquisitions (its model.toml [envelope]):
+    #: "refuse" ends the job at once, with the reasons; "flag" runs the model and marks the job
+    #: and every result object
+    envelope: Literal["refuse", "flag"] = "refuse"
 
 
 class RoutingSettings(_Section):

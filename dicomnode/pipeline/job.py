@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.errors import ModelError
-from dicomnode.pipeline.inputs import find_series, load_inputs
+from dicomnode.pipeline.envelope import OutsideEnvelope, Verdict, check_envelope
+from dicomnode.pipeline.inputs import SeriesFiles, find_series, load_inputs
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from dicomnode.config import ResultsSettings
+    from dicomnode.imaging import Volume
     from dicomnode.inference.device import Device
     from dicomnode.inference.protocol import InferenceModel, ModelSpec
     from dicomnode.queue.worker import JobContext
@@ -42,6 +44,9 @@ class PipelineSettings:
     strict: bool = True
     #: the SEG/SR/SC written from each job's findings (None: the defaults)
     results: ResultsSettings | None = None
+    #: route name -> what an input outside the model's envelope gets: "refuse" (the default)
+    #: or "flag"
+    envelope_policy: Mapping[str, str] = field(default_factory=dict)
 
 
 class ModelPipeline:
@@ -112,13 +117,27 @@ class ModelPipeline:
         output = context.output_root or storage_dir
         with self._session() as session:
             series = find_series(session, job.inputs, storage_dir, self.name)
-        patterns = self.settings.required_series.get(job.route.partition("?")[0], {})
+        route = job.route.partition("?")[0]
+        patterns = self.settings.required_series.get(route, {})
         inputs, described = load_inputs(self.spec, series, patterns)
+        policy = self.settings.envelope_policy.get(route, "refuse")
+        verdict = self._check_envelope(series, inputs)
+        if not verdict.inside:
+            if policy != "flag":
+                raise OutsideEnvelope(verdict.sentence(self.name))
+            logger.warning(
+                "job %s: input outside model %s's envelope, run and flagged: %s",
+                job.id,
+                self.name,
+                "; ".join(verdict.reasons),
+                extra={"action": "envelope_flagged", "job_id": job.id},
+            )
         loaded = time.perf_counter()
         findings = predict(self.model, inputs, seed=self.settings.seed, cancelled=context.cancelled)
         predicted = time.perf_counter()
         result = findings_to_json(findings, write_masks(findings, output, job.id))
         result["inputs"] = described
+        result["envelope"] = verdict.as_json(policy)
         result["device"] = str(self.device)
         objects = write_results(
             self.spec,
@@ -130,6 +149,7 @@ class ModelPipeline:
             job_id=job.id,
             route=job.route,
             received_at=job.received_at,
+            caution="" if verdict.inside else verdict.sentence(self.name),
         )
         if objects is not None:
             result["objects"] = objects
@@ -140,6 +160,21 @@ class ModelPipeline:
             "total": round(time.perf_counter() - started, 4),
         }
         return result
+
+    def _check_envelope(
+        self, series: Sequence[SeriesFiles], inputs: Volume | Mapping[str, Volume]
+    ) -> Verdict:
+        """The loaded input against the model's envelope (each series' first header)."""
+        from pydicom import dcmread
+
+        volumes = [inputs] if not isinstance(inputs, Mapping) else list(inputs.values())
+        by_series = {volume.series_instance_uid: volume for volume in volumes}
+        checked = [
+            (dcmread(item.paths[0], stop_before_pixels=True), by_series[item.series_instance_uid])
+            for item in series
+            if item.series_instance_uid in by_series and item.paths
+        ]
+        return check_envelope(self.spec.info.envelope, checked)
 
     def _session(self) -> Session:
         if self._sessions is None:  # the first time, from the database URL

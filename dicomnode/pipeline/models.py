@@ -84,6 +84,7 @@ def job_models(
         sessions=sessions,
         database_url=database_url,
         required_series={r.name: dict(r.completion.required_series) for r in routes},
+        envelope_policy={r.name: r.envelope for r in routes},
         seed=registry.seed,
         strict=strict,
         results=results,

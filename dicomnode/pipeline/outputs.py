@@ -44,6 +44,7 @@ def write_results(
     job_id: int,
     route: str,
     received_at: datetime,
+    caution: str = "",
 ) -> list[dict[str, str]] | None:
     """The job's SEG, SR, SC and KO in ``results/<job id>/dicom/`` under ``storage_dir`` (the run's
     staging root), as the result's ``objects`` (None: results are off). Dated when the inputs'
@@ -75,6 +76,7 @@ def write_results(
             when=max(received, default=received_at),
             classes=classes,
             procedure=info.params.get("procedure_reported"),
+            caution=caution,
         )
     except ResultsError:
         raise

@@ -71,10 +71,12 @@ def build_objects(
     when: datetime,
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
+    caution: str = "",
 ) -> BuiltObjects:
     """The SEG, SR, SC, key image and KOS datasets of ``findings`` on ``inputs`` (``paths``:
     every file of the input series); ``classes``: the model's labels; ``procedure``: the
-    model's declared procedure reported, if any."""
+    model's declared procedure reported, if any; ``caution``: why the results need it (an
+    input outside the model's envelope), said in the SR and every series description."""
     from dicomnode.results.kos import build_kos
     from dicomnode.results.regions import finding_regions
     from dicomnode.results.sc import ATTENTION, build_sc
@@ -101,6 +103,7 @@ def build_objects(
         settings.manufacturer,
         settings.institution_name,
         settings.device_serial_number,
+        caution,
     )
     read = time.perf_counter()
     out: list[tuple[str, str, Dataset]] = []
@@ -217,12 +220,13 @@ def build_results(
     when: datetime,
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
+    caution: str = "",
 ) -> tuple[list[ResultObject], dict[str, float]]:
     """Build and write a job's result objects; the objects and the time each step took."""
     started = time.perf_counter()
     built = build_objects(
         findings, inputs, paths, settings,
-        route=route, when=when, classes=classes, procedure=procedure,
+        route=route, when=when, classes=classes, procedure=procedure, caution=caution,
     )  # fmt: skip
     written = time.perf_counter()
     objects = write_objects(built, storage_dir, job_id)

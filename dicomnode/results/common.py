@@ -18,6 +18,10 @@ DEMO_NOTE = "demo weights: not for clinical use"
 LO_MAX = 64
 
 
+#: what the series descriptions of results from an input outside the model's envelope start with
+UNVALIDATED = "UNVALIDATED INPUT: "
+
+
 @dataclass(frozen=True)
 class Producer:
     """The model that produced the findings and the node that wrote them down."""
@@ -28,6 +32,9 @@ class Producer:
     manufacturer: str = "dicomnode"
     institution_name: str = ""
     device_serial_number: str = "1"
+    #: why the results deserve caution (the input was outside the model's validated
+    #: acquisitions); said in the SR and at the head of every series description
+    caution: str = ""
 
     @property
     def software_versions(self) -> str:
@@ -47,6 +54,8 @@ class Producer:
         text = template.format(model=self.model, version=self.version)
         if self.demo:
             text = f"{text} (demo)"
+        if self.caution:
+            text = f"{UNVALIDATED}{text}"
         return text[:LO_MAX]
 
 

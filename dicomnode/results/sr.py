@@ -132,6 +132,8 @@ def build_sr(
                        frame_of_reference, pixel_spacing, uids, algorithm)  # fmt: skip
         groups.extend(made)
     comments = []
+    if producer.caution:
+        comments.append(f"Outside the model's validated acquisition envelope: {producer.caution}")
     if producer.demo:
         comments.append(f"{producer.model} {producer.version} ran with {DEMO_NOTE}.")
     if not groups:

@@ -348,9 +348,11 @@ def write_model_package(
     level: str = "series",
     modalities: tuple[str, ...] = ("CT",),
     inputs: Mapping[str, str] | None = None,
+    envelope: str = "",
 ) -> Path:
     """Write ``models_dir/<name>/`` with ``model.toml`` (default: the :data:`VOLUME_STATS_MODEL`
-    one) and ``<module>.py``; ``files`` are written beside (e.g. weights). Returns the folder."""
+    one, with ``envelope``: the lines of its ``[envelope]`` table) and ``<module>.py``; ``files``
+    are written beside (e.g. weights). Returns the folder."""
     folder = models_dir / name
     folder.mkdir(parents=True, exist_ok=True)
     if toml is None:
@@ -361,6 +363,8 @@ def write_model_package(
         toml = VOLUME_STATS_TOML.format(
             name=name, level=level, modalities=json.dumps(list(modalities)), inputs=table
         )
+        if envelope:
+            toml = f"{textwrap.dedent(toml)}\n[envelope]\n{textwrap.dedent(envelope)}"
     (folder / "model.toml").write_text(textwrap.dedent(toml).lstrip())
     (folder / f"{module}.py").write_text(textwrap.dedent(source).lstrip())
     for relative, content in (files or {}).items():

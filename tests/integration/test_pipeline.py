@@ -162,6 +162,53 @@ def test_inputs_the_model_does_not_accept_are_refused(
         pipeline.run(claim(node, "mr_only", ["9.9.9"]))
 
 
+def test_inputs_outside_the_envelope_are_refused_or_run_and_flagged(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """A thin-slice model meets 1.25 mm slices of 32 x 32: refused at once by default; run,
+    with the job and every object marked, where the route says flag."""
+    from dicomnode.pipeline.envelope import OutsideEnvelope
+    from dicomnode.testing import validators
+    from tests.integration.test_results_objects import texts
+
+    node = start_node(background=False)
+    files = store(node, tmp_path / "ct", SeriesSpec(slices=12, rows=32, columns=32, seed=65))
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    thin = """
+        slice_thickness_mm = [0.5, 1.0]
+        rows = [64, 1024]
+        modalities = ["CT"]
+    """
+    write_model_package(tmp_path / "models", "thin", envelope=thin)
+    route = RouteSettings(name="flagged", model="thin", envelope="flag")
+    pipeline = pipeline_for(node, tmp_path / "models", "thin", routes=[route])
+    reasons = "slice thickness 1.25 mm is outside 0.5-1 mm; rows 32 is outside 64-1024"
+    with pytest.raises(OutsideEnvelope, match=f"thin was not validated for this input: {reasons}"):
+        pipeline.run(claim(node, "thin", [uid]))
+    assert OutsideEnvelope.permanent  # the worker does not retry it
+
+    result = dict(pipeline.run(claim(node, "thin", [uid], route="flagged")))
+    assert result["envelope"] == {
+        "inside": False,
+        "reasons": reasons.split("; "),
+        "policy": "flag",
+    }
+    objects = {o["kind"]: node.spool.root / o["path"] for o in result["objects"]}
+    for kind in ("SEG", "SR"):
+        assert str(dcmread(objects[kind]).SeriesDescription).startswith("UNVALIDATED INPUT: ")
+    said = texts(dcmread(objects["SR"]))
+    assert (
+        f"Outside the model's validated acquisition envelope: thin was not validated for this "
+        f"input: {reasons}"
+    ) in said
+    if validators.has_tool("dciodvfy"):
+        assert validators.dciodvfy(objects["SR"]).errors == ()
+
+    write_model_package(tmp_path / "wide", "thin", envelope="slice_thickness_mm = [0.5, 5.0]")
+    inside = pipeline_for(node, tmp_path / "wide", "thin").run(claim(node, "thin", [uid], "in"))
+    assert inside["envelope"] == {"inside": True, "reasons": [], "policy": "refuse"}
+
+
 @pytest.mark.slow
 def test_a_routed_series_runs_through_the_nodes_worker(
     start_node: Callable[..., Node], tmp_path: Path
