@@ -21,6 +21,8 @@ from dicomnode.errors import DicomNodeError
 
 if TYPE_CHECKING:
     from dicomnode.admin import ModelSummary
+    from dicomnode.config import Settings
+    from dicomnode.inference.protocol import Envelope
     from dicomnode.pipeline.models import BuiltinModels
     from dicomnode.pipeline.trial import TrialRun
     from dicomnode.queue import JobRepository
@@ -256,7 +258,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_receiver_child() -> int:
     """One extra receiver process of ``serve --processes``; it stops when the serve does."""
     from dicomnode.app import build_receiver_node, restrict_new_files
-    from dicomnode.config import Settings
     from dicomnode.receive.processes import run_child
 
     def start(settings: Settings, released: Callable[[], None]) -> Callable[[], None]:
@@ -642,8 +643,11 @@ def _route_explain(args: argparse.Namespace) -> int:
     from dicomnode.route_report import explain_files, report_lines
     from dicomnode.routing import Router
 
-    router = Router.from_settings(load_settings(args.config))
-    report = explain_files(router, args.files, calling_aet=args.calling_aet)
+    settings = load_settings(args.config)
+    router = Router.from_settings(settings)
+    report = explain_files(
+        router, args.files, calling_aet=args.calling_aet, envelopes=_envelopes(settings)
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -653,6 +657,23 @@ def _route_explain(args: argparse.Namespace) -> int:
     for line in err:
         print(line, file=sys.stderr)
     return 0
+
+
+def _envelopes(settings: Settings) -> dict[str, tuple[Envelope, str]]:
+    """Route name -> its model's acquisition envelope and the route's policy, for the routes
+    whose model is a package this node has (a model that cannot be read is left out)."""
+    from dicomnode.inference.registry import ModelRegistry
+
+    registry = ModelRegistry.from_settings(settings)
+    found: dict[str, tuple[Envelope, str]] = {}
+    for route in settings.routes:
+        if route.model in registry:
+            try:
+                envelope = registry.spec(route.model).info.envelope
+            except DicomNodeError:
+                continue
+            found[route.name] = (envelope, str(route.envelope))
+    return found
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -3,19 +3,28 @@ not, as a JSON-ready report and as the lines the CLI prints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
+if TYPE_CHECKING:
+    from dicomnode.inference.protocol import Envelope
+
 
 def explain_files(
-    router: Router, files: Iterable[Path], *, calling_aet: str | None = None
+    router: Router,
+    files: Iterable[Path],
+    *,
+    calling_aet: str | None = None,
+    envelopes: Mapping[str, tuple[Envelope, str]] | None = None,
 ) -> dict[str, Any]:
     """Each series among ``files`` (files or folders) with the route it takes and every rule's
-    verdict, and the files that could not be read (``{"series": [...], "errors": [...]}``)."""
+    verdict, and the files that could not be read (``{"series": [...], "errors": [...]}``).
+    ``envelopes``: route name -> its model's envelope and the route's policy; each chosen
+    route then says whether the series is inside (from the headers alone)."""
     from pydicom import dcmread
     from pydicom.dataset import Dataset
 
@@ -40,7 +49,7 @@ def explain_files(
     for uid, instances in series.items():
         facts = SeriesFacts.from_datasets(list(instances.values()), calling_aet=calling_aet)
         decision = router.route(facts)
-        routes = [
+        routes: list[dict[str, Any]] = [
             {
                 "name": r.name,
                 "model": r.model,
@@ -50,6 +59,14 @@ def explain_files(
             }
             for r in decision.routes
         ]
+        for route in routes:
+            if envelopes and route["name"] in envelopes:
+                from dicomnode.pipeline.envelope import Acquisition, check_envelope
+
+                envelope, policy = envelopes[route["name"]]
+                headers = list(instances.values())
+                verdict = check_envelope(envelope, [Acquisition.of_headers(headers)])
+                route["envelope"] = verdict.as_json(policy)
         reports.append(
             {
                 "series_instance_uid": uid,
@@ -82,6 +99,13 @@ def report_lines(report: dict[str, Any], router: Router) -> tuple[list[str], lis
                 f"to {', '.join(route['destinations']) or '(no destinations)'} "
                 f"[{series['decision']['basis']}]"
             )
+            envelope = route.get("envelope")
+            if envelope is not None and envelope["inside"]:
+                out.append("     inside the model's acquisition envelope")
+            elif envelope is not None:
+                action = "run and flagged" if envelope["policy"] == "flag" else "refused"
+                out.append(f"     outside the model's acquisition envelope ({action}):")
+                out.extend(f"       {reason}" for reason in envelope["reasons"])
         if not series["decision"]["routes"]:
             out.append("  -> no route matches: the series is skipped")
         for rule in series["rules"]:

@@ -10,7 +10,7 @@ marks the job and every result object.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,34 +45,77 @@ class Verdict:
         return f"{model} was not validated for this input: {'; '.join(self.reasons)}"
 
 
-def check_envelope(envelope: Envelope, inputs: Iterable[tuple[Dataset, Volume]]) -> Verdict:
-    """Each input series (its first header and its loaded volume) against ``envelope``."""
+@dataclass(frozen=True)
+class Acquisition:
+    """What the envelope is checked on, for one series: its first header and its size."""
+
+    header: Dataset
+    frames: int
+    rows: int
+    columns: int
+    pixel_spacing_mm: tuple[float, float] | None  # row, column
+    slice_thickness_mm: float | None
+
+    @classmethod
+    def of_volume(cls, header: Dataset, volume: Volume) -> Acquisition:
+        """A loaded series: sizes and spacing from the volume (Slice Thickness as written,
+        else the distance between its slices)."""
+        frames, rows, columns = (int(n) for n in volume.array.shape[:3])
+        thickness = _number(header, "SliceThickness")
+        if thickness is None:
+            thickness = float(volume.geometry.spacing[2])
+        return cls(header, frames, rows, columns, volume.geometry.pixel_spacing, thickness)
+
+    @classmethod
+    def of_headers(cls, headers: Sequence[Dataset]) -> Acquisition:
+        """A series known by its headers only (``route explain``): its instances' frames."""
+        first = headers[0]
+        frames = sum(int(ds.get("NumberOfFrames") or 1) for ds in headers)
+        measures = _pixel_measures(first)
+        spacing = measures.get("PixelSpacing") or first.get("PixelSpacing")
+        pixel = (float(spacing[0]), float(spacing[1])) if spacing else None
+        thickness = _number(first, "SliceThickness")
+        if thickness is None:
+            thickness = _number(measures, "SliceThickness")
+        rows, columns = int(first.get("Rows") or 0), int(first.get("Columns") or 0)
+        return cls(first, frames, rows, columns, pixel, thickness)
+
+
+def check_envelope(envelope: Envelope, inputs: Iterable[Acquisition]) -> Verdict:
+    """Each input series against ``envelope``; each reason once."""
     reasons: list[str] = []
-    for header, volume in inputs:
-        reasons += _series_reasons(envelope, header, volume)
+    for acquisition in inputs:
+        reasons += _series_reasons(envelope, acquisition)
     return Verdict(tuple(dict.fromkeys(reasons)))
 
 
-def _series_reasons(envelope: Envelope, header: Dataset, volume: Volume) -> list[str]:
+def _series_reasons(envelope: Envelope, acquisition: Acquisition) -> list[str]:
+    header = acquisition.header
     reasons: list[str] = []
-    modality = str(header.get("Modality", "") or volume.modality).upper()
+    modality = str(header.get("Modality", "")).upper()
     if envelope.modalities and modality not in envelope.modalities:
         reasons.append(f"modality {modality or '(none)'} is not {'/'.join(envelope.modalities)}")
     part = str(header.get("BodyPartExamined", "")).strip().upper()
     if envelope.body_parts and part not in envelope.body_parts:
         expected = "/".join(envelope.body_parts)
         reasons.append(f"body part {part or '(none)'} is not {expected}")
-    frames, rows, columns = (int(n) for n in volume.array.shape[:3])
-    row_mm, column_mm = volume.geometry.pixel_spacing
-    for name, value, bounds, unit in (
-        ("pixel spacing", min(row_mm, column_mm), envelope.pixel_spacing_mm, " mm"),
-        ("pixel spacing", max(row_mm, column_mm), envelope.pixel_spacing_mm, " mm"),
-        ("slice thickness", _thickness(header, volume), envelope.slice_thickness_mm, " mm"),
-        ("rows", rows, envelope.rows, ""),
-        ("columns", columns, envelope.columns, ""),
-        ("frames", frames, envelope.frames, ""),
-    ):
-        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+    spacing = acquisition.pixel_spacing_mm
+    checks: list[tuple[str, float | None, Any, str]] = [
+        ("pixel spacing", min(spacing) if spacing else None, envelope.pixel_spacing_mm, " mm"),
+        ("pixel spacing", max(spacing) if spacing else None, envelope.pixel_spacing_mm, " mm"),
+        ("slice thickness", acquisition.slice_thickness_mm, envelope.slice_thickness_mm, " mm"),
+        ("rows", acquisition.rows, envelope.rows, ""),
+        ("columns", acquisition.columns, envelope.columns, ""),
+        ("frames", acquisition.frames, envelope.frames, ""),
+    ]
+    for name, value, bounds, unit in checks:
+        if bounds is None:
+            continue
+        if value is None:
+            reasons.append(
+                f"{name} unknown (not in the header); expected {bounds[0]:g}-{bounds[1]:g}{unit}"
+            )
+        elif not bounds[0] <= value <= bounds[1]:
             reasons.append(f"{name} {value:g}{unit} is outside {bounds[0]:g}-{bounds[1]:g}{unit}")
     photometric = str(header.get("PhotometricInterpretation", "")).upper()
     if envelope.photometric and photometric not in envelope.photometric:
@@ -91,12 +134,21 @@ def _series_reasons(envelope: Envelope, header: Dataset, volume: Volume) -> list
     return reasons
 
 
-def _thickness(header: Dataset, volume: Volume) -> float:
-    """Slice Thickness as written, else the distance between the volume's slices."""
+def _number(ds: Dataset | dict[str, Any], keyword: str) -> float | None:
     try:
-        return float(header.SliceThickness)
-    except (AttributeError, TypeError, ValueError):
-        return float(volume.geometry.spacing[2])
+        value = ds.get(keyword)
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixel_measures(ds: Dataset) -> dict[str, Any]:
+    """An enhanced multi-frame object's shared Pixel Measures (spacing, thickness), if any."""
+    try:
+        measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    except (AttributeError, IndexError):
+        return {}
+    return {k: measures.get(k) for k in ("PixelSpacing", "SliceThickness")}
 
 
 def _multi(value: Any) -> bool:

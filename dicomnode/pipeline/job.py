@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.errors import ModelError
-from dicomnode.pipeline.envelope import OutsideEnvelope, Verdict, check_envelope
+from dicomnode.pipeline.envelope import Acquisition, OutsideEnvelope, Verdict, check_envelope
 from dicomnode.pipeline.inputs import SeriesFiles, find_series, load_inputs
 
 if TYPE_CHECKING:
@@ -170,7 +170,10 @@ class ModelPipeline:
         volumes = [inputs] if not isinstance(inputs, Mapping) else list(inputs.values())
         by_series = {volume.series_instance_uid: volume for volume in volumes}
         checked = [
-            (dcmread(item.paths[0], stop_before_pixels=True), by_series[item.series_instance_uid])
+            Acquisition.of_volume(
+                dcmread(item.paths[0], stop_before_pixels=True),
+                by_series[item.series_instance_uid],
+            )
             for item in series
             if item.series_instance_uid in by_series and item.paths
         ]

@@ -234,3 +234,30 @@ def test_console_command_in_a_child_process(study: dict[str, Any]) -> None:
     assert done.returncode == 0, done.stderr
     (series,) = json.loads(done.stdout)["series"]
     assert [r["name"] for r in series["decision"]["routes"]] == ["brain-mr"]
+
+
+def test_explain_says_whether_a_series_is_inside_its_models_envelope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A six-slice CT and a model validated on 16 slices or more: explain says so, from the
+    headers, with the route's policy."""
+    from dicomnode.testing.bundles import write_model_package
+
+    write_model_package(tmp_path / "models", "thin", envelope="frames = [16, 2000]\n")
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[models]\ndirs = ["{tmp_path / "models"}"]\n\n'
+        '[[routes]]\nname = "ct"\nmodel = "thin"\nenvelope = "flag"\nmatch = { Modality = "CT" }\n'
+    )
+    files = write_series(list(ct_slices(SeriesSpec(slices=6, seed=43))), tmp_path / "ct")
+    report = explain_json(capsys, "--config", str(config), str(files[0].parent))
+    (route,) = report["series"][0]["decision"]["routes"]
+    assert route["envelope"] == {
+        "inside": False,
+        "reasons": ["frames 6 is outside 16-2000"],
+        "policy": "flag",
+    }
+    assert main(["route", "explain", "--config", str(config), str(files[0].parent)]) == 0
+    out = capsys.readouterr().out
+    assert "outside the model's acquisition envelope (run and flagged):" in out
+    assert "frames 6 is outside 16-2000" in out

@@ -11,7 +11,7 @@ from dicomnode.imaging import Volume
 from dicomnode.imaging.geometry import Geometry
 from dicomnode.imaging.volume import FrameRef
 from dicomnode.inference.protocol import Envelope
-from dicomnode.pipeline.envelope import check_envelope
+from dicomnode.pipeline.envelope import Acquisition, check_envelope
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -37,11 +37,12 @@ def ct(
 
 
 def reasons(envelope: Envelope, *series: tuple[Dataset, Volume]) -> tuple[str, ...]:
-    return check_envelope(envelope, series or [ct()]).reasons
+    inputs = [Acquisition.of_volume(header, volume) for header, volume in series or [ct()]]
+    return check_envelope(envelope, inputs).reasons
 
 
 def test_an_empty_envelope_takes_everything() -> None:
-    assert check_envelope(Envelope(), [ct()]).inside
+    assert check_envelope(Envelope(), [Acquisition.of_volume(*ct())]).inside
 
 
 def test_each_key_names_the_value_and_what_was_expected() -> None:
@@ -95,3 +96,21 @@ def test_bad_envelopes_are_refused_when_the_model_is_loaded() -> None:
         Envelope(series={"SeriesDescription": "("})
     with pytest.raises(ValidationError):
         Envelope(contrast="maybe")
+
+
+def test_headers_alone_give_the_same_verdict_as_the_loaded_series() -> None:
+    """``route explain`` has only headers: their sizes, spacing and frames."""
+    header, volume = ct(slices=3, rows=64, columns=48)
+    header.Rows, header.Columns, header.PixelSpacing = 64, 48, [0.7, 0.8]
+    envelope = Envelope(frames=(16, 99), pixel_spacing_mm=(0.75, 1.0), slice_thickness_mm=(1, 3))
+    from_headers = check_envelope(envelope, [Acquisition.of_headers([header] * 3)])
+    from_volume = check_envelope(envelope, [Acquisition.of_volume(header, volume)])
+    assert from_headers == from_volume
+    assert from_headers.reasons == (
+        "pixel spacing 0.7 mm is outside 0.75-1 mm",
+        "frames 3 is outside 16-99",
+    )
+    del header.PixelSpacing
+    assert check_envelope(envelope, [Acquisition.of_headers([header])]).reasons[0] == (
+        "pixel spacing unknown (not in the header); expected 0.75-1 mm"
+    )
