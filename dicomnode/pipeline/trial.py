@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.errors import InputsRejected
+from dicomnode.pipeline.job import TRIAL_ROUTE
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRIAL_ROUTE = "models-run"
 #: the storage classes of the objects a job sends, by kind
 SOP_CLASSES = {
     "SEG": ("1.2.840.10008.5.1.4.1.1.66.4",),
