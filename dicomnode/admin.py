@@ -366,3 +366,71 @@ def throughput(
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+# -- shadow routes: how a shadow model agrees with the live one ----------------------------------
+
+#: states of a job whose run finished with a result (whether or not it was sent yet)
+RAN = (JobState.CONFIRMING, JobState.SENDING, JobState.DONE)
+
+
+def compare_routes(
+    sessions: sessionmaker[Session],
+    storage_dir: Path,
+    live: str,
+    shadow: str,
+    since: str | datetime | None = None,
+) -> dict[str, Any]:
+    """``models compare LIVE SHADOW``: the two routes' finished jobs paired by input (the same
+    study and series; the newest run of each side), and their agreement (see
+    :mod:`dicomnode.results.agreement`). ``live`` and ``shadow`` are route names."""
+    from dicomnode.inference.findings import read_mask
+    from dicomnode.results.agreement import compare_results
+
+    start = parse_since(since) if isinstance(since, str) and since else since or None
+    runs: dict[str, dict[tuple[str, str], tuple[int, dict[str, Any]]]] = {live: {}, shadow: {}}
+    query = select(
+        Job.id, Job.route, Job.study_instance_uid, Job.series_instance_uid, Job.result
+    ).where(Job.route.in_([live, shadow]), Job.state.in_([s.value for s in RAN]))
+    if start is not None:
+        query = query.where(Job.finished_at >= start)
+    with sessions() as session:
+        for job_id, route, study, series, result in session.execute(query.order_by(Job.id)):
+            if result:  # the newest run of an input wins (ids ascend)
+                runs[route][(study, series or "")] = (job_id, result)
+    shared = sorted(set(runs[live]) & set(runs[shadow]))
+    masks: dict[str, Any] = {}
+
+    def mask_of(finding: Any) -> Any:
+        ref, entry = finding.get("mask") or {}, finding.get("_mask_entry")
+        if not entry:
+            return None
+        path = storage_dir / entry["path"]
+        if str(path) not in masks:
+            masks[str(path)] = read_mask(path) if path.is_file() else None
+        array = masks[str(path)]
+        return None if array is None else array == int(ref.get("value", 1))
+
+    def with_masks(result: dict[str, Any]) -> dict[str, Any]:
+        """Each finding with the saved mask it refers to (``results/<job id>/<name>.npz``)."""
+        entries = result.get("masks") or {}
+        findings = [
+            {**f, "_mask_entry": entries.get((f.get("mask") or {}).get("name", ""))}
+            for f in result.get("findings") or ()
+        ]
+        return {**result, "findings": findings}
+
+    pairs = [(with_masks(runs[live][key][1]), with_masks(runs[shadow][key][1])) for key in shared]
+    numbers = compare_results(pairs, mask_of)
+    return {
+        "live": live,
+        "shadow": shadow,
+        "since": _iso(start),
+        "live_jobs": len(runs[live]),
+        "shadow_jobs": len(runs[shadow]),
+        **numbers.as_json(),
+        # job ids only: the inputs' UIDs are in the jobs, behind the API's phi role
+        "pairs": [
+            {"live_job": runs[live][key][0], "shadow_job": runs[shadow][key][0]} for key in shared
+        ],
+    }

@@ -241,6 +241,11 @@ class RouteSettings(_Section):
     priority: Literal["routine", "urgent", "stat"] = "routine"
     level: Literal["series", "study"] = "series"
     completion: CompletionSettings = CompletionSettings()
+    #: "shadow": the route's model runs and its results are kept (results/<job id>/) but never
+    #: sent, whatever ``destinations`` says; a shadow route matches beside the live routes
+    #: (``routing.mode = "first"`` does not stop at it), so ``models compare`` can set a new
+    #: model or version against the live one on the site's own traffic
+    mode: Literal["live", "shadow"] = "live"
 
 
 class RoutingSettings(_Section):
