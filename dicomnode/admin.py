@@ -370,9 +370,6 @@ def _iso(value: datetime | None) -> str | None:
 
 # -- shadow routes: how a shadow model agrees with the live one ----------------------------------
 
-#: states of a job whose run finished with a result (whether or not it was sent yet)
-RAN = (JobState.CONFIRMING, JobState.SENDING, JobState.DONE)
-
 
 def compare_routes(
     sessions: sessionmaker[Session],
@@ -391,7 +388,7 @@ def compare_routes(
     runs: dict[str, dict[tuple[str, str], tuple[int, dict[str, Any]]]] = {live: {}, shadow: {}}
     query = select(
         Job.id, Job.route, Job.study_instance_uid, Job.series_instance_uid, Job.result
-    ).where(Job.route.in_([live, shadow]), Job.state.in_([s.value for s in RAN]))
+    ).where(Job.route.in_([live, shadow]), Job.state.in_(RAN))
     if start is not None:
         query = query.where(Job.finished_at >= start)
     with sessions() as session:

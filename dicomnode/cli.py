@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_option(models_compare)
     models_compare.add_argument("live", help="the live route's name")
-    models_compare.add_argument("shadow", help="the shadow route's name (mode = \"shadow\")")
+    models_compare.add_argument("shadow", help='the shadow route\'s name (mode = "shadow")')
     models_compare.add_argument("--since", help="jobs finished since: 2h, 3d, 1w or ISO 8601")
     models_compare.add_argument("--json", action="store_true", help="print JSON")
     models_compare.set_defaults(func=_models_compare)

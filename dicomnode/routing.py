@@ -679,9 +679,7 @@ class Router:
         basis = live.basis if live.routes else Basis(self.mode)
         return RoutingDecision(live.routes + shadows, basis)
 
-    def _decide_live(
-        self, checks: Mapping[str, Sequence[ConditionExplanation]]
-    ) -> RoutingDecision:
+    def _decide_live(self, checks: Mapping[str, Sequence[ConditionExplanation]]) -> RoutingDecision:
         chosen: list[MatchedRoute] = []
         for rule in self.rules:
             if rule.name == self.fallback or rule.mode == "shadow":

@@ -319,7 +319,7 @@ class JobRepository:
 
     def _held(
         self, session: Session, job_id: int, worker_id: str
-    ) -> Row[Any, Any, Any, Any] | None:
+    ) -> Row[Any, Any, Any, Any, Any] | None:
         """The job's row, locked, if ``worker_id`` holds its lease."""
         return session.execute(
             select(
