@@ -80,8 +80,8 @@ def test_models_compare_pairs_live_and_shadow_runs(
     (2, 2) and (0, 2); a third input only the live route ran is not paired."""
     import numpy as np
 
-    from dicomnode.inference.findings import write_masks
     from dicomnode.domain import Findings
+    from dicomnode.inference.findings import write_masks
 
     storage = tmp_path / "var"
     grid = np.zeros((1, 4, 4), dtype=np.uint8)
