@@ -28,7 +28,7 @@ from dicomnode.queue.listing import JobFilter
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
-    from dicomnode.config import CommandModelSettings, Settings
+    from dicomnode.config import CommandModelSettings, RouteSettings, Settings
     from dicomnode.inference.protocol import ModelSpec
     from dicomnode.queue.repository import JobRecord, JobRepository
 
@@ -431,3 +431,22 @@ def compare_routes(
             {"live_job": runs[live][key][0], "shadow_job": runs[shadow][key][0]} for key in shared
         ],
     }
+
+
+def compare_shadow_routes(
+    sessions: sessionmaker[Session],
+    storage_dir: Path,
+    routes: Sequence[RouteSettings],
+    since: str | datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Every shadow route of the config against every live route it shares inputs with (the
+    dashboard's table): :func:`compare_routes` for each such pair, by route order."""
+    shadows = [route.name for route in routes if route.mode == "shadow"]
+    lives = [route.name for route in routes if route.mode == "live"]
+    found = []
+    for shadow in shadows:
+        for live in lives:
+            numbers = compare_routes(sessions, storage_dir, live, shadow, since)
+            if numbers["inputs"]:
+                found.append(numbers)
+    return found

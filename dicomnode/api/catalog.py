@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 
 from dicomnode import admin
 from dicomnode.api.auth import PhiReader, Reader, context
+from dicomnode.api.context import Memo
 from dicomnode.api.params import MAX_LIMIT, Offset, Since, since, text
 from dicomnode.db.index import list_studies
 
@@ -53,3 +54,21 @@ def compare(
     return admin.compare_routes(
         ctx.sessions, ctx.settings.node.storage_dir, live, shadow, since(since_)
     )
+
+
+@router.get(
+    "/models/shadows",
+    tags=["models"],
+    summary="Every shadow route against each live route it shares inputs with (the dashboard)",
+)
+def shadows(request: Request, _principal: Reader, since_: Since = "7d") -> dict[str, Any]:
+    ctx = context(request)
+    start = since(since_)
+    memo: Memo = request.app.state.memo
+    found = memo.get(
+        f"shadows|{start:%Y-%m-%dT%H:%M}" if start else "shadows",
+        lambda: admin.compare_shadow_routes(
+            ctx.sessions, ctx.settings.node.storage_dir, ctx.settings.routes, start
+        ),
+    )
+    return {"since": start.isoformat() if start else None, "comparisons": found}

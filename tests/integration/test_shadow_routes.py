@@ -126,11 +126,15 @@ def test_a_shadow_route_runs_keeps_its_results_and_never_sends(
                 headers=headers,
             )
             assert http.get("/api/models/compare?live=a&shadow=b").status_code == 401
+            table = http.get("/api/models/shadows", headers=headers).json()["comparisons"]
+            assert '<table id="shadows">' in http.get("/").text
     assert response.status_code == 200, response.text
     numbers = response.json()
     assert numbers["inputs"] == 1
     assert (numbers["matched"], numbers["only_live"], numbers["only_shadow"]) == (1, 1, 1)
     assert numbers["pairs"] == [{"live_job": live.id, "shadow_job": shadow.id}]
+    # the dashboard's table: the one shadow route against the one live route
+    assert [(c["live"], c["shadow"], c["matched"]) for c in table] == [("chest", "chest_v2", 1)]
     # the pacs received nothing more after the compare either
     assert received_uids(pacs_folder) == live_uids
 
