@@ -151,8 +151,10 @@ class DriftCollector(Collector):
                     self._jobs[job_id] = _Seen(
                         row.updated_at, row.model, series, job_figures(result or {}), run_s
                     )
-            wanted = {seen.series for seen in self._jobs.values()} - set(self._sources)
-            for series in sorted(wanted):
+            needed = {seen.series for seen in self._jobs.values()}
+            for gone in set(self._sources) - needed:  # its jobs were purged
+                del self._sources[gone]
+            for series in sorted(needed - set(self._sources)):
                 self._sources[series] = self._source(session, series)
 
     def _source(self, session: Any, series_uid: str) -> Source:
