@@ -152,8 +152,8 @@ class DriftCollector(Collector):
                         row.updated_at, row.model, series, job_figures(result or {}), run_s
                     )
             needed = {seen.series for seen in self._jobs.values()}
-            for gone in set(self._sources) - needed:  # its jobs were purged
-                del self._sources[gone]
+            for purged in set(self._sources) - needed:  # its jobs were purged
+                del self._sources[purged]
             for series in sorted(needed - set(self._sources)):
                 self._sources[series] = self._source(session, series)
 
