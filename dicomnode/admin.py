@@ -28,7 +28,7 @@ from dicomnode.queue.listing import JobFilter
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
-    from dicomnode.config import CommandModelSettings, Settings
+    from dicomnode.config import CommandModelSettings, RouteSettings, Settings
     from dicomnode.inference.protocol import ModelSpec
     from dicomnode.queue.repository import JobRecord, JobRepository
 
@@ -366,3 +366,87 @@ def throughput(
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+# -- shadow routes: how a shadow model agrees with the live one ----------------------------------
+
+
+def compare_routes(
+    sessions: sessionmaker[Session],
+    storage_dir: Path,
+    live: str,
+    shadow: str,
+    since: str | datetime | None = None,
+) -> dict[str, Any]:
+    """``models compare LIVE SHADOW``: the two routes' finished jobs paired by input (the same
+    study and series; the newest run of each side), and their agreement (see
+    :mod:`dicomnode.results.agreement`). ``live`` and ``shadow`` are route names."""
+    from dicomnode.inference.findings import read_mask
+    from dicomnode.results.agreement import compare_results
+
+    start = parse_since(since) if isinstance(since, str) and since else since or None
+    runs: dict[str, dict[tuple[str, str], tuple[int, dict[str, Any]]]] = {live: {}, shadow: {}}
+    query = select(
+        Job.id, Job.route, Job.study_instance_uid, Job.series_instance_uid, Job.result
+    ).where(Job.route.in_([live, shadow]), Job.state.in_(RAN))
+    if start is not None:
+        query = query.where(Job.finished_at >= start)
+    with sessions() as session:
+        for job_id, route, study, series, result in session.execute(query.order_by(Job.id)):
+            if result:  # the newest run of an input wins (ids ascend)
+                runs[route][(study, series or "")] = (job_id, result)
+    shared = sorted(set(runs[live]) & set(runs[shadow]))
+    masks: dict[str, Any] = {}
+
+    def mask_of(finding: Any) -> Any:
+        ref, entry = finding.get("mask") or {}, finding.get("_mask_entry")
+        if not entry:
+            return None
+        path = storage_dir / entry["path"]
+        if str(path) not in masks:
+            masks[str(path)] = read_mask(path) if path.is_file() else None
+        array = masks[str(path)]
+        return None if array is None else array == int(ref.get("value", 1))
+
+    def with_masks(result: dict[str, Any]) -> dict[str, Any]:
+        """Each finding with the saved mask it refers to (``results/<job id>/<name>.npz``)."""
+        entries = result.get("masks") or {}
+        findings = [
+            {**f, "_mask_entry": entries.get((f.get("mask") or {}).get("name", ""))}
+            for f in result.get("findings") or ()
+        ]
+        return {**result, "findings": findings}
+
+    pairs = [(with_masks(runs[live][key][1]), with_masks(runs[shadow][key][1])) for key in shared]
+    numbers = compare_results(pairs, mask_of)
+    return {
+        "live": live,
+        "shadow": shadow,
+        "since": _iso(start),
+        "live_jobs": len(runs[live]),
+        "shadow_jobs": len(runs[shadow]),
+        **numbers.as_json(),
+        # job ids only: the inputs' UIDs are in the jobs, behind the API's phi role
+        "pairs": [
+            {"live_job": runs[live][key][0], "shadow_job": runs[shadow][key][0]} for key in shared
+        ],
+    }
+
+
+def compare_shadow_routes(
+    sessions: sessionmaker[Session],
+    storage_dir: Path,
+    routes: Sequence[RouteSettings],
+    since: str | datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Every shadow route of the config against every live route it shares inputs with (the
+    dashboard's table): :func:`compare_routes` for each such pair, by route order."""
+    shadows = [route.name for route in routes if route.mode == "shadow"]
+    lives = [route.name for route in routes if route.mode == "live"]
+    found = []
+    for shadow in shadows:
+        for live in lives:
+            numbers = compare_routes(sessions, storage_dir, live, shadow, since)
+            if numbers["inputs"]:
+                found.append(numbers)
+    return found

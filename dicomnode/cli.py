@@ -151,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     models_check.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     models_check.add_argument("--out", type=Path, help="keep the objects in this folder")
     models_check.set_defaults(func=_models_check)
+    models_compare = models_commands.add_parser(
+        "compare",
+        help="how a shadow route's model agrees with a live route's on the same inputs: "
+        "findings matched, only one side's, mean Dice, kappa of grades",
+    )
+    _config_option(models_compare)
+    models_compare.add_argument("live", help="the live route's name")
+    models_compare.add_argument("shadow", help='the shadow route\'s name (mode = "shadow")')
+    models_compare.add_argument("--since", help="jobs finished since: 2h, 3d, 1w or ISO 8601")
+    models_compare.add_argument("--json", action="store_true", help="print JSON")
+    models_compare.set_defaults(func=_models_compare)
 
     route = commands.add_parser("route", help="routing rules")
     route_commands = route.add_subparsers(dest="route_command", required=True)
@@ -452,7 +463,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
             str(job.state),
             job.as_json()["priority_name"],
             job.model,
-            job.route,
+            job.route if job.mode == "live" else f"{job.route} (shadow)",
             f"{job.attempts}/{job.max_attempts}",
             job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
             (job.error or "").splitlines()[0][:60] if job.error else "",
@@ -582,6 +593,40 @@ def _models_run(args: argparse.Namespace) -> int:
         print(json.dumps({**run.result, "objects": list(run.objects)}, indent=2, default=str))
     else:
         _print_trial(run)
+    return 0
+
+
+def _models_compare(args: argparse.Namespace) -> int:
+    from dicomnode import admin
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+
+    settings = load_settings(args.config)
+    sessions = open_database(settings, migrate=False).sessions
+    numbers = admin.compare_routes(
+        sessions, settings.node.storage_dir, args.live, args.shadow, args.since
+    )
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+        return 0
+
+    def show(value: float | None, percent: bool = False) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+    print(f"live {args.live!r} ({numbers['live_jobs']} jobs) vs shadow {args.shadow!r} "
+          f"({numbers['shadow_jobs']} jobs): {numbers['inputs']} inputs both ran on")  # fmt: skip
+    rows = [
+        ("findings matched", str(numbers["matched"])),
+        ("only live", str(numbers["only_live"])),
+        ("only shadow", str(numbers["only_shadow"])),
+        (f"mean Dice ({numbers['dice_pairs']} masks)", show(numbers["mean_dice"])),
+        (f"grade agreement ({numbers['graded']} grades)", show(numbers["grade_agreement"], True)),
+        ("Cohen's kappa", show(numbers["kappa"])),
+        ("kappa, quadratic weights", show(numbers["weighted_kappa"])),
+    ]
+    _print_table(("MEASURE", "VALUE"), rows)
     return 0
 
 

@@ -245,6 +245,11 @@ class RouteSettings(_Section):
     #: "refuse" ends the job at once, with the reasons; "flag" runs the model and marks the job
     #: and every result object
     envelope: Literal["refuse", "flag"] = "refuse"
+    #: "shadow": the route's model runs and its results are kept (results/<job id>/) but never
+    #: sent, whatever ``destinations`` says; a shadow route matches beside the live routes
+    #: (``routing.mode = "first"`` does not stop at it), so ``models compare`` can set a new
+    #: model or version against the live one on the site's own traffic
+    mode: Literal["live", "shadow"] = "live"
 
 
 class RoutingSettings(_Section):

@@ -198,8 +198,10 @@ class Intake:
                 route=route.name,
                 model=route.model,
                 study_instance_uid=study_uid,
-                destinations=route.destinations,
+                # a shadow job never sends: it carries no destination at all
+                destinations=route.destinations if route.mode == "live" else (),
                 level=route.level,
+                mode=route.mode,
                 priority=int(route.priority),
                 received_at=first_received,
                 actor=audit.NODE,

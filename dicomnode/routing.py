@@ -410,6 +410,8 @@ class MatchedRoute:
     completion: CompletionSettings
     #: Partial routing only: this route may run, decided when the series is complete.
     pending: bool = False
+    #: "shadow": run and keep the results, never send them (RouteSettings.mode)
+    mode: Literal["live", "shadow"] = "live"
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,7 @@ class Rule:
     priority: Priority = Priority.ROUTINE
     level: Literal["series", "study"] = "series"
     completion: CompletionSettings = field(default_factory=CompletionSettings)
+    mode: Literal["live", "shadow"] = "live"
 
     @classmethod
     def from_settings(cls, route: RouteSettings) -> Rule:
@@ -436,6 +439,7 @@ class Rule:
             priority=Priority[route.priority.upper()],
             level=route.level,
             completion=route.completion,
+            mode=route.mode,
         )
 
     def target(self, *, pending: bool = False) -> MatchedRoute:
@@ -447,6 +451,7 @@ class Rule:
             self.level,
             self.completion,
             pending,
+            self.mode,
         )
 
 
@@ -558,7 +563,9 @@ class Router:
         ``routing.mode = "first"``: the first route, in config order, whose conditions all hold;
         ``"all"``: every such route. When none holds, the fallback route (``routing.fallback``,
         never matched as an ordinary route; its own conditions, usually none, must hold). Empty
-        when nothing matched: the caller records a ``skipped`` job.
+        when nothing matched: the caller records a ``skipped`` job. Shadow routes
+        (``mode = "shadow"``) take no part in that choice: each that matches comes after the
+        live routes, so a shadow route never takes a series from a live one.
 
         With ``partial=False`` (a complete series) a value the facts do not know (``slices`` or
         ``calling_aet`` is None) fails its condition. With ``partial=True`` (the first instances of
@@ -577,14 +584,23 @@ class Router:
         checks = self._checks(facts, partial)
         decision = self._decide(checks)
         chosen = {route.name for route in decision.routes}
-        definite = [r.name for r in decision.routes if not r.pending and r.name != self.fallback]
-        pending = [r.name for r in decision.routes if r.pending and r.name != self.fallback]
+        live = [r for r in decision.routes if r.mode == "live" and r.name != self.fallback]
+        definite = [r.name for r in live if not r.pending]
+        pending = [r.name for r in live if r.pending]
         explanations = []
         for rule in self.rules:
             outcome = _overall(checks[rule.name])
             failed = "; ".join(c.text for c in checks[rule.name] if c.outcome is Outcome.NO_MATCH)
             waiting = "; ".join(c.text for c in checks[rule.name] if c.outcome is Outcome.PENDING)
-            if rule.name == self.fallback:
+            if rule.mode == "shadow" and rule.name != self.fallback:
+                reason = (
+                    "shadow: runs beside the live routes, results kept, never sent"
+                    if outcome is Outcome.MATCH
+                    else f"shadow, pending: {waiting}"
+                    if outcome is Outcome.PENDING
+                    else f"shadow, does not match: {failed}"
+                )
+            elif rule.name == self.fallback:
                 reason = self._fallback_reason(
                     outcome, rule.name in chosen, definite, pending, failed, waiting
                 )
@@ -649,9 +665,24 @@ class Router:
         }
 
     def _decide(self, checks: Mapping[str, Sequence[ConditionExplanation]]) -> RoutingDecision:
+        """The live decision, then every shadow route that matches, whatever the live one."""
+        live = self._decide_live(checks)
+        shadows = tuple(
+            rule.target(pending=outcome is Outcome.PENDING)
+            for rule in self.rules
+            if rule.mode == "shadow" and rule.name != self.fallback
+            for outcome in (_overall(checks[rule.name]),)
+            if outcome is not Outcome.NO_MATCH
+        )
+        if not shadows:
+            return live
+        basis = live.basis if live.routes else Basis(self.mode)
+        return RoutingDecision(live.routes + shadows, basis)
+
+    def _decide_live(self, checks: Mapping[str, Sequence[ConditionExplanation]]) -> RoutingDecision:
         chosen: list[MatchedRoute] = []
         for rule in self.rules:
-            if rule.name == self.fallback:
+            if rule.name == self.fallback or rule.mode == "shadow":
                 continue
             outcome = _overall(checks[rule.name])
             if outcome is Outcome.NO_MATCH:

@@ -25,6 +25,7 @@ from sqlalchemy import case, func, literal_column, select, union_all
 from dicomnode.admin import SPANS
 from dicomnode.api.auth import Reader
 from dicomnode.api.context import ApiContext, Memo
+from dicomnode.api.drift import DriftCollector
 from dicomnode.db.models import Association, Instance, Job, Send
 from dicomnode.domain import JobState
 
@@ -244,6 +245,7 @@ def metrics(request: Request, _principal: Reader) -> Response:
 def make_registry(ctx: ApiContext) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(ctx))
+    registry.register(DriftCollector(ctx))
     return registry
 
 

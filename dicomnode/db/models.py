@@ -143,6 +143,8 @@ class Job(Base):
     route: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(64), index=True)
     level: Mapped[str] = mapped_column(String(8))  # "series" or "study"
+    #: "live", or "shadow": the route's results are kept and never sent (models compare)
+    mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
     state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     study_instance_uid: Mapped[str] = mapped_column(UID)

@@ -42,6 +42,8 @@ class JobRecord:
     updated_at: datetime
     #: results held until then, the inputs' confirmation window (None: confirmed)
     confirm_after: datetime | None = None
+    #: "live", or "shadow": results kept, never sent
+    mode: str = "live"
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Self:

@@ -97,6 +97,7 @@ class JobRepository:
         inputs: Sequence[str] = (),
         destinations: Sequence[str] = (),
         level: str = "series",
+        mode: str = "live",
         priority: int = Priority.ROUTINE,
         state: JobState | str = JobState.WAITING,
         max_attempts: int | None = None,
@@ -110,8 +111,11 @@ class JobRepository:
         ``state`` is ``waiting`` (its series is not complete; :meth:`mark_queued` later),
         ``queued`` (runnable now) or ``skipped`` (recorded only, with ``error`` as the reason).
         With ``actor``, a new job's audit event (``routed``, or ``skipped``) commits with it.
+        A ``shadow`` job (``mode``) runs and keeps its results, but never sends them.
         """
         state = JobState(state)
+        if mode not in ("live", "shadow"):
+            raise ValueError(f"a job's mode is 'live' or 'shadow', not {mode!r}")
         if state not in (JobState.WAITING, JobState.QUEUED, JobState.SKIPPED):
             raise ValueError(f"a job is enqueued waiting, queued or skipped, not {state}")
         now = self.now()
@@ -121,6 +125,7 @@ class JobRepository:
             "route": route,
             "model": model,
             "level": level,
+            "mode": mode,
             "state": state.value,
             "priority": int(priority),
             "study_instance_uid": study_instance_uid,
@@ -314,10 +319,16 @@ class JobRepository:
 
     def _held(
         self, session: Session, job_id: int, worker_id: str
-    ) -> Row[Any, Any, Any, Any] | None:
+    ) -> Row[Any, Any, Any, Any, Any] | None:
         """The job's row, locked, if ``worker_id`` holds its lease."""
         return session.execute(
-            select(jobs.c.attempts, jobs.c.max_attempts, jobs.c.destinations, jobs.c.confirm_after)
+            select(
+                jobs.c.attempts,
+                jobs.c.max_attempts,
+                jobs.c.destinations,
+                jobs.c.confirm_after,
+                jobs.c.mode,
+            )
             .where(
                 jobs.c.id == job_id,
                 jobs.c.lease_owner == worker_id,
@@ -352,7 +363,7 @@ class JobRepository:
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
                 else:  # in this transaction: a crash loses no send
-                    state = _release(session, job_id, row.destinations, result, now)
+                    state = _release(session, job_id, row.mode, row.destinations, result, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -441,7 +452,7 @@ class JobRepository:
         now = self.now()
         with self._sessions.begin() as session:
             row = session.execute(
-                select(jobs.c.state, jobs.c.destinations, jobs.c.result)
+                select(jobs.c.state, jobs.c.mode, jobs.c.destinations, jobs.c.result)
                 .where(jobs.c.id == job_id, jobs.c.confirm_after.is_not(None))
                 .with_for_update()
             ).first()
@@ -450,7 +461,7 @@ class JobRepository:
             state = JobState(row.state)
             values: dict[str, Any] = {"confirm_after": None, "updated_at": now}
             if state is JobState.CONFIRMING:
-                state = _release(session, job_id, row.destinations, row.result, now)
+                state = _release(session, job_id, row.mode, row.destinations, row.result, now)
                 values["state"] = state.value
             session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
         logger.info(
@@ -691,13 +702,15 @@ class JobRepository:
 def _release(
     session: Session,
     job_id: int,
+    mode: str,
     destinations: Sequence[str],
     result: Mapping[str, Any] | None,
     now: datetime,
 ) -> JobState:
     """A run's results may go out: ``sending``, its sends written in the caller's transaction,
-    or ``done`` when the job has no destination."""
-    if not destinations:
+    or ``done`` when the job has no destination or is a shadow job (its results are kept for
+    ``models compare`` and never sent, whatever its destinations)."""
+    if mode == "shadow" or not destinations:
         return JobState.DONE
     add_sends(session, job_id, destinations, result, now)
     return JobState.SENDING

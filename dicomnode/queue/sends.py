@@ -336,12 +336,13 @@ class SendQueue:
         rows added for a destination the job had none for, and the job back to ``sending``.
 
         Returns the destinations. Raises JobNotFound, JobStateError for a job that is not
-        done, failed or sending, and NoResults when its result lists no objects.
+        done, failed or sending or that is a shadow job (its results are never sent), and
+        NoResults when its result lists no objects.
         """
         now = self.now()
         with self._sessions.begin() as session:
             job = session.execute(
-                select(jobs.c.state, jobs.c.result, jobs.c.destinations)
+                select(jobs.c.state, jobs.c.result, jobs.c.destinations, jobs.c.mode)
                 .where(jobs.c.id == job_id)
                 .with_for_update()
             ).first()
@@ -351,6 +352,11 @@ class SendQueue:
                 raise JobStateError(
                     f"job {job_id} is {job.state}; only done, failed or sending jobs have "
                     "results to send"
+                )
+            if job.mode == "shadow":
+                raise JobStateError(
+                    f"job {job_id} is a shadow job; its results are kept for `models compare` "
+                    "and never sent (make its route live to send them)"
                 )
             objects = ResultObject.listed_in(job.result)
             if not objects:

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +219,34 @@ def test_every_process_has_a_memory_limit() -> None:
         if doc["kind"] in ("StatefulSet", "Deployment"):
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 assert container["resources"]["limits"]["memory"], doc["metadata"]["name"]
+
+
+def test_the_alert_rules_name_only_metrics_the_node_exports() -> None:
+    """deploy/prometheus/alerts.yml: every dicomnode_model_* series it reads is one of the drift
+    collector's, and each rule has an expression (promtool is not installed here)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from dicomnode.api import drift
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    listed = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert listed and all(rule["expr"].strip() for rule in listed)
+    assert {rule["alert"] for rule in listed if "alert" in rule} >= {
+        "DicomnodePositiveRateShift",
+        "DicomnodeOutOfEnvelope",
+    }
+    figures = drift.JobFigures(positive=True, confidence=0.5, indeterminate=0,
+                               out_of_envelope=False)  # fmt: skip
+    seen = [drift._Seen(datetime.now(UTC), "m", "s", figures, 1.0)]
+    registry = CollectorRegistry(auto_describe=False)
+
+    class Fixed:
+        def collect(self) -> Any:
+            return drift._families(seen, {})
+
+    registry.register(Fixed())  # type: ignore[arg-type]
+    exported = set(re.findall(r"^(dicomnode_model_\w+?)(?:\{| )", generate_latest(registry)
+                              .decode(), re.MULTILINE))  # fmt: skip
+    used = set(re.findall(r"dicomnode_model_\w+", "\n".join(r["expr"] for r in listed)))
+    assert used and used <= exported, used - exported

@@ -352,3 +352,32 @@ def test_concurrent_claimers_never_share_a_job(repo: JobRepository) -> None:
         thread.join()
     assert sorted(taken) == sorted(ids)
     assert repo.counts_by_state()[JobState.DONE] == 120
+
+
+def test_a_shadow_job_never_sends_whatever_its_destinations(
+    repo: JobRepository, clock: Clock, engine: Engine
+) -> None:
+    result = {"objects": [{"kind": "sr", "path": "r/sr.dcm", "sop_class_uid": "1.2",
+                           "sop_instance_uid": "1.2.3"}]}  # fmt: skip
+    live = add(repo, destinations=["PACS"])
+    shadow = add(repo, destinations=["PACS"], mode="shadow")
+    assert shadow.mode == "shadow" and live.mode == "live"
+    for _ in range(2):
+        claimed = repo.claim("w1")
+        assert claimed is not None
+        repo.finish(claimed.id, "w1", result)
+    assert [(job.id, job.state) for job in (repo.get(live.id), repo.get(shadow.id)) if job] == [
+        (live.id, JobState.SENDING),
+        (shadow.id, JobState.DONE),
+    ]
+    assert send_count(engine) == 1  # the live job's one object
+    # a confirmation window ends the same way: kept, not sent
+    held = add(repo, state=JobState.WAITING, destinations=["PACS"], mode="shadow")
+    assert repo.mark_queued(held.id, confirm_after=clock.now + timedelta(seconds=10))
+    assert repo.claim("w1") is not None
+    assert repo.finish(held.id, "w1", result) is JobState.CONFIRMING
+    assert repo.confirm(held.id) is JobState.DONE
+    assert send_count(engine) == 1
+    assert repo.get(held.id).as_json()["mode"] == "shadow"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="'live' or 'shadow', not 'dark'"):
+        add(repo, mode="dark")

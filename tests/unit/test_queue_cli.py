@@ -71,3 +71,61 @@ def test_jobs_commands(repo: JobRepository, capsys: pytest.CaptureFixture[str]) 
     assert code == 2 and "no job 999" in err
     code, _, err = run(capsys, "jobs", "list", "--state", "bogus")
     assert code == 2 and "bogus" in err
+
+
+def test_models_compare_pairs_live_and_shadow_runs(
+    repo: JobRepository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two inputs both routes ran: a nodule whose saved masks overlap (Dice 0.6), and grades
+    (2, 2) and (0, 2); a third input only the live route ran is not paired."""
+    import numpy as np
+
+    from dicomnode.domain import Findings
+    from dicomnode.inference.findings import write_masks
+
+    storage = tmp_path / "var"
+    grid = np.zeros((1, 4, 4), dtype=np.uint8)
+    live_mask, shadow_mask = grid.copy(), grid.copy()
+    live_mask[0, 0, 0:4] = 1  # 4 voxels
+    shadow_mask[0, 0, 1:4] = 1  # 3 shared ...
+    shadow_mask[0, 1, 0:3] = 1  # ... of 6: Dice 2 * 3 / 10
+    nodule = {"label": "nodule", "probability": 0.9, "centre_mm": [0, 0, 0],
+              "diameter_mm": 6.0, "mask": {"name": "nodules", "value": 1}}  # fmt: skip
+
+    def finished(route: str, mode: str, series: str, result: dict[str, object]) -> int:
+        job = repo.enqueue(dedupe_key=f"{route}|{series}", route=route, model=route, mode=mode,
+                           study_instance_uid=STUDY, series_instance_uid=series,
+                           state=JobState.QUEUED)  # fmt: skip
+        assert repo.claim("w", [route]) is not None
+        repo.finish(job.id, "w", result)
+        return job.id
+
+    for route, mode, mask in (("lung", "live", live_mask), ("lung_next", "shadow", shadow_mask)):
+        job_id = repo.enqueue(dedupe_key=f"id-{route}", route="x", model="x",
+                              study_instance_uid=STUDY).id  # fmt: skip
+        masks = write_masks(Findings("m", "1", False, masks={"nodules": mask}), storage, job_id)
+        finished(route, mode, f"{STUDY}.1", {"findings": [nodule], "masks": masks})
+    grade = {"label": "dr_grade", "probability": 0.8}
+    finished("lung", "live", f"{STUDY}.2", {"findings": [{**grade, "attributes": {"grade": 2}}]})
+    finished("lung_next", "shadow", f"{STUDY}.2",
+             {"findings": [{**grade, "attributes": {"grade": 2}}]})  # fmt: skip
+    finished("lung", "live", f"{STUDY}.3", {"findings": [{**grade, "attributes": {"grade": 0}}]})
+    finished("lung_next", "shadow", f"{STUDY}.3",
+             {"findings": [{**grade, "attributes": {"grade": 2}}]})  # fmt: skip
+    finished("lung", "live", f"{STUDY}.4", {"findings": [nodule]})
+
+    code, out, _ = run(capsys, "models", "compare", "lung", "lung_next", "--json")
+    assert code == 0
+    numbers = json.loads(out)
+    assert (numbers["live_jobs"], numbers["shadow_jobs"], numbers["inputs"]) == (4, 3, 3)
+    assert (numbers["matched"], numbers["only_live"], numbers["only_shadow"]) == (3, 0, 0)
+    assert numbers["dice_pairs"] == 1 and numbers["mean_dice"] == pytest.approx(0.6)
+    assert numbers["graded"] == 2 and numbers["grade_agreement"] == pytest.approx(0.5)
+    code, out, _ = run(capsys, "models", "compare", "lung", "lung_next")
+    assert code == 0 and "3 inputs both ran on" in out
+    assert "mean Dice (1 masks)" in out and "0.600" in out and "50.0%" in out
+    code, out, _ = run(capsys, "models", "compare", "lung", "lung_next", "--since", "1h",
+                       "--json")  # fmt: skip
+    assert json.loads(out)["inputs"] == 3
+    code, out, _ = run(capsys, "jobs", "list")
+    assert "lung_next (shadow)" in out

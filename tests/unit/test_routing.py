@@ -505,3 +505,40 @@ def test_facts_are_plain_values() -> None:
     facts = SeriesFacts.from_mapping({"Modality": " CT ", "ImageType": ["A", "B"], "X": None})
     assert dict(facts.attributes) == {"Modality": "CT", "ImageType": ("A", "B")}
     assert dataclasses.replace(facts, slices=3).slices == 3
+
+
+# --- shadow routes ----------------------------------------------------------------------------
+
+
+def test_a_shadow_route_matches_beside_the_first_live_route() -> None:
+    rules = router(
+        {"name": "chest", "match": {"Modality": "CT"}},
+        {"name": "chest_next", "match": {"Modality": "CT"}, "mode": "shadow"},
+        {"name": "later", "match": {"Modality": "CT"}},
+        {"name": "mr_next", "match": {"Modality": "MR"}, "mode": "shadow"},
+    )  # fmt: skip
+    decision = rules.route(facts())
+    assert [(r.name, r.mode) for r in decision.routes] == [
+        ("chest", "live"),
+        ("chest_next", "shadow"),
+    ]
+    assert decision.basis is Basis.FIRST
+    explained = {e.route: e for e in rules.explain(facts())}
+    assert explained["chest"].reason.startswith("chosen: the first route that matches")
+    assert explained["chest_next"].chosen and explained["chest_next"].reason.startswith("shadow:")
+    assert not explained["later"].chosen and not explained["mr_next"].chosen
+
+
+def test_a_shadow_route_alone_does_not_stand_in_for_the_fallback() -> None:
+    rules = router(
+        {"name": "mr", "match": {"Modality": "MR"}},
+        {"name": "ct_next", "match": {"Modality": "CT"}, "mode": "shadow"},
+        {"name": "rest"},
+        fallback="rest",
+    )
+    assert [r.name for r in rules.route(facts()).routes] == ["rest", "ct_next"]
+    pending = rules.route(facts(slices=None), partial=True)
+    assert [(r.name, r.pending) for r in pending.routes] == [("rest", False), ("ct_next", False)]
+    only_shadow = router({"name": "ct_next", "match": {"Modality": "CT"}, "mode": "shadow"})
+    assert [r.name for r in only_shadow.route(facts()).routes] == ["ct_next"]
+    assert not only_shadow.route(facts(Modality="MR")).routes

@@ -118,6 +118,27 @@ function renderRate(row, rate) {
   cell(row, seconds(rate.mean_total_s));
 }
 
+function number(value, digits) {
+  return value === null || value === undefined ? "-" : value.toFixed(digits);
+}
+
+function renderShadow(row, c) {
+  cell(row, c.live);
+  cell(row, c.shadow);
+  cell(row, c.inputs);
+  cell(row, c.matched);
+  cell(row, c.only_live);
+  cell(row, c.only_shadow);
+  cell(row, number(c.mean_dice, 3));
+  cell(row, c.grade_agreement === null ? "-" : (100 * c.grade_agreement).toFixed(1) + "%");
+  cell(row, number(c.kappa, 3));
+  cell(row, number(c.weighted_kappa, 3));
+}
+
+// the shadow comparisons read every job's findings: every tenth poll (30 s), not every one
+const SHADOW_EVERY = 10;
+let polls = 0;
+
 let busy = false;
 async function refresh() {
   if (busy) return;
@@ -139,6 +160,9 @@ async function refresh() {
     fill("failures", failed.jobs, renderFailure);
     fill("recent", recent.jobs, renderJob);
     fill("throughput", summary.throughput, renderRate);
+    if (polls++ % SHADOW_EVERY === 0) {
+      fill("shadows", (await api("/api/models/shadows?since=7d")).comparisons, renderShadow);
+    }
     document.body.dataset.loaded = String(Date.now());
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (error) {
