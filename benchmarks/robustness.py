@@ -161,7 +161,7 @@ def run_lung(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(
             {"cell": cell, "cases": args.lung_cases, "nodules": nodules, "found": found, "fps": fps}
         )
-        progress("lung", cell.name, rows[-1])
+        progress("lung", cell.name, {"nodules": nodules, "found": found, "fps": fps})
     return rows
 
 

@@ -60,8 +60,8 @@ def fit_temperature(
     nll: Callable[[float], float], temperatures: Iterable[float] | None = None
 ) -> float:
     """The temperature of least ``nll`` (the held-out negative log-likelihood it gives), over a
-    log-spaced grid from 0.5 to 5 unless ``temperatures`` is given."""
-    grid = list(temperatures) if temperatures is not None else list(np.geomspace(0.5, 5.0, 41))
+    log-spaced grid from 0.1 to 5 unless ``temperatures`` is given."""
+    grid = list(temperatures) if temperatures is not None else list(np.geomspace(0.1, 5.0, 57))
     scores = [(float(nll(t)), float(t)) for t in grid]
     best = min(scores)
     if not math.isfinite(best[0]):

@@ -274,7 +274,10 @@ def oct_volume(
     grains = rng.gamma(speckle, 1.0 / speckle, refl.shape).astype(np.float32)
     signal = refl * grains + rng.normal(0, noise, refl.shape).astype(np.float32)
     if blur:
-        signal = sum(np.roll(signal, d, axis=2) for d in range(-blur, blur + 1)) / (2 * blur + 1)
+        blurred = signal.copy()
+        for d in range(1, blur + 1):
+            blurred += np.roll(signal, d, axis=2) + np.roll(signal, -d, axis=2)
+        signal = blurred / (2 * blur + 1)
     drawn_gain = rng.uniform(0.85, 1.15)
     image = np.log1p(60 * np.clip(signal * (drawn_gain if gain is None else gain), 0, None))
     image = (image / np.log1p(60)) ** gamma

@@ -208,11 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from these weights (fine-tuning) rather than from scratch")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (fine-tuning) rather than from scratch",
+    )
     parser.add_argument("--validate", type=int, default=40, help="phantoms of each kind")
     parser.add_argument("--calibrate", type=int, default=40, help="phantoms of each kind")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few phantoms/steps")
+    parser.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="no training: fit the temperature of the weights in --out",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "weights" / "demo.pt")
     args = parser.parse_args(argv)
     if args.quick:
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    from dicomnode.inference import ModelSpec, resolve_device
+    from dicomnode.inference import ModelSpec
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     params = spec.info.params
     names = model.lesion_names
     started = time.perf_counter()
+    if args.calibrate_only:
+        return calibrate(model_module, model, args)
     x, grades, targets, masks = build_set(model_module, params, names, args.oct, args.fundus)
     fundus = masks[:, 0] > 0
     seconds = time.perf_counter() - started
@@ -280,8 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out} ({size:.1f} MB, sha256 {digest}) in "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
 
+    return calibrate(model_module, model, args, network)
+
+
+def calibrate(model_module: Any, model: Any, args: Any, network: Any = None) -> int:
+    """Fit the temperature of ``network`` (default: the weights in ``args.out``), write it into
+    model.toml, and validate the model with it."""
+    from dicomnode.inference import ModelSpec, resolve_device
     from dicomnode.inference.calibration import write_calibration
 
+    if network is None:
+        from dicomnode.inference.weights import load_state_dict
+
+        network = model.create_network()
+        network.load_state_dict(load_state_dict(args.out))
+        network.eval()
     temperature = fit_calibration(model_module, model, network, args.calibrate)
     write_calibration(HERE / "model.toml", temperature=temperature)
     checked = model_module.OctGradingModel(ModelSpec.from_directory(HERE))
