@@ -117,10 +117,11 @@ def lung_case(model: Any, seed: int, settings: dict[str, Any]) -> tuple[int, int
     pixel = float(settings.get("pixel", rng.uniform(0.65, 0.9)))
     step = float(settings.get("step", rng.choice([1.0, 1.25, 1.5])))
     side = min(512, int(330 / pixel))
-    if settings.get("coronal"):
-        shape, orientation = (int(230 / step), int(220 / pixel), side), CORONAL
+    orientation: Any = CORONAL if settings.get("coronal") else "axial"
+    if settings.get("coronal"):  # slices front to back, rows down the body
+        shape = (int(230 / step), int(220 / pixel), side)
     else:
-        shape, orientation = (int(200 / step), side, side), "axial"
+        shape = (int(200 / step), side, side)
     count = int(rng.integers(4, 9))
     phantom = None
     for attempt in range(4):

@@ -25,7 +25,8 @@
 Deterministic for a given torch build and thread count (seeds fixed; 2 threads). The shipped
 weights: ``--init`` the issue-5 weights (``git show d6e918b:models/oct_grading/weights/demo.pt``)
 ``--steps 120 --oct 200 --fundus 300 --lr 1e-3 --validate 20 --calibrate 25``, 9 minutes on 2
-shared CPU cores (see the package's README). Seeds 1000-3999 are training's; tests and benchmarks use others.
+shared CPU cores (see the package's README). Seeds 1000-3999 are training's; tests and
+benchmarks use others.
 """
 
 from __future__ import annotations
