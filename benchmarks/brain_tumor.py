@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,22 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def run_study(model: Any, seed: int, folder: Path) -> dict[str, Any]:
+def run_study(
+    model: Any, seed: int, folder: Path, *, phantom: Any = None, plans: Any = None,
+    written: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One study run and scored; ``phantom`` and ``plans`` replace the seed's own (the routine
+    protocol for even seeds, a random one for odd), ``written`` may change the files written
+    (e.g. compress them) before they are loaded."""
     from dicomnode.imaging import load_series
     from dicomnode.phantoms.brain import STUDY, brain_phantom, random_plans
 
-    phantom = brain_phantom(seed)
-    plans = STUDY if seed % 2 == 0 else random_plans(np.random.default_rng(seed))
+    phantom = brain_phantom(seed) if phantom is None else phantom
+    if plans is None:
+        plans = STUDY if seed % 2 == 0 else random_plans(np.random.default_rng(seed))
     study = phantom.write(folder / str(seed), plans)
+    if written is not None:
+        written(study)
     times: dict[str, float] = {}
     started = time.perf_counter()
     volumes = {contrast: load_series(paths) for contrast, paths in study.paths.items()}
@@ -85,6 +95,9 @@ def run_study(model: Any, seed: int, folder: Path) -> dict[str, Any]:
         "TC": dice(np.isin(labels, (1, 3)), np.isin(truth, (1, 3))),
         "ET": dice(labels == 3, truth == 3),
         "wt_volume_error": findings.summary["whole_tumor_mm3"] / true_wt - 1.0,
+        "et_volume_error": findings.summary["enhancing_tumor_mm3"]
+        / max(study.truth.volumes_mm3["enhancing_tumor"], 1e-6)
+        - 1.0,
         "true_wt_ml": true_wt / 1000,
         "times": times,
     }

@@ -97,6 +97,16 @@ def froc(scans: list[tuple[list[tuple[float, bool, int]], int]], key: int = 0) -
     }
 
 
+def nodule_hit(centre_mm: Any, truths: Any) -> int:
+    """The index of the first true nodule whose radius (at least 3 mm) holds ``centre_mm``, or
+    -1 (a false positive)."""
+    for index, truth in enumerate(truths):
+        distance = np.linalg.norm(np.asarray(centre_mm) - np.array(truth.center_mm))
+        if distance <= max(truth.diameter_mm / 2, 3.0):
+            return index
+    return -1
+
+
 def run_froc(model: Any, scans: int) -> dict[str, Any]:
     train = _train_module()
     from dicomnode.imaging import FrameRef, Volume
@@ -118,12 +128,7 @@ def run_froc(model: Any, scans: int) -> dict[str, Any]:
         rows_final, rows_det = [], []
         taken: set[int] = set()
         for candidate in candidates:
-            hit = -1
-            for index, truth in enumerate(truths):
-                distance = np.linalg.norm(candidate.centre_mm - np.array(truth.center_mm))
-                if distance <= max(truth.diameter_mm / 2, 3.0):
-                    hit = index
-                    break
+            hit = nodule_hit(candidate.centre_mm, truths)
             rows_final.append((candidate.probability, True, hit))
             rows_det.append((candidate.detector_score, True, hit))
             if hit >= 0 and hit not in taken and candidate.probability >= threshold:

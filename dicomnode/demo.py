@@ -149,7 +149,10 @@ def _findings(result: dict[str, Any]) -> list[str]:
     for finding in findings:
         attributes = finding.get("attributes") or {}
         parts = [finding["label"].replace("_", " ")]
-        if "grade" in attributes:
+        if attributes.get("indeterminate"):
+            meaning = (finding.get("finding_type") or {}).get("meaning") or finding["label"]
+            parts = [f"{meaning}: indeterminate"]
+        elif "grade" in attributes:
             meaning = (finding.get("finding_type") or {}).get("meaning") or "grade"
             parts = [f"{meaning} grade {attributes['grade']}"]
             if summary.get("grade_meaning"):

@@ -130,6 +130,10 @@ class MaskRef:
     value: int = 1
 
 
+#: the attribute that marks a finding indeterminate (``attributes["indeterminate"] = True``)
+INDETERMINATE = "indeterminate"
+
+
 @dataclass(frozen=True)
 class Finding:
     """One thing a model found: what and where, how big, and how sure.
@@ -149,6 +153,12 @@ class Finding:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     #: "anatomy" or "lesion": the SEG segment's category; None: from ``finding_type``
     category: str | None = None
+
+    @property
+    def indeterminate(self) -> bool:
+        """The model could not decide (its probability in the model's indeterminate band, or
+        too little evidence for absent): reported as indeterminate, never as absent."""
+        return bool((self.attributes or {}).get(INDETERMINATE))
 
 
 @dataclass(frozen=True)

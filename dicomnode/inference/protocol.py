@@ -35,6 +35,11 @@ A model package is a folder ``<models dir>/<name>/`` with::
     [thresholds]
     probability = 0.5
 
+    [calibration]                        # classification outputs (inference/calibration.py)
+    temperature = 1.0                    # probabilities = softmax(logits / temperature)
+    indeterminate = [0.0, 0.45]          # a finding's probability in this band: indeterminate
+    absent_confidence = 0.9              # "absent" needs at least this probability
+
     [weights]                            # or several: [weights.detector], [weights.classifier]
     file = "weights/demo.pt"
     sha256 = "<64 hex digits>"
@@ -198,6 +203,22 @@ class InferenceSpec(_Strict):
     amp: bool = True
 
 
+class CalibrationSpec(_Strict):
+    """How sure a classification is: the temperature its probabilities are calibrated with, the
+    band in which a finding is reported indeterminate, and the probability absent needs."""
+
+    temperature: float = Field(1.0, gt=0)
+    indeterminate: tuple[float, float] | None = None
+    absent_confidence: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("indeterminate")
+    @classmethod
+    def _band(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError("indeterminate must be [low, high] with 0 <= low <= high <= 1")
+        return value
+
+
 class ModelInfo(_Strict):
     """The contents of a package's ``model.toml``."""
 
@@ -210,6 +231,7 @@ class ModelInfo(_Strict):
     envelope: Envelope = Envelope()
     labels: tuple[LabelSpec, ...] = ()
     thresholds: dict[str, float] = {}
+    calibration: CalibrationSpec = CalibrationSpec()
     weights: dict[str, WeightsSpec] = {}
     inference: InferenceSpec = InferenceSpec()
     params: dict[str, Any] = {}
@@ -425,10 +447,14 @@ class Model:
         return float(value)
 
     def finding(self, label: str, probability: float, **values: Any) -> Finding:
-        """A finding of ``label`` with its codes from model.toml."""
+        """A finding of ``label`` with its codes from model.toml; indeterminate (see
+        :mod:`~dicomnode.inference.calibration`) when ``probability`` is in the band of
+        ``[calibration] indeterminate``."""
+        from dicomnode.inference.calibration import apply_band
+
         spec = self.label(label)
         site = spec.finding_site.code if spec.finding_site is not None else None
-        return Finding(
+        finding = Finding(
             label=label,
             finding_type=spec.finding_type.code,
             finding_site=site,
@@ -436,6 +462,16 @@ class Model:
             category=spec.category,
             **values,
         )
+        return apply_band(finding, self.spec.info.calibration.indeterminate)
+
+    def calibrated(self, logits: Any) -> Any:
+        """Class probabilities from ``logits`` (numpy or torch, classes last):
+        ``softmax(logits / [calibration] temperature)``, numpy float64."""
+        from dicomnode.inference.calibration import calibrated_softmax
+
+        if hasattr(logits, "detach"):
+            logits = logits.detach().float().cpu().numpy()
+        return calibrated_softmax(logits, self.spec.info.calibration.temperature)
 
     def findings(
         self,

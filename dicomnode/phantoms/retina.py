@@ -133,11 +133,29 @@ def oct_volume(
     columns: int = 128,
     width_mm: float = 6.0,
     depth_mm: float = 2.0,
+    speckle: float = 2.0,
+    noise: float = 0.015,
+    blur: int = 1,
+    gain: float | None = None,
+    gamma: float = 1.0,
 ) -> RetinaPhantom:
-    """A macular OCT cube (``frames`` B-scans of ``rows`` depth x ``columns`` lateral pixels)."""
+    """A macular OCT cube (``frames`` B-scans of ``rows`` depth x ``columns`` lateral pixels).
+
+    How the device renders it (what differs between vendors and settings, so that a model can be
+    trained and tested across them): ``speckle`` is the speckle's gamma shape (smaller: coarser),
+    ``noise`` the additive noise's standard deviation (of a reflectivity of 0..1), ``blur`` the
+    lateral blur's half-width in pixels, ``gain`` the signal's gain (None: drawn 0.85-1.15) and
+    ``gamma`` the display gamma after log compression. Lesions keep their size in mm: their
+    pixel sizes scale with ``rows`` and ``columns`` (given for 128 x 128)."""
     if grade not in range(5):
         raise ValueError(f"grade must be 0 to 4 (ICDR), not {grade!r}")
+    if speckle <= 0 or noise < 0 or blur < 0 or gamma <= 0 or (gain is not None and gain <= 0):
+        raise ValueError(
+            f"speckle, gamma and gain must be > 0, noise and blur >= 0; got speckle={speckle}, "
+            f"noise={noise}, blur={blur}, gain={gain}, gamma={gamma}"
+        )
     rng = np.random.default_rng(seed)
+    sz, sx = rows / 128, columns / 128  # pixels per pixel of the 128 x 128 cube lesions are for
     dx, dz = width_mm / columns, depth_mm / rows
     dy = width_mm / frames if frames > 1 else 0.0
     x = (np.arange(columns) - (columns - 1) / 2) * dx
@@ -189,7 +207,7 @@ def oct_volume(
         for k in range(frames):
             cz = (b_rpe[k, ci] + rng.uniform(0.06, 0.2)) / dz
             w, (j0, j1, i0, i1) = _ellipse(
-                (rows, columns), cz, cx, rng.uniform(2, 4), rng.uniform(3, 6)
+                (rows, columns), cz, cx, rng.uniform(2, 4) * sz, rng.uniform(3, 6) * sx
             )
             refl[k, j0:j1, i0:i1] *= 1 - 0.45 * w
 
@@ -211,11 +229,11 @@ def oct_volume(
             count = int(rng.integers(*((1, 3), (2, 5), (2, 5))[grade - 2]))
             size = ((2.5, 4.0), (3.5, 6.5), (4.5, 7.5))[grade - 2]
             for _ in range(count):
-                cx = rng.uniform(col_lo + 6, col_hi - 6)
+                cx = rng.uniform(col_lo + 6 * sx, col_hi - 6 * sx)
                 ci = int(cx)
                 top, bottom = b_ipl[k, ci] / dz, b_elm[k, ci] / dz
-                ry = min(rng.uniform(*size) * 0.7, max((bottom - top) / 2 - 1, 1.5))
-                rx = ry * rng.uniform(1.0, 1.8)
+                ry = min(rng.uniform(*size) * 0.7 * sz, max((bottom - top) / 2 - sz, 1.5 * sz))
+                rx = ry * rng.uniform(1.0, 1.8) * sx / sz
                 cy = rng.uniform(top + ry + 0.5, max(bottom - ry - 0.5, top + ry + 0.6))
                 w, (j0, j1, i0, i1) = _ellipse((rows, columns), cy, cx, ry, rx)
                 refl[k, j0:j1, i0:i1] = refl[k, j0:j1, i0:i1] * (1 - w) + 0.02 * w
@@ -223,10 +241,10 @@ def oct_volume(
         if exudates:
             count = int(rng.integers(*((2, 5), (1, 4), (2, 5), (2, 5))[grade - 1]))
             for _ in range(count):
-                cx = rng.uniform(col_lo + 4, col_hi - 4)
+                cx = rng.uniform(col_lo + 4 * sx, col_hi - 4 * sx)
                 ci = int(cx)
-                cy = rng.uniform(b_inl[k, ci] / dz, b_elm[k, ci] / dz - 1)
-                ry, rx = rng.uniform(2.0, 3.0), rng.uniform(2.5, 4.0)
+                cy = rng.uniform(b_inl[k, ci] / dz, b_elm[k, ci] / dz - sz)
+                ry, rx = rng.uniform(2.0, 3.0) * sz, rng.uniform(2.5, 4.0) * sx
                 w, (j0, j1, i0, i1) = _ellipse((rows, columns), cy, cx, ry, rx)
                 refl[k, j0:j1, i0:i1] = np.maximum(refl[k, j0:j1, i0:i1], 1.0 * w)
                 shadow = (
@@ -240,8 +258,8 @@ def oct_volume(
             start = int(rng.uniform(col_lo, max(col_hi - span, col_lo + 1)))
             cols = np.arange(start, min(start + span, columns))
             lift = rng.uniform(3, 8) + 3 * np.sin(np.linspace(0, rng.uniform(2, 6), cols.size))
-            top = ilm[k, cols] / dz - lift
-            for offset in range(int(rng.integers(2, 4))):
+            top = ilm[k, cols] / dz - lift * sz
+            for offset in range(int(rng.integers(2, 4)) * max(round(sz), 1)):
                 jj = np.clip(np.rint(top + offset).astype(int), 0, rows - 1)
                 refl[k, jj, cols] = 0.9
             dots = rng.integers(10, 25)
@@ -253,17 +271,54 @@ def oct_volume(
             lesions.append(Lesion("preretinal_proliferation", box))
 
     # speckle (multiplicative, fully developed), a little lateral blur, log compression
-    speckle = rng.gamma(2.0, 0.5, refl.shape).astype(np.float32)
-    signal = refl * speckle + rng.normal(0, 0.015, refl.shape).astype(np.float32)
-    signal = (signal + np.roll(signal, 1, axis=2) + np.roll(signal, -1, axis=2)) / 3
-    gain = rng.uniform(0.85, 1.15)
-    image = np.log1p(60 * np.clip(signal * gain, 0, None)) / np.log1p(60)
+    grains = rng.gamma(speckle, 1.0 / speckle, refl.shape).astype(np.float32)
+    signal = refl * grains + rng.normal(0, noise, refl.shape).astype(np.float32)
+    if blur:
+        blurred = signal.copy()
+        for d in range(1, blur + 1):
+            blurred += np.roll(signal, d, axis=2) + np.roll(signal, -d, axis=2)
+        signal = blurred / (2 * blur + 1)
+    drawn_gain = rng.uniform(0.85, 1.15)
+    image = np.log1p(60 * np.clip(signal * (drawn_gain if gain is None else gain), 0, None))
+    image = (image / np.log1p(60)) ** gamma
     array = np.clip(image * 235 + rng.uniform(0, 12), 0, 255).astype(np.uint8)
     return RetinaPhantom(
         "OPT", array, RetinaTruth(int(grade), frame_grades, tuple(lesions)), (dz, dx), dy,
         seed=seed, laterality="R" if seed % 2 == 0 else "L",
         extra={"zone_mm": float(zone_mm), "thickening": float(thick)},
     )  # fmt: skip
+
+
+#: the OCT acquisition settings training draws from (domain randomisation): frame counts, B-scan
+#: shapes (depth x lateral), speckle shape, noise, lateral blur, gain and gamma; a benchmark of
+#: generalisation draws its settings outside these or from seeds training never used
+OCT_TRAINING_RANGES: dict[str, tuple[float, float]] = {
+    "frames": (16, 64),
+    "rows": (96, 256),
+    "columns": (128, 512),
+    "speckle": (1.3, 3.5),
+    "noise": (0.005, 0.04),
+    "blur": (0, 2),
+    "gain": (0.6, 1.5),
+    "gamma": (0.7, 1.4),
+}
+
+
+def random_oct_settings(
+    rng: np.random.Generator, ranges: dict[str, tuple[float, float]] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`oct_volume` drawn uniformly within ``ranges`` (default
+    :data:`OCT_TRAINING_RANGES`): integers for counts and sizes, gain and gamma log-uniform."""
+    ranges = OCT_TRAINING_RANGES if ranges is None else ranges
+    out: dict[str, Any] = {}
+    for key, (low, high) in ranges.items():
+        if key in ("frames", "rows", "columns", "blur"):
+            out[key] = int(rng.integers(int(low), int(high) + 1))
+        elif key in ("gain", "gamma"):
+            out[key] = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+        else:
+            out[key] = float(rng.uniform(low, high))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,12 +626,14 @@ def _oct_frames(ds: Dataset, phantom: RetinaPhantom, members: list[int], positio
 __all__ = [
     "FUNDUS_LESIONS",
     "OCT_LESIONS",
+    "OCT_TRAINING_RANGES",
     "OTHER_SIGNS",
     "Lesion",
     "RetinaPhantom",
     "RetinaTruth",
     "fundus_photo",
     "oct_volume",
+    "random_oct_settings",
     "retina_phantom",
     "write_ophthalmic",
 ]

@@ -5,7 +5,8 @@ source images form the image library; each finding is one planar measurement gro
 on the image where it is largest, with a tracking identifier and UID, its finding type and
 site, and its numbers in UCUM units (the region's area mm2, diameter mm inferred from its 3-D
 centre, volume mm3 inferred from its SEG segment, probability). A classification's grade is a
-coded qualitative evaluation and a number.
+coded qualitative evaluation and a number; an indeterminate finding is evaluated as SNOMED CT
+82334004 "Indeterminate" (never as its grade, never as absent), its probabilities in words.
 A run that found nothing says so, and demo weights say so, in TID 1500's Qualitative
 Evaluations.
 """
@@ -43,6 +44,8 @@ FINDING = Code("121071", "DCM", "Finding")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
+#: what an indeterminate finding is evaluated as, in place of its grade or presence
+INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
 #: International Clinical Diabetic Retinopathy severity scale, grade -> SNOMED CT
 ICDR = {
     0: ABSENT,
@@ -264,7 +267,7 @@ def _groups(
                      coordinates=drawn)
         )  # fmt: skip
         drawn = []
-    grade = _grade(finding)
+    grade = None if finding.indeterminate else _grade(finding)
     if grade is not None:
         measurements.append(_measure(_code(SEVERITY), grade, _code(GRADE_UNIT), coordinates=drawn))
         drawn = []
@@ -364,7 +367,10 @@ def _grade(finding: Finding) -> int | None:
 
 
 def _evaluations_of(finding: Finding) -> list[tuple[Any, Any]]:
-    """Coded evaluations: a graded finding's grade; a finding without a place, its presence."""
+    """Coded evaluations: an indeterminate finding, Indeterminate; a graded finding's grade; a
+    finding without a place, its presence."""
+    if finding.indeterminate:
+        return [(_code(finding.finding_type), _code(INDETERMINATE))]
     grade = _grade(finding)
     if grade is not None:
         return [(_code(finding.finding_type), _code(ICDR[grade]))]

@@ -23,7 +23,7 @@ def finding_names(findings: Sequence[Finding]) -> list[str]:
     names = []
     for finding in findings:
         words = finding.label.replace("_", " ").strip() or finding.finding_type.meaning
-        if (finding.attributes or {}).get("grade") is not None:
+        if "grade" in (finding.attributes or {}):  # indeterminate: grade None
             words = finding.finding_type.meaning  # "Diabetic retinopathy", not "dr grade"
         words = words[:1].upper() + words[1:]
         if counts[finding.label] > 1:
@@ -35,9 +35,16 @@ def finding_names(findings: Sequence[Finding]) -> list[str]:
 
 def finding_text(finding: Finding, name: str) -> str:
     """One line of a finding's numbers, e.g. ``Nodule 1: 12.3 mm, 905 mm3, p=0.91``, ``Diabetic
-    retinopathy grade 3 (Severe NPDR), p=0.85``."""
+    retinopathy grade 3 (Severe NPDR), p=0.85``; an indeterminate finding says so and never
+    names a grade (``Diabetic retinopathy: indeterminate (grade probabilities 0: 0.55, ...)``)."""
     probability = f"p={float(finding.probability):.2f}"
     attributes = finding.attributes or {}
+    if finding.indeterminate:
+        listed = attributes.get("probabilities")
+        if isinstance(listed, list | tuple) and listed:
+            shown = ", ".join(f"{n}: {float(p):.2f}" for n, p in enumerate(listed))
+            return f"{name}: indeterminate (grade probabilities {shown})"
+        return f"{name}: indeterminate, {probability}"
     grade = attributes.get("grade")
     if grade is not None:
         scale = str(attributes.get("scale", "ICDR"))

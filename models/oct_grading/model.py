@@ -4,9 +4,10 @@ lesion types found and a Grad-CAM attention map of every graded image.
 The pipeline, for a :class:`~dicomnode.imaging.Volume` of ophthalmic frames (an OCT volume's
 B-scans ``[frame, depth, lateral]``, or photographs ``[image, row, column, RGB]``):
 
-1. **Images**: each frame scaled to 0..1 (8-bit data by 255, wider data by the series' 99.9th
-   percentile), grey repeated to three channels, resized (antialiased) to the model's square
-   (``oct_size`` / ``fundus_size``), standardised.
+1. **Images**: each frame scaled to 0..1 (photographs: 8-bit data by 255, wider data by the
+   series' 99.9th percentile; OCT B-scans always by the series' 99.9th percentile, since OCT
+   devices' gain and display settings differ), grey repeated to three channels, resized
+   (antialiased) to the model's square (``oct_size`` / ``fundus_size``), standardised.
 2. **Network**: one MONAI 2D backbone (:mod:`.network`) with two heads: the ICDR grade (softmax
    over 0..4) and lesion types (sigmoid each), and Grad-CAM on its last convolution with the
    expected grade as target.
@@ -14,8 +15,13 @@ B-scans ``[frame, depth, lateral]``, or photographs ``[image, row, column, RGB]`
    probabilities are the mean over its top quarter of B-scans ranked by expected grade (at
    least one), since disease shows in the B-scans through the lesions and a normal periphery
    must not dilute it. Photographs: the most diseased image (the worse eye decides). The grade is
-   the argmax of those probabilities. A lesion type is reported when its probability on some
-   graded image reaches ``[thresholds] lesion``.
+   the argmax of those probabilities, calibrated (softmax of the logits over ``[calibration]
+   temperature``). **Indeterminate, not guessed**: the grade is reported indeterminate
+   (``attributes["indeterminate"]``, its ``grade`` None, the most likely one beside it) when
+   its probability is in ``[calibration] indeterminate``, or when it would be grade 0 (absent)
+   with P(grade 0) below ``[calibration] absent_confidence``: absent needs confident evidence,
+   so that a missed severe grade becomes a referral, not a normal report. A lesion type is
+   reported when its probability on some graded image reaches ``[thresholds] lesion``.
 4. **Attention**: each image's Grad-CAM upsampled to its own rows x columns, scaled to 0..255
    by the series' maximum times the probability of any retinopathy (a confident grade 0 gives a
    faint map); ``masks["attention"]`` (uint8, the shape of the frames) for the Secondary Capture.
@@ -23,6 +29,7 @@ B-scans ``[frame, depth, lateral]``, or photographs ``[image, row, column, RGB]`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.domain import Findings
+from dicomnode.domain import Finding, Findings
 from dicomnode.errors import InputsRejected, ModelError
 from dicomnode.inference import Model
 
@@ -44,6 +51,7 @@ GRADE_MEANINGS = (
     "Severe non-proliferative diabetic retinopathy",
     "Proliferative diabetic retinopathy",
 )
+INDETERMINATE_MEANING = "Indeterminate"
 MEAN, STD = 0.5, 0.25
 
 
@@ -51,11 +59,12 @@ def is_colour(array: np.ndarray) -> bool:
     return array.ndim == 4 and array.shape[-1] == 3
 
 
-def intensity_scale(array: np.ndarray) -> float:
-    """What maps a series' values to 0..1: 255 for 8-bit data, else its 99.9th percentile (one
-    scale for the whole series, so its frames stay comparable)."""
+def intensity_scale(array: np.ndarray, fundus: bool = True) -> float:
+    """What maps a series' values to 0..1: for photographs, 255 for 8-bit data, else the
+    99.9th percentile; for OCT, always the 99.9th percentile (gain and display differ by device).
+    One scale for the whole series, so its frames stay comparable."""
     top = float(array.max()) if array.size else 0.0
-    if 1.0 < top <= 255.0:
+    if fundus and 1.0 < top <= 255.0:
         return 255.0
     return max(float(np.percentile(array, 99.9)), 1e-6)
 
@@ -150,12 +159,12 @@ class OctGradingModel(Model):
         size = int(self.params.get("fundus_size" if fundus else "oct_size", 192))
         batch = int(self.params.get("batch", 16))
         device = self.device.torch
-        scale = intensity_scale(np.asarray(array))
+        scale = intensity_scale(np.asarray(array), fundus)
         grades, lesions, cams = [], [], []
         for start in range(0, array.shape[0], batch):
             x = to_images(array[start : start + batch], size, scale).to(device)
             grade_logits, lesion_logits, cam = grad_cam(self.network, x)
-            grades.append(grade_logits.float().softmax(-1).cpu().numpy())
+            grades.append(self.calibrated(grade_logits))
             lesions.append(torch.sigmoid(lesion_logits.float()).cpu().numpy())
             cams.append(cam.float().cpu().numpy())
             check_cancelled()
@@ -164,6 +173,36 @@ class OctGradingModel(Model):
             np.concatenate(lesions).astype(np.float64),
             np.concatenate(cams),
         )
+
+    def grade_finding(self, probabilities: np.ndarray, frames: list[int]) -> Finding:
+        """The series' grade finding from its calibrated probabilities: indeterminate when the
+        top probability is in the band, or when absent (grade 0) lacks confident evidence."""
+        from dicomnode.inference.calibration import mark_indeterminate
+
+        grade = int(np.argmax(probabilities))
+        finding = self.finding(
+            "dr_grade",
+            probabilities[grade],
+            attributes={
+                "grade": grade,
+                "probabilities": [round(float(v), 4) for v in probabilities],
+                "scale": "ICDR",
+                "grade_meaning": GRADE_MEANINGS[grade],
+                "expected_grade": round(float(probabilities @ np.arange(5)), 3),
+                "frames": frames,
+            },
+        )
+        needed = self.spec.info.calibration.absent_confidence
+        if grade == 0 and needed is not None and probabilities[0] < needed:
+            finding = mark_indeterminate(
+                finding, f"P(grade 0) {probabilities[0]:.2f} below {needed:.2f} (absent needs "
+                "confident evidence)"
+            )  # fmt: skip
+        if finding.indeterminate:
+            attributes = {**finding.attributes, "grade": None, "most_likely_grade": grade,
+                          "grade_meaning": INDETERMINATE_MEANING}  # fmt: skip
+            finding = dataclasses.replace(finding, attributes=attributes)
+        return finding
 
     def attention(self, cams: np.ndarray, shape: Sequence[int], weight: float) -> np.ndarray:
         """Grad-CAM maps upsampled to ``shape`` (frames, rows, columns), uint8 0..255."""
@@ -189,20 +228,9 @@ class OctGradingModel(Model):
         grade = int(np.argmax(probabilities))
         frames = [int(k) + 1 for k in chosen]
         p = [round(float(v), 4) for v in probabilities]
-        findings = [
-            self.finding(
-                "dr_grade",
-                probabilities[grade],
-                attributes={
-                    "grade": grade,
-                    "probabilities": p,
-                    "scale": "ICDR",
-                    "grade_meaning": GRADE_MEANINGS[grade],
-                    "expected_grade": round(float(probabilities @ np.arange(5)), 3),
-                    "frames": frames,
-                },
-            )
-        ]
+        grade_finding = self.grade_finding(probabilities, frames)
+        undecided = grade_finding.indeterminate
+        findings = [grade_finding]
         threshold = self.threshold("lesion", 0.5)
         names = self.fundus_lesions if fundus else self.oct_lesions
         lesion_probabilities = {}
@@ -220,9 +248,11 @@ class OctGradingModel(Model):
             masks={ATTENTION: attention},
             reference=None,
             summary={
-                "grade": grade,
+                "grade": None if undecided else grade,
+                "indeterminate": undecided,
+                "most_likely_grade": grade,
                 "probabilities": p,
-                "grade_meaning": GRADE_MEANINGS[grade],
+                "grade_meaning": INDETERMINATE_MEANING if undecided else GRADE_MEANINGS[grade],
                 "scale": "ICDR",
                 "kind": "fundus" if fundus else "oct",
                 "images": int(array.shape[0]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -198,3 +199,105 @@ def test_colour_fundus_photograph_gets_its_heat_map_in_colour(tmp_path: Path, jp
     assert np.abs(pixels[cold] - original[cold]).mean() < 20
     hot = np.unravel_index(int(np.argmax(attention)), attention.shape)
     assert pixels[hot][0] > pixels[hot][2]  # red over the hottest point
+
+
+def coded_values(ds: Any) -> list[str]:
+    """Every code value in an SR's content tree (concept names and values)."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            found += [str(code.CodeValue) for code in item.get(key, [])]
+        found += coded_values(item)
+    return found
+
+
+def test_an_indeterminate_grade_is_written_as_indeterminate_never_as_absent(
+    oct_series: tuple[list[Path], Volume], tmp_path: Path
+) -> None:
+    """Grade 0 was the most likely, but not confidently: the SR evaluates the finding as
+    Indeterminate (SNOMED CT 82334004), with no grade, no Absent and no severity number; its
+    words, the key image's and the KOS's say indeterminate with the probabilities."""
+    from dicomnode.inference import findings_to_json
+
+    validators.require_tool("dciodvfy")
+    validators.require_tool("tid1500reader")
+    paths, volume = oct_series
+    probabilities = [0.62, 0.2, 0.1, 0.05, 0.03]
+    attributes = {
+        "grade": None,
+        "most_likely_grade": 0,
+        "probabilities": probabilities,
+        "scale": "ICDR",
+        "grade_meaning": "Indeterminate",
+        "indeterminate": True,
+    }
+    findings = Findings(
+        "oct_grading", "0.1.0", True,
+        (Finding("dr_grade", DR, 0.62, attributes=attributes),),
+        {"attention": attention_map(volume.geometry.shape, [7])},
+        summary={"grade": None, "indeterminate": True, "most_likely_grade": 0,
+                 "probabilities": probabilities, "grade_meaning": "Indeterminate"},
+    )  # fmt: skip
+    objects, _ = build_results(
+        findings, volume, paths, ResultsSettings(), tmp_path, 14, route="retina", when=WHEN,
+        classes=[FindingClass("dr_grade", DR)],
+    )  # fmt: skip
+    for entry in objects:
+        report = validators.dciodvfy(tmp_path / entry.path)
+        assert report.errors == (), f"{entry.kind}: {report.output}"
+    (sr_entry,) = [o for o in objects if o.kind == "SR"]
+    sr_path = tmp_path / sr_entry.path
+    validators.tid1500reader(sr_path, tmp_path / "sr.json")
+    (group,) = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert (evaluation.name.value, evaluation.value.value) == ("4855003", "82334004")
+    assert evaluation.value.meaning == "Indeterminate"
+    assert [m.name.meaning for m in group.get_measurements()] == ["Area", "Probability"]
+    sr = dcmread(sr_path)
+    codes_written = coded_values(sr)
+    assert "82334004" in codes_written
+    # neither Absent nor any ICDR grade's code
+    for code in ("272519000", "312903003", "312904009", "312905005", "59276001"):
+        assert code not in codes_written
+    texts = []
+
+    def collect(ds: Any) -> None:
+        for item in ds.get("ContentSequence", []):
+            if item.ValueType == "TEXT":
+                texts.append(str(item.TextValue))
+            collect(item)
+
+    collect(sr)
+    (comment,) = [t for t in texts if t.startswith("Diabetic retinopathy")]
+    assert comment == (
+        "Diabetic retinopathy: indeterminate (grade probabilities 0: 0.62, 1: 0.20, 2: 0.10, "
+        "3: 0.05, 4: 0.03)"
+    )
+    assert "Indeterminate" in texts
+    words = " ".join(texts).lower()
+    assert "absent" not in words and "no dr" not in words and "no apparent" not in words
+    # the key images and the KOS say the same
+    for entry in objects:
+        ds = dcmread(tmp_path / entry.path, stop_before_pixels=True)
+        if entry.kind == "SC" and "key image" in str(ds.get("ImageComments", "")):
+            assert "indeterminate" in str(ds.ImageComments)
+            assert "No DR" not in str(ds.ImageComments)
+        if entry.kind == "KO":
+            assert "indeterminate" in coded_and_text(ds)
+    # the job's findings JSON
+    written = findings_to_json(findings)
+    assert written["findings"][0]["attributes"]["indeterminate"] is True
+    assert (
+        written["summary"]["grade"] is None
+        and written["findings"][0]["attributes"]["grade"] is None
+    )
+
+
+def coded_and_text(ds: Any) -> str:
+    """All text values of a KOS's content tree, joined."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            out.append(str(item.TextValue))
+        out.append(coded_and_text(item))
+    return " ".join(out)

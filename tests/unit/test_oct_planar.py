@@ -118,3 +118,28 @@ def test_volume_takes_a_trailing_rgb_axis_only() -> None:
     assert Volume(np.zeros((1, 4, 5, 3)), geometry, frames, "OP", "1").samples == 3
     with pytest.raises(ValueError, match="differs from the geometry"):
         Volume(np.zeros((1, 4, 5, 2)), geometry, frames, "OP", "1")
+
+
+def test_oct_acquisition_settings_vary_the_rendering_and_keep_lesions_in_mm() -> None:
+    """The phantom's device settings (domain randomisation, unseen-setting benchmarks): the
+    defaults draw the same cube as before; a bigger B-scan keeps the lesions' size in mm."""
+    from dicomnode.phantoms.retina import OCT_TRAINING_RANGES, RetinaPhantom, random_oct_settings
+
+    small = oct_volume(3, seed=5103, frames=9)
+    large = oct_volume(3, seed=5103, frames=9, rows=256, columns=256)
+    assert large.array.shape == (9, 256, 256)
+
+    def cyst_height_mm(phantom: RetinaPhantom) -> float:
+        boxes = [les.box for les in phantom.truth.lesions if les.kind == "intraretinal_fluid"]
+        return float(np.median([b[3] - b[2] for b in boxes])) * phantom.pixel_mm[0]
+
+    assert cyst_height_mm(large) == pytest.approx(cyst_height_mm(small), rel=0.35)
+    dark = oct_volume(3, seed=5103, frames=9, gain=0.5, gamma=1.6)
+    assert dark.array.mean() < 0.8 * small.array.mean()
+    noisy = oct_volume(3, seed=5103, frames=9, noise=0.08, speckle=1.1, blur=0)
+    assert noisy.array.std() > small.array.std()
+    settings = random_oct_settings(np.random.default_rng(0))
+    for key, (low, high) in OCT_TRAINING_RANGES.items():
+        assert low <= settings[key] <= high, key
+    with pytest.raises(ValueError, match="speckle=0"):
+        oct_volume(3, seed=5103, speckle=0)
