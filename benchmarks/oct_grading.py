@@ -8,7 +8,8 @@ phantoms that training never saw, and the time per series.
    fundus photographs (seeds 9500 + n, 384 x 384), grades 0..4 in turn (training uses seeds
    1000-3999). The series grade as the model reports it (OCT: top quarter of B-scans; fundus: the
    image); quadratic weighted kappa (the DR grading standard), exact accuracy, and the confusion
-   matrix.
+   matrix, an indeterminate grade counted as its most likely one; and how many were
+   indeterminate.
 2. Lesion types: per series, each type's highest probability over the graded images against
    whether the phantom has it: ROC AUC, and F1 at the model's threshold.
 3. Attention: on phantoms of grade 2 or more, the mean Grad-CAM value inside the lesion boxes
@@ -88,7 +89,7 @@ def evaluate(model: Any, kind: str, count: int) -> dict[str, Any]:
 
     names = model.fundus_lesions if kind == "fundus" else model.oct_lesions
     threshold = model.threshold("lesion", 0.5)
-    truth, predicted, ratios = [], [], []
+    truth, predicted, ratios, undecided = [], [], [], 0
     lesion_scores: dict[str, list[float]] = {n: [] for n in names}
     lesion_truth: dict[str, list[bool]] = {n: [] for n in names}
     for n in range(count):
@@ -99,7 +100,9 @@ def evaluate(model: Any, kind: str, count: int) -> dict[str, Any]:
             phantom = fundus_photo(grade, FUNDUS_SEED + n)
         findings = model.predict(volume_of(phantom))
         truth.append(grade)
-        predicted.append(int(findings.summary["grade"]))
+        summary = findings.summary
+        predicted.append(int(summary.get("most_likely_grade", summary["grade"])))
+        undecided += bool(summary.get("indeterminate", False))
         for name in names:
             lesion_scores[name].append(float(findings.summary["lesion_probabilities"][name]))
             lesion_truth[name].append(name in phantom.truth.kinds)
@@ -128,6 +131,7 @@ def evaluate(model: Any, kind: str, count: int) -> dict[str, Any]:
         "lesions": lesions,
         "attention_ratio": float(np.median(ratios)) if ratios else float("nan"),
         "count": count,
+        "indeterminate": undecided,
     }
 
 
@@ -162,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# oct_grading benchmark ({platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device})\n")  # fmt: skip
     results = {kind: evaluate(model, kind, args.count) for kind in ("oct", "fundus")}
-    print("| kind | series | quadratic kappa | accuracy | within one grade | attention in/out |")
-    print("|---|---|---|---|---|---|")
+    print("| kind | series | quadratic kappa | accuracy | within one grade | attention in/out "
+          "| indeterminate |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for kind, r in results.items():
         print(f"| {kind} | {r['count']} | {r['kappa']:.3f} | {r['accuracy']:.2f} | "
-              f"{r['within_one']:.2f} | {r['attention_ratio']:.2f} |")  # fmt: skip
+              f"{r['within_one']:.2f} | {r['attention_ratio']:.2f} | "
+              f"{r['indeterminate']} |")  # fmt: skip
     for kind, r in results.items():
         print(f"\nConfusion ({kind}; rows truth 0..4, columns predicted 0..4):\n")
         for row in r["confusion"]:
