@@ -117,6 +117,8 @@ def job_detail(sessions: sessionmaker[Session], job: JobRecord) -> dict[str, Any
     from dicomnode.queue.sends import SendQueue
 
     values = job.as_json()
+    # the input against the model's acquisition envelope, from the result (None: not run)
+    values["envelope"] = (job.result or {}).get("envelope")
     values["stages"] = {stage.name: _iso(stage.at) for stage in job_stages(job)}
     values["sends"] = [
         {

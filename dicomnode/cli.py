@@ -489,10 +489,13 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
         print(json.dumps(values, indent=2))
         return 0
     stages, sends, events = values["stages"], values["sends"], values["audit"]
-    skip = {"stages", "sends", "audit", "result", *(f"{name}_at" for name in stages)}
+    skip = {"stages", "sends", "audit", "result", "envelope", *(f"{name}_at" for name in stages)}
     for key, value in values.items():
         if key not in skip:
             print(f"{key + ':':<20} {'' if value is None else value}")
+    envelope = values.get("envelope")
+    if envelope:
+        print(f"{'envelope:':<20} {_envelope_line(envelope)}")
     print("stages:")
     for name, at in stages.items():
         print(f"  {name:<10} {at or '-'}")
@@ -510,6 +513,16 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
         detail = f" ({event['detail']})" if event["detail"] else ""
         print(f"  {event['at']}  {event['action']:<10} {event['actor']}{detail}")
     return 0
+
+
+def _envelope_line(envelope: dict[str, Any]) -> str:
+    """A job's envelope verdict in one line: inside, or outside with the policy and why."""
+    if envelope.get("declared") is False:
+        return "none declared (not checked)"
+    if envelope.get("inside"):
+        return "inside"
+    policy = "refused" if envelope.get("policy") == "refuse" else "flagged"
+    return f"OUTSIDE ({policy}): {'; '.join(envelope.get('reasons') or [])}"
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -639,11 +652,18 @@ def _accepts(model: ModelSummary) -> str:
 
 def _route_explain(args: argparse.Namespace) -> int:
     from dicomnode.config import load_settings
-    from dicomnode.route_report import explain_files, report_lines
+    from dicomnode.route_report import explain_files, model_envelopes, report_lines
     from dicomnode.routing import Router
 
-    router = Router.from_settings(load_settings(args.config))
-    report = explain_files(router, args.files, calling_aet=args.calling_aet)
+    settings = load_settings(args.config)
+    router = Router.from_settings(settings)
+    report = explain_files(
+        router,
+        args.files,
+        calling_aet=args.calling_aet,
+        envelopes=model_envelopes(settings),
+        policies={route.name: route.envelope for route in settings.routes},
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

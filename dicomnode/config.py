@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicomnode.envelope import Envelope, EnvelopePolicy
 from dicomnode.errors import ConfigError
 
 ENV_PREFIX = "DICOMNODE_"
@@ -241,6 +242,10 @@ class RouteSettings(_Section):
     priority: Literal["routine", "urgent", "stat"] = "routine"
     level: Literal["series", "study"] = "series"
     completion: CompletionSettings = CompletionSettings()
+    #: an input outside the model's acquisition envelope: "refuse" (the job is skipped with
+    #: the reasons, and a "not analysed" SR goes to the destinations) or "flag" (the model
+    #: runs; the job and every result object say the input was outside)
+    envelope: EnvelopePolicy = "refuse"
 
 
 class RoutingSettings(_Section):
@@ -317,6 +322,8 @@ class CommandModelSettings(_Section):
     settings: dict[str, Any] = {}
     #: what it runs on (modalities, SOP classes, body parts, instances at least); unset: any
     accepts: AcceptsSettings | None = None
+    #: what it was validated for (the keys of model.toml's [envelope]); unset: not checked
+    envelope: Envelope | None = None
 
     @model_validator(mode="after")
     def _check_command_or_image(self) -> CommandModelSettings:
@@ -363,6 +370,8 @@ class BundleSettings(_Section):
     #: unset: the modality of metadata.json's input
     accepts: AcceptsSettings | None = None
     level: Literal["series", "study"] = "series"  # "study" is refused at start, for now
+    #: what it was validated for (the keys of model.toml's [envelope]); unset: not checked
+    envelope: Envelope | None = None
     description: str = ""  # unset: metadata.json's task
 
 

@@ -14,6 +14,9 @@ class DicomNodeError(Exception):
     dicom_status: int = 0xC000
     #: HTTP status for the API.
     http_status: int = 500
+    #: the failure cannot change by trying again (the input is what it is): a job that
+    #: raises it ends at once, without the retries a transient fault gets
+    permanent: bool = False
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -230,6 +233,17 @@ class InputsRejected(DicomNodeError):
     """The job's input series do not fit the model."""
 
     http_status = 422
+    permanent = True
+
+
+class EnvelopeRefused(InputsRejected):
+    """The input is outside the acquisition envelope the model was validated for; the route
+    refuses it (``envelope = "refuse"``)."""
+
+    def __init__(self, message: str | None = None, result: dict[str, object] | None = None):
+        super().__init__(message)
+        #: the job's result: the envelope verdict and the "not analysed" SR written for it
+        self.result: dict[str, object] = dict(result or {})
 
 
 class InferenceCancelled(DicomNodeError):

@@ -3,19 +3,60 @@ not, as a JSON-ready report and as the lines the CLI prints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dicomnode.envelope import Envelope, series_header
 from dicomnode.routing import Outcome, Router, SeriesFacts
+
+if TYPE_CHECKING:
+    from dicomnode.config import Settings
+
+
+def model_envelopes(settings: Settings) -> dict[str, Envelope | None]:
+    """Each configured model's acquisition envelope (None: it declares none): the packages'
+    and bundles' (model.toml, ``[models.bundle_settings.NAME.envelope]``) and the commands'."""
+    from dicomnode.inference.registry import ModelRegistry
+
+    registry = ModelRegistry.from_settings(settings)
+    out: dict[str, Envelope | None] = {}
+    for name in registry.names():
+        out[name] = registry.spec(name).info.envelope
+    for name, command in settings.models.commands.items():
+        out[name] = command.envelope
+    return out
+
+
+def envelope_report(
+    model: str,
+    envelopes: Mapping[str, Envelope | None],
+    datasets: list[Any],
+    policy: str,
+) -> dict[str, Any]:
+    """A route's model's envelope verdict on one series, from its headers."""
+    if model not in envelopes:
+        return {"declared": False, "inside": None, "note": f"model {model!r} is not configured"}
+    envelope = envelopes[model]
+    if envelope is None:
+        return {"declared": False, "inside": True, "policy": policy}
+    verdict = envelope.check(series_header(datasets, envelope.series))
+    return {"declared": True, **verdict.as_json(policy)}
 
 
 def explain_files(
-    router: Router, files: Iterable[Path], *, calling_aet: str | None = None
+    router: Router,
+    files: Iterable[Path],
+    *,
+    calling_aet: str | None = None,
+    envelopes: Mapping[str, Envelope | None] | None = None,
+    policies: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Each series among ``files`` (files or folders) with the route it takes and every rule's
-    verdict, and the files that could not be read (``{"series": [...], "errors": [...]}``)."""
+    verdict, and the files that could not be read (``{"series": [...], "errors": [...]}``).
+    With ``envelopes`` (model -> its envelope), each route taken says whether the series is
+    inside its model's envelope, and what its policy (``policies``: route -> policy) does."""
     from pydicom import dcmread
     from pydicom.dataset import Dataset
 
@@ -40,7 +81,7 @@ def explain_files(
     for uid, instances in series.items():
         facts = SeriesFacts.from_datasets(list(instances.values()), calling_aet=calling_aet)
         decision = router.route(facts)
-        routes = [
+        routes: list[dict[str, Any]] = [
             {
                 "name": r.name,
                 "model": r.model,
@@ -50,6 +91,11 @@ def explain_files(
             }
             for r in decision.routes
         ]
+        if envelopes is not None:
+            ordered = sorted(instances.values(), key=lambda ds: _number(ds.get("InstanceNumber")))
+            for route in routes:
+                policy = (policies or {}).get(route["name"], "refuse")
+                route["envelope"] = envelope_report(route["model"], envelopes, ordered, policy)
         reports.append(
             {
                 "series_instance_uid": uid,
@@ -82,6 +128,9 @@ def report_lines(report: dict[str, Any], router: Router) -> tuple[list[str], lis
                 f"to {', '.join(route['destinations']) or '(no destinations)'} "
                 f"[{series['decision']['basis']}]"
             )
+            verdict = route.get("envelope")
+            if verdict is not None:
+                out.append(f"     envelope of {route['model']}: {_envelope_text(verdict)}")
         if not series["decision"]["routes"]:
             out.append("  -> no route matches: the series is skipped")
         for rule in series["rules"]:
@@ -100,3 +149,23 @@ def report_lines(report: dict[str, Any], router: Router) -> tuple[list[str], lis
     err = [f"dicomnode: {error['path']}: {error['error']}" for error in report["errors"]]
     err.append(f"{len(report['series'])} series, {len(report['errors'])} file(s) not read")
     return out, err
+
+
+def _envelope_text(verdict: Mapping[str, Any]) -> str:
+    if verdict.get("note"):
+        return str(verdict["note"])
+    if not verdict.get("declared"):
+        return "none declared (not checked)"
+    unchecked = verdict.get("unchecked") or []
+    not_recorded = f" (not recorded: {', '.join(unchecked)})" if unchecked else ""
+    if verdict["inside"]:
+        return f"inside{not_recorded}"
+    action = "refused" if verdict.get("policy") == "refuse" else "flagged"
+    return f"OUTSIDE, {action}: {'; '.join(verdict.get('reasons') or [])}{not_recorded}"
+
+
+def _number(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

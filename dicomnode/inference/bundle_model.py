@@ -273,6 +273,7 @@ def bundle_spec(name: str, path: Path | str, settings: BundleSettings | None = N
             entry=BUNDLE_ENTRY,
             demo=False,
             accepts=accepts,
+            envelope=settings.envelope if settings is not None else None,
             labels=tuple(labels),
             thresholds={} if threshold is None else {"probability": threshold},
             params={"output": what, "output_key": key},

@@ -25,6 +25,15 @@ A model package is a folder ``<models dir>/<name>/`` with::
     # Sequence Name [| contrast]"; a route's completion.required_series overrides it
     # inputs = { T1c = "(?i)t1.*(post|gd|\\+c)", T1 = "(?i)t1", T2 = "(?i)t2", FLAIR = "(?i)flair" }
 
+    [envelope]                           # what it was validated for; every key optional
+    modalities = ["CT"]
+    body_parts = ["CHEST", "LUNG"]       # Body Part Examined, any case
+    pixel_spacing_mm = [0.4, 2.0]        # in-plane, both axes
+    slice_thickness_mm = [0.5, 3.0]
+    # rows = [256, 1024], columns = [256, 1024], frames = [16, 2000]
+    # photometric = ["MONOCHROME2"], contrast = "required" | "forbidden"
+    # series = { ImageType = "AXIAL", SeriesDescription = "(?i)lung|chest" }
+
     [[labels]]
     name = "nodule"
     value = 1                            # its voxel value in label maps (SEG segment number)
@@ -69,6 +78,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.domain import Code, Finding, Findings
+from dicomnode.envelope import Envelope
 from dicomnode.errors import ModelError, ModelPackageInvalid
 from dicomnode.inference.device import Device, resolve_device
 
@@ -167,6 +177,8 @@ class ModelInfo(_Strict):
     entry: str
     demo: bool = False
     accepts: Accepts = Accepts()
+    #: what the model was validated for; None: not checked (see dicomnode.envelope)
+    envelope: Envelope | None = None
     labels: tuple[LabelSpec, ...] = ()
     thresholds: dict[str, float] = {}
     weights: dict[str, WeightsSpec] = {}

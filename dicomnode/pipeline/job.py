@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.errors import ModelError
+from dicomnode.pipeline.envelope import DEFAULT_POLICY, envelope_json, judge_volumes, refusal
 from dicomnode.pipeline.inputs import find_series, load_inputs
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ class PipelineSettings:
     strict: bool = True
     #: the SEG/SR/SC written from each job's findings (None: the defaults)
     results: ResultsSettings | None = None
+    #: route name -> what an input outside the model's envelope does ("refuse" or "flag");
+    #: a route not named refuses
+    envelope_policies: Mapping[str, str] = field(default_factory=dict)
 
 
 class ModelPipeline:
@@ -112,14 +116,31 @@ class ModelPipeline:
         output = context.output_root or storage_dir
         with self._session() as session:
             series = find_series(session, job.inputs, storage_dir, self.name)
-        patterns = self.settings.required_series.get(job.route.partition("?")[0], {})
+        route = job.route.partition("?")[0]
+        patterns = self.settings.required_series.get(route, {})
         inputs, described = load_inputs(self.spec, series, patterns)
+        # inputs -> envelope check -> model: an input the model was not validated for is
+        # refused before it runs, or flagged in every object it writes
+        envelope = self.spec.info.envelope
+        policy = self.settings.envelope_policies.get(route, DEFAULT_POLICY)
+        verdict = judge_volumes(envelope, inputs) if envelope is not None else None
+        if verdict is not None and not verdict.inside and policy == "refuse":
+            raise refusal(
+                model=self.name,
+                version=str(getattr(self.model, "version", self.spec.info.version)),
+                demo=bool(getattr(self.model, "demo", self.spec.info.demo)),
+                verdict=verdict, inputs=inputs, series=series, settings=self.results,
+                output=output, job_id=job.id, route=job.route,
+                received_at=job.received_at, described=described,
+            )  # fmt: skip
+        caveat = verdict.text if verdict is not None and not verdict.inside else ""
         loaded = time.perf_counter()
         findings = predict(self.model, inputs, seed=self.settings.seed, cancelled=context.cancelled)
         predicted = time.perf_counter()
         result = findings_to_json(findings, write_masks(findings, output, job.id))
         result["inputs"] = described
         result["device"] = str(self.device)
+        result["envelope"] = envelope_json(envelope, verdict, policy)
         objects = write_results(
             self.spec,
             findings,
@@ -130,6 +151,7 @@ class ModelPipeline:
             job_id=job.id,
             route=job.route,
             received_at=job.received_at,
+            caveat=caveat,
         )
         if objects is not None:
             result["objects"] = objects

@@ -87,6 +87,7 @@ def job_models(
         seed=registry.seed,
         strict=strict,
         results=results,
+        envelope_policies={r.name: r.envelope for r in routes},
     )
     out: dict[str, JobModel] = {}
     for name in wanted:

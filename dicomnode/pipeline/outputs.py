@@ -44,11 +44,13 @@ def write_results(
     job_id: int,
     route: str,
     received_at: datetime,
+    caveat: str = "",
 ) -> list[dict[str, str]] | None:
     """The job's SEG, SR, SC and KO in ``results/<job id>/dicom/`` under ``storage_dir`` (the run's
     staging root), as the result's ``objects`` (None: results are off). Dated when the inputs'
     last instance arrived (``received_at`` for a job whose series have no time), so a rerun
-    writes the same objects."""
+    writes the same objects. ``caveat``: why the input is outside the model's envelope (a
+    route that flags it); every object says so."""
     from dicomnode.results import FindingClass, build_results
 
     if not settings.enabled:
@@ -75,6 +77,7 @@ def write_results(
             when=max(received, default=received_at),
             classes=classes,
             procedure=info.params.get("procedure_reported"),
+            caveat=caveat,
         )
     except ResultsError:
         raise

@@ -382,6 +382,55 @@ class JobRepository:
             )
         return state
 
+    def refuse(
+        self,
+        job_id: int,
+        worker_id: str,
+        reason: str,
+        result: Mapping[str, Any] | None = None,
+        *,
+        publish: Callable[[], None] | None = None,
+    ) -> JobState | None:
+        """The input is outside the model's envelope and the route refuses it: ``skipped`` at
+        once (no retry: the input cannot change), with ``reason`` as its error and ``result``
+        (the verdict, the "not analysed" SR) kept; the SR's sends are written in the same
+        transaction, to the job's destinations. None when ``worker_id`` lost the lease."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            row = self._held(session, job_id, worker_id)
+            if row is not None:
+                if publish is not None:
+                    publish()
+                if row.destinations:
+                    add_sends(session, job_id, row.destinations, result, now)
+                session.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        state=JobState.SKIPPED.value,
+                        result=dict(result) if result is not None else None,
+                        error=_clip(reason),
+                        lease_expires_at=None,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                )
+        if row is None:
+            logger.warning(
+                "job %s: refusal from %s dropped, it no longer holds the lease",
+                job_id,
+                worker_id,
+                extra={"action": "job_result_dropped", "job_id": job_id, "worker_id": worker_id},
+            )
+            return None
+        logger.info(
+            "job %s refused by the envelope of its model: %s",
+            job_id,
+            _first_line(reason),
+            extra={"action": "job_refused", "job_id": job_id, "worker_id": worker_id},
+        )
+        return JobState.SKIPPED
+
     def fail(
         self, job_id: int, worker_id: str, error: str, *, retry: bool = True
     ) -> JobState | None:

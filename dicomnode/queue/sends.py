@@ -38,7 +38,14 @@ jobs = cast(Table, Job.__table__)
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Job states whose sends may go out: a queued or running job makes new objects (finish()
 #: replaces its rows), and a cancelled one sends nothing more.
-SENDABLE_JOB_STATES = (JobState.SENDING.value, JobState.DONE.value, JobState.FAILED.value)
+#: a skipped job's objects are sent too: the "not analysed" SR of an input its model's
+#: envelope refused
+SENDABLE_JOB_STATES = (
+    JobState.SENDING.value,
+    JobState.DONE.value,
+    JobState.FAILED.value,
+    JobState.SKIPPED.value,
+)
 #: Longest error text kept on a send row.
 MAX_ERROR_CHARS = 2000
 
@@ -349,8 +356,8 @@ class SendQueue:
                 raise JobNotFound(f"no job {job_id}")
             if job.state not in SENDABLE_JOB_STATES:
                 raise JobStateError(
-                    f"job {job_id} is {job.state}; only done, failed or sending jobs have "
-                    "results to send"
+                    f"job {job_id} is {job.state}; only done, failed, skipped or sending jobs "
+                    "have results to send"
                 )
             objects = ResultObject.listed_in(job.result)
             if not objects:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from dicomnode.domain import JobState
-from dicomnode.errors import ResultsError
+from dicomnode.errors import EnvelopeRefused, ResultsError
 from dicomnode.queue.repository import ClaimedJob, JobRepository
 from dicomnode.queue.staging import Staging, clean_staging
 
@@ -218,15 +218,23 @@ class Worker:
                     ),
                     job.id,
                 )
+            refused: EnvelopeRefused | None = None
             try:
                 result = dict(model.run(context))
+            except EnvelopeRefused as exc:  # ends at once, skipped, with its "not analysed" SR
+                if context.cancelled.is_set():
+                    return None
+                refused, result = exc, dict(exc.result)
             except Exception as exc:
                 logger.debug("job %s raised", job.id, exc_info=True)
                 if context.cancelled.is_set():
                     return None
                 error = _describe(exc)
+                # an input that cannot change is no transient fault: no retry
+                retry = not getattr(exc, "permanent", False)
                 return self._record(
-                    lambda: self.repository.fail(job.id, self.worker_id, error), job.id
+                    lambda: self.repository.fail(job.id, self.worker_id, error, retry=retry),
+                    job.id,
                 )
             if context.cancelled.is_set():
                 logger.info(
@@ -244,6 +252,14 @@ class Worker:
                 )
             publish = staging.publish if staging is not None else None
             try:
+                if refused is not None:
+                    reason = refused.message
+                    return self._record(
+                        lambda: self.repository.refuse(
+                            job.id, self.worker_id, reason, result, publish=publish
+                        ),
+                        job.id,
+                    )
                 return self._record(
                     lambda: self.repository.finish(job.id, self.worker_id, result, publish=publish),
                     job.id,

@@ -6,6 +6,7 @@ derived from the job and its input, so the same job writes the same objects.
 """
 
 from dicomnode.results.build import (
+    build_not_analysed,
     build_objects,
     build_results,
     reference_volume,
@@ -15,6 +16,7 @@ from dicomnode.results.sr import FindingClass
 
 __all__ = [
     "FindingClass",
+    "build_not_analysed",
     "build_objects",
     "build_results",
     "reference_volume",

@@ -71,10 +71,12 @@ def build_objects(
     when: datetime,
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
+    caveat: str = "",
 ) -> BuiltObjects:
     """The SEG, SR, SC, key image and KOS datasets of ``findings`` on ``inputs`` (``paths``:
     every file of the input series); ``classes``: the model's labels; ``procedure``: the
-    model's declared procedure reported, if any."""
+    model's declared procedure reported, if any; ``caveat``: why the input is outside the
+    model's acquisition envelope (a route that flags it), said by every object."""
     from dicomnode.results.kos import build_kos
     from dicomnode.results.regions import finding_regions
     from dicomnode.results.sc import ATTENTION, build_sc
@@ -101,6 +103,7 @@ def build_objects(
         settings.manufacturer,
         settings.institution_name,
         settings.device_serial_number,
+        caveat,
     )
     read = time.perf_counter()
     out: list[tuple[str, str, Dataset]] = []
@@ -217,12 +220,13 @@ def build_results(
     when: datetime,
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
+    caveat: str = "",
 ) -> tuple[list[ResultObject], dict[str, float]]:
     """Build and write a job's result objects; the objects and the time each step took."""
     started = time.perf_counter()
     built = build_objects(
         findings, inputs, paths, settings,
-        route=route, when=when, classes=classes, procedure=procedure,
+        route=route, when=when, classes=classes, procedure=procedure, caveat=caveat,
     )  # fmt: skip
     written = time.perf_counter()
     objects = write_objects(built, storage_dir, job_id)
@@ -235,3 +239,54 @@ def build_results(
         extra={"action": "results", "job_id": job_id},
     )
     return objects, timing
+
+
+#: the series description of a "not analysed" report (LO: cut to 64 characters)
+NOT_ANALYSED_PREFIX = "NOT ANALYSED: "
+
+
+def build_not_analysed(
+    model: str,
+    version: str,
+    demo: bool,
+    inputs: Volume | Mapping[str, Volume],
+    paths: Sequence[Path | str],
+    settings: ResultsSettings,
+    *,
+    route: str,
+    when: datetime,
+    reason: str,
+    procedure: Mapping[str, Any] | None = None,
+) -> BuiltObjects:
+    """The SR of a job whose model did not run because its input is outside the model's
+    envelope: TID 1500 with one group and a comment saying "Not analysed" and why, so the
+    PACS shows that the study was not analysed rather than nothing. Its UIDs are its own (a
+    later run that flags the input writes another SR)."""
+    from dicomnode.results.sr import build_sr, procedure_reported
+
+    volume = reference_volume(inputs, None)
+    headers = read_headers(paths)
+    source = SourceImages.for_volume(volume.frames, headers, volume.series_instance_uid)
+    library = [*source.datasets]
+    seen = {str(ds.SOPInstanceUID) for ds in library}
+    library += [ds for uid, ds in headers.items() if uid not in seen]
+    key = job_key(model, version, route.partition("?")[0], headers)
+    uids = ResultUIDs(f"{key}/not-analysed", settings.uid_root)
+    producer = Producer(
+        model, version, demo,
+        settings.manufacturer, settings.institution_name, settings.device_serial_number,
+    )  # fmt: skip
+    from dicomnode.domain import Findings
+
+    procedure_code = procedure_reported(
+        volume.modality, str(source.first.get("BodyPartExamined", "")), [], procedure
+    )
+    description = NOT_ANALYSED_PREFIX + settings.sr_description.format(model=model, version=version)
+    sr = build_sr(
+        Findings(model=model, version=version, demo=demo), source, library, producer, uids,
+        when, seg=None, procedure=procedure_code, series_number=settings.sr_series_number,
+        series_description=description[:64], regions=[], classes=(),
+        pixel_spacing=volume.geometry.pixel_spacing,
+        not_analysed=f"Not analysed: {model} was not validated for this input: {reason}",
+    )  # fmt: skip
+    return BuiltObjects((("SR", "sr-not-analysed.dcm", sr),), {})

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
+from dicomnode.envelope import UNVALIDATED_PREFIX
+
 if TYPE_CHECKING:
     from dicomnode.results.uids import ResultUIDs
 
@@ -28,6 +30,9 @@ class Producer:
     manufacturer: str = "dicomnode"
     institution_name: str = ""
     device_serial_number: str = "1"
+    #: why the input is outside the model's validated acquisition envelope (a route that
+    #: flags it): said in the SR, and every series description starts with UNVALIDATED INPUT
+    caveat: str = ""
 
     @property
     def software_versions(self) -> str:
@@ -43,10 +48,13 @@ class Producer:
 
     def describe(self, template: str) -> str:
         """A series description from ``template`` ({model}, {version}); "(demo)" appended for
-        demo weights; cut to the 64 characters of a long string."""
+        demo weights, "UNVALIDATED INPUT: " before it for an input outside the envelope; cut to
+        the 64 characters of a long string."""
         text = template.format(model=self.model, version=self.version)
         if self.demo:
             text = f"{text} (demo)"
+        if self.caveat:
+            text = UNVALIDATED_PREFIX + text
         return text[:LO_MAX]
 
 

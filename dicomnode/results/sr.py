@@ -109,10 +109,14 @@ def build_sr(
     regions: Sequence[KeyRegion],
     pixel_spacing: tuple[float, float],
     classes: Sequence[FindingClass] = (),
+    not_analysed: str | None = None,
 ) -> Dataset:
     """The TID 1500 report of ``findings`` on ``source`` (``library``: every source image;
     ``regions``: each finding's region on its key slice, from :mod:`dicomnode.results.regions`;
-    ``pixel_spacing``: the source's, row then column, in mm)."""
+    ``pixel_spacing``: the source's, row then column, in mm).
+
+    ``not_analysed``: the model did not run on this input, and this says why; the report then
+    has one group saying so and no finding (TID 1500 needs a group)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -144,7 +148,12 @@ def build_sr(
             )  # fmt: skip
         )
     comments = []
-    if producer.demo:
+    if producer.caveat:
+        comments.append(f"Outside the model's validated acquisition envelope: {producer.caveat}")
+    if not_analysed is not None:
+        comments.append(not_analysed)
+        groups.append(_not_analysed_group(not_analysed, uids, algorithm))
+    elif producer.demo:
         comments.append(f"{producer.model} {producer.version} ran with {DEMO_NOTE}.")
     if not groups:
         looked_for = list(classes) or [FindingClass(producer.model, FINDING)]
@@ -165,8 +174,8 @@ def build_sr(
                     ],
                 )
             )
-        names = ", ".join(a.label for a in classes) or "findings"
-        comments.append(f"No findings: {producer.model} found no {names}.")
+        looked = ", ".join(a.label for a in classes) or "findings"
+        comments.append(f"No findings: {producer.model} found no {looked}.")
     summary = findings.summary or {}
     if summary.get("grade_meaning"):
         comments.append(str(summary["grade_meaning"]))
@@ -209,6 +218,27 @@ def build_sr(
         sr.PreliminaryFlag = "PRELIMINARY"
     stamp(sr, when)
     return sr
+
+
+def _not_analysed_group(text: str, uids: ResultUIDs, algorithm: Any) -> Any:
+    """A TID 1501 group of no image, its text saying why nothing was measured (what a viewer
+    lists)."""
+    import highdicom as hd
+
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.uid("not analysed"), identifier="not analysed"
+        ),
+        algorithm_id=algorithm,
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=_code(COMMENT),
+            value=text[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
 def _is(item: Dataset, concept: Any) -> bool:
