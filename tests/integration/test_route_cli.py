@@ -121,6 +121,11 @@ def test_explain_json_routes_each_series(
                 "destinations": ["PACS"],
                 "priority": "urgent",
                 "level": "series",
+                "envelope": {
+                    "declared": False,
+                    "inside": None,
+                    "note": "model 'lung_nodule_ct' is not configured",
+                },
             }
         ],
     }
@@ -214,6 +219,75 @@ def test_series_with_no_route_is_skipped(
     (series,) = explain_json(capsys, str(files[0]), "--config", str(config))["series"]
     assert series["decision"] == {"basis": "none", "routes": []}
     assert series["slices"] == 1  # only the files given count
+
+
+ENVELOPE_CONFIG = """
+[routing]
+mode = "all"
+
+[[routes]]
+name = "lung-flag"
+model = "lung_nodule"
+envelope = "flag"
+match = { Modality = "CT" }
+
+[[routes]]
+name = "lung"
+model = "lung_nodule"
+match = { Modality = "CT" }
+"""
+
+
+def test_explain_shows_the_envelope_verdict_of_each_routes_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo lung model's envelope (models/lung_nodule/model.toml), from the headers only:
+    a 5 mm CT is outside, refused by one route and flagged by the other; a 1.25 mm chest CT is
+    inside."""
+    config = tmp_path / "node.toml"
+    config.write_text(ENVELOPE_CONFIG)
+
+    def chest(ds: Any) -> Any:
+        ds.BodyPartExamined = "CHEST"
+        return ds
+
+    thick = write_series(ct_slices(SeriesSpec(slices=3, spacing_mm=5.0, seed=44)), tmp_path / "a")
+    thin = write_series(
+        [chest(ds) for ds in ct_slices(SeriesSpec(slices=3, seed=45))], tmp_path / "b"
+    )
+    result = explain_json(
+        capsys, str(thick[0].parent), str(thin[0].parent), "--config", str(config)
+    )
+    by_uid = {s["series_instance_uid"]: s for s in result["series"]}
+    thick_uid = str(
+        next(ct_slices(SeriesSpec(slices=1, spacing_mm=5.0, seed=44))).SeriesInstanceUID
+    )
+    verdicts = {r["name"]: r["envelope"] for r in by_uid[thick_uid]["decision"]["routes"]}
+    reason = "slice thickness 5.0 mm is outside 0.5-3.0 mm"
+    assert verdicts == {
+        "lung-flag": {
+            "declared": True,
+            "inside": False,
+            "reasons": [reason],
+            "unchecked": ["body part"],  # the generated CT records none
+            "policy": "flag",
+        },
+        "lung": {
+            "declared": True,
+            "inside": False,
+            "reasons": [reason],
+            "unchecked": ["body part"],
+            "policy": "refuse",
+        },
+    }
+    (thin_series,) = [s for uid, s in by_uid.items() if uid != thick_uid]
+    for route in thin_series["decision"]["routes"]:
+        assert route["envelope"]["inside"] is True and "reasons" not in route["envelope"]
+
+    assert main(["route", "explain", str(thick[0].parent), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"envelope of lung_nodule: OUTSIDE, flagged: {reason} (not recorded: body part)" in out
+    assert f"envelope of lung_nodule: OUTSIDE, refused: {reason} (not recorded: body part)" in out
 
 
 def test_bad_rule_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
