@@ -337,6 +337,7 @@ class CommandModel:
         with self._session() as session:
             series = find_series(session, job.inputs, context.storage_dir, self.name)
         self._check_accepted(series)
+        envelope = self._check_envelope(context, series)
         folder = context.output_root / "results" / str(job.id) / COMMAND_DIR
         if folder.exists():  # an earlier attempt's, written straight into the spool
             shutil.rmtree(folder)
@@ -352,6 +353,7 @@ class CommandModel:
                 "contract": self.contract.name,
                 "device": self.device,
                 "exit_code": code,
+                "envelope": envelope,
                 "logs": {
                     stream: str((folder / f"{stream}.log").relative_to(context.output_root))
                     for stream in ("stdout", "stderr")
@@ -403,6 +405,35 @@ class CommandModel:
                     f"model {self.name!r} needs at least {accepts.min_slices} instances; series "
                     f"{item.series_instance_uid} has {len(item.paths)}"
                 )
+
+    def _check_envelope(self, context: JobContext, series: Sequence[SeriesFiles]) -> dict[str, Any]:
+        """The inputs against the envelope of ``[models.commands.NAME.envelope]``, from their
+        headers (the program reads the files itself): EnvelopeRefused, with the "not analysed"
+        SR, when outside and the route refuses; else the result's ``envelope`` (a flag marks
+        the objects the node writes; the program's own are as it wrote them)."""
+        from dicomnode.pipeline.envelope import DEFAULT_POLICY, envelope_json, judge_files, refusal
+
+        job = context.job
+        envelope = self.settings.envelope
+        policy = self.pipeline.envelope_policies.get(job.route.partition("?")[0], DEFAULT_POLICY)
+        if envelope is None:
+            return envelope_json(None, None, policy)
+        verdict = judge_files(envelope, {item.series_instance_uid: item.paths for item in series})
+        if not verdict.inside and policy == "refuse":
+            assert context.output_root is not None
+            volumes = _load_volumes(series)  # for the SR's references: only when refused
+            raise refusal(
+                model=self.name, version=self.settings.version, demo=False, verdict=verdict,
+                inputs=next(iter(volumes.values())) if len(volumes) == 1 else volumes,
+                series=series, settings=self.results, output=context.output_root,
+                job_id=job.id, route=job.route, received_at=job.received_at,
+                described=[
+                    {"series_instance_uid": item.series_instance_uid, "modality": item.modality,
+                     "instances": len(item.paths)}
+                    for item in series
+                ],
+            )  # fmt: skip
+        return envelope_json(envelope, verdict, policy)
 
     def _write_inputs(
         self, context: JobContext, series: Sequence[SeriesFiles], folder: Path, input_dir: Path
@@ -892,6 +923,7 @@ class CommandModel:
                 route=context.job.route,
                 when=max(received, default=context.job.received_at),
                 classes=classes,
+                caveat="; ".join((result.get("envelope") or {}).get("reasons") or ()),
             )
         except Exception as exc:  # a highdicom or I/O failure fails the job with its reason
             raise CommandOutputInvalid(

@@ -219,3 +219,55 @@ def test_a_one_slice_localizer_routed_to_the_lung_model_fails_at_once(
     assert job.error is not None
     assert "InputsRejected: model 'lung_nodule' needs at least 16 slices" in job.error
     assert job.error.endswith("has 1")
+
+
+#: a command model that finds nothing: the node writes its SR from findings.json
+EMPTY_FINDINGS = "import pathlib, sys; pathlib.Path(sys.argv[2], 'findings.json').write_text('[]')"
+
+
+@pytest.mark.slow
+def test_a_command_models_envelope_is_checked_from_the_headers(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    import sys
+
+    program = {
+        "command": [sys.executable, "-c", EMPTY_FINDINGS, "{input}", "{output}"],
+        "envelope": {"modalities": ["CT"], "slice_thickness_mm": [0.5, 1.0]},
+    }
+    route = {"match": {"Modality": "CT"}, "completion": QUICK}
+    node = start_node(
+        models={"commands": {"cmd_refuse": program, "cmd_flag": program}},
+        workers=[{"models": ["cmd_refuse", "cmd_flag"]}],
+        routing={"mode": "all"},
+        routes=[
+            {"name": "refusing", "model": "cmd_refuse", **route},
+            {"name": "flagging", "model": "cmd_flag", "envelope": "flag", **route},
+        ],
+        queue={"max_attempts": 3},
+    )
+    files = write_series(
+        ct_slices(SeriesSpec(slices=4, rows=16, columns=16, seed=94)), tmp_path / "ct"
+    )
+    assert peers.storescu(port_of(node), files).returncode == 0
+    wait_until(
+        lambda: len(jobs := node.jobs.list(limit=10)) == 2 and all(j.final for j in jobs),
+        timeout=120,
+        interval=0.2,
+        what="both jobs' end",
+    )
+    jobs = {j.route: j for j in node.jobs.list(limit=10)}
+    refused, flagged = jobs["refusing"], jobs["flagging"]
+    assert refused.state is JobState.SKIPPED and refused.attempts == 1, refused.error
+    assert refused.error == f"outside the acquisition envelope of model 'cmd_refuse': {REASON}"
+    assert refused.result is not None and "exit_code" not in refused.result  # never ran
+    (sr_entry,) = refused.result["objects"]
+    said = texts(dcmread(node.spool.root / sr_entry["path"]))
+    assert f"Not analysed: cmd_refuse was not validated for this input: {REASON}" in said
+
+    assert flagged.state is JobState.DONE, flagged.error
+    assert flagged.result is not None and flagged.result["exit_code"] == 0
+    assert flagged.result["envelope"] == {"inside": False, "reasons": [REASON], "policy": "flag"}
+    for entry in flagged.result["objects"]:  # the node's own SR of findings.json
+        ds = dcmread(node.spool.root / entry["path"], stop_before_pixels=True)
+        assert ds.SeriesDescription.startswith("UNVALIDATED INPUT: "), entry["kind"]
