@@ -246,6 +246,8 @@ def test_the_example_configs_bundle_settings_parse() -> None:
     assert settings.labels["spleen"].category == "anatomy" and settings.threshold == 0.5
     assert settings.accepts is not None and settings.accepts.modalities == ("CT",)
     assert settings.accepts.body_parts == ("ABDOMEN",)
+    assert settings.envelope is not None and settings.envelope.contrast == "required"
+    assert settings.envelope.slice_thickness_mm == (1.0, 5.0)
 
 
 def test_a_one_label_probability_segmentation_is_cut_at_the_sites_threshold(
