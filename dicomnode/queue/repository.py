@@ -394,20 +394,26 @@ class JobRepository:
         """The input is outside the model's envelope and the route refuses it: ``skipped`` at
         once (no retry: the input cannot change), with ``reason`` as its error and ``result``
         (the verdict, the "not analysed" SR) kept; the SR's sends are written in the same
-        transaction, to the job's destinations. None when ``worker_id`` lost the lease."""
+        transaction, to the job's destinations. While its inputs are unconfirmed the job is
+        ``confirming`` instead, like a finished run: a refusal of a partial series never
+        sends (:meth:`confirm` makes it ``skipped``). None when ``worker_id`` lost the
+        lease."""
         now = self.now()
+        state: JobState | None = None
         with self._sessions.begin() as session:
             row = self._held(session, job_id, worker_id)
             if row is not None:
                 if publish is not None:
                     publish()
-                if row.destinations:
-                    add_sends(session, job_id, row.destinations, result, now)
+                if row.confirm_after is not None:
+                    state = JobState.CONFIRMING
+                else:
+                    state = _refuse(session, job_id, row.destinations, result, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
                     .values(
-                        state=JobState.SKIPPED.value,
+                        state=state.value,
                         result=dict(result) if result is not None else None,
                         error=_clip(reason),
                         lease_expires_at=None,
@@ -415,7 +421,7 @@ class JobRepository:
                         updated_at=now,
                     )
                 )
-        if row is None:
+        if state is None:
             logger.warning(
                 "job %s: refusal from %s dropped, it no longer holds the lease",
                 job_id,
@@ -424,12 +430,13 @@ class JobRepository:
             )
             return None
         logger.info(
-            "job %s refused by the envelope of its model: %s",
+            "job %s refused by the envelope of its model (%s): %s",
             job_id,
+            state,
             _first_line(reason),
             extra={"action": "job_refused", "job_id": job_id, "worker_id": worker_id},
         )
-        return JobState.SKIPPED
+        return state
 
     def fail(
         self, job_id: int, worker_id: str, error: str, *, retry: bool = True
@@ -499,7 +506,10 @@ class JobRepository:
             state = JobState(row.state)
             values: dict[str, Any] = {"confirm_after": None, "updated_at": now}
             if state is JobState.CONFIRMING:
-                state = _release(session, job_id, row.destinations, row.result, now)
+                if refused(row.result):
+                    state = _refuse(session, job_id, row.destinations, row.result, now)
+                else:
+                    state = _release(session, job_id, row.destinations, row.result, now)
                 values["state"] = state.value
             session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
         logger.info(
@@ -750,6 +760,27 @@ def _release(
         return JobState.DONE
     add_sends(session, job_id, destinations, result, now)
     return JobState.SENDING
+
+
+def refused(result: Mapping[str, Any] | None) -> bool:
+    """The result is a refusal by the model's acquisition envelope (no findings; its only
+    object says "not analysed")."""
+    envelope = (result or {}).get("envelope") or {}
+    return envelope.get("inside") is False and envelope.get("policy") == "refuse"
+
+
+def _refuse(
+    session: Session,
+    job_id: int,
+    destinations: Sequence[str],
+    result: Mapping[str, Any] | None,
+    now: datetime,
+) -> JobState:
+    """A refusal may go out: ``skipped``, its "not analysed" SR's sends written in the
+    caller's transaction."""
+    if destinations:
+        add_sends(session, job_id, destinations, result, now)
+    return JobState.SKIPPED
 
 
 def _clip(error: str | None) -> str | None:

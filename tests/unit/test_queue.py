@@ -234,6 +234,45 @@ def test_a_provisional_job_holds_its_results_until_confirmed(
     assert repo.confirm(job.id) is None  # once
 
 
+def test_a_refusal_by_the_envelope_is_skipped_at_once_and_sends_its_report(
+    repo: JobRepository, clock: Clock, engine: Engine
+) -> None:
+    refusal = {
+        "envelope": {"inside": False, "reasons": ["thick"], "policy": "refuse"},
+        "objects": [{"kind": "SR", "path": "r/sr.dcm", "sop_class_uid": "1.2",
+                     "sop_instance_uid": "1.2.3"}],
+    }  # fmt: skip
+    job = add(repo, destinations=["PACS"])
+    claimed = repo.claim("w1")
+    assert claimed is not None and claimed.attempts == 1
+    assert repo.refuse(job.id, "w1", "outside", refusal) is JobState.SKIPPED
+    skipped = repo.get(job.id)
+    assert skipped is not None and skipped.state is JobState.SKIPPED and skipped.final
+    assert skipped.error == "outside" and skipped.result == refusal
+    assert skipped.attempts == 1 and skipped.finished_at == clock.now
+    assert send_count(engine) == 1  # the "not analysed" SR goes to the PACS
+    assert repo.refuse(job.id, "w1", "again", refusal) is None  # no lease held any more
+
+    # unconfirmed inputs (a split transfer): held like a result, skipped once confirmed
+    held = add(repo, state=JobState.WAITING, destinations=["PACS"])
+    assert repo.mark_queued(held.id, confirm_after=clock.now + timedelta(seconds=10))
+    assert repo.claim("w1") is not None
+    assert repo.refuse(held.id, "w1", "outside", refusal) is JobState.CONFIRMING
+    assert send_count(engine) == 1
+    assert repo.confirm(held.id) is JobState.SKIPPED
+    assert send_count(engine) == 2
+
+
+def test_a_permanent_failure_is_not_retried(repo: JobRepository) -> None:
+    job = add(repo)
+    assert repo.claim("w1") is not None
+    assert repo.fail(job.id, "w1", "InputsRejected: needs 16 slices", retry=False) is (
+        JobState.FAILED
+    )
+    failed = repo.get(job.id)
+    assert failed is not None and failed.attempts == 1 < failed.max_attempts
+
+
 def test_a_job_confirmed_while_it_runs_sends_when_it_finishes(
     repo: JobRepository, clock: Clock
 ) -> None:

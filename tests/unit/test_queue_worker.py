@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from dicomnode.config import QueueSettings
 from dicomnode.db import make_engine, upgrade
 from dicomnode.domain import JobState
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, EnvelopeRefused, InputsRejected
 from dicomnode.queue import JobRecord, JobRepository
 from dicomnode.queue.periodic import PURGE_JOB, REAP_JOB, Periodic, schedule_queue_maintenance
 from dicomnode.queue.worker import JobModel, Worker
@@ -167,6 +167,33 @@ def test_a_result_that_is_not_json_fails_the_job(repo: JobRepository) -> None:
     assert failed is not None and failed.state is JobState.FAILED
     assert failed.error is not None and failed.error.startswith("result could not be stored")
     assert not worker.run_once()
+
+
+def test_a_permanent_error_ends_the_job_at_once_and_a_refusal_skips_it(
+    repo: JobRepository,
+) -> None:
+    """An input that cannot change is no transient fault: no retry, whatever max_attempts."""
+
+    class Refusing(EchoModel):
+        def run(self, context):  # type: ignore[no-untyped-def]
+            if context.job.route == "few":
+                raise InputsRejected("model 'echo' needs at least 16 slices; series 1.2 has 1")
+            raise EnvelopeRefused(
+                "outside: slice thickness 10.0 mm", {"envelope": {"inside": False}}
+            )
+
+    few, outside = add(repo, route="few"), add(repo, route="outside")
+    worker = Worker(repo, {"echo": Refusing()})
+    worker.load_models()
+    assert worker.run_once() and worker.run_once()
+    failed, skipped = repo.get(few.id), repo.get(outside.id)
+    assert failed is not None and failed.state is JobState.FAILED
+    assert failed.attempts == 1 < failed.max_attempts
+    assert failed.error == "InputsRejected: model 'echo' needs at least 16 slices; series 1.2 has 1"
+    assert skipped is not None and skipped.state is JobState.SKIPPED and skipped.attempts == 1
+    assert skipped.error == "outside: slice thickness 10.0 mm"
+    assert skipped.result == {"envelope": {"inside": False}}
+    assert not worker.run_once()  # nothing queued again
 
 
 def test_the_worker_stops_on_its_event_and_waits_for_the_job_in_hand(
