@@ -321,24 +321,22 @@ def _coordinates(region: KeyRegion, source: SourceImages) -> Any:
     """``region`` as the SCOORD a number is inferred from (TID 320)."""
     import highdicom as hd
 
-    ds, frame = source.dataset_of(region.slice_index)
-    return hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues(region.graphic_type),
-        graphic_data=region.graphic_data(),
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=str(ds.SOPClassUID),
-            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-            referenced_frame_numbers=None if frame is None else [frame],
-        ),
-    )
+    return _scoord(hd.sr.CoordinatesForMeasurement, region, source)
 
 
 def _image_region(region: KeyRegion, source: SourceImages) -> Any:
     """``region`` as an SCOORD on the source image (and frame) of its slice."""
     import highdicom as hd
 
+    return _scoord(hd.sr.ImageRegion, region, source)
+
+
+def _scoord(kind: Any, region: KeyRegion, source: SourceImages) -> Any:
+    """A highdicom SCOORD item of class ``kind`` for ``region`` on its slice's image."""
+    import highdicom as hd
+
     ds, frame = source.dataset_of(region.slice_index)
-    return hd.sr.ImageRegion(
+    return kind(
         graphic_type=hd.sr.GraphicTypeValues(region.graphic_type),
         graphic_data=region.graphic_data(),
         source_image=hd.sr.SourceImageForRegion(
