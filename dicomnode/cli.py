@@ -22,7 +22,7 @@ from dicomnode.errors import DicomNodeError
 if TYPE_CHECKING:
     from dicomnode.admin import ModelSummary
     from dicomnode.config import Settings
-    from dicomnode.inference.protocol import Envelope
+    from dicomnode.envelope import Envelope
     from dicomnode.pipeline.models import BuiltinModels
     from dicomnode.pipeline.trial import TrialRun
     from dicomnode.queue import JobRepository
@@ -505,6 +505,9 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
     for key, value in values.items():
         if key not in skip:
             print(f"{key + ':':<20} {'' if value is None else value}")
+    envelope = (values.get("result") or {}).get("envelope")
+    if isinstance(envelope, dict):
+        print(f"{'envelope:':<20} {_verdict_line(envelope)}")
     print("stages:")
     for name, at in stages.items():
         print(f"  {name:<10} {at or '-'}")
@@ -522,6 +525,14 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
         detail = f" ({event['detail']})" if event["detail"] else ""
         print(f"  {event['at']}  {event['action']:<10} {event['actor']}{detail}")
     return 0
+
+
+def _verdict_line(envelope: dict[str, Any]) -> str:
+    """A job's envelope verdict in one line: inside, or outside, what the route did and why."""
+    if envelope.get("inside", True):
+        return "inside"
+    done = {"refuse": "refused", "flag": "run and flagged"}.get(str(envelope.get("policy")), "")
+    return f"OUTSIDE ({done}): {'; '.join(envelope.get('reasons') or ())}"
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -706,13 +717,18 @@ def _route_explain(args: argparse.Namespace) -> int:
 
 def _envelopes(settings: Settings) -> dict[str, tuple[Envelope, str]]:
     """Route name -> its model's acquisition envelope and the route's policy, for the routes
-    whose model is a package this node has (a model that cannot be read is left out)."""
+    whose model is a package, a bundle or a command this node has (a model that cannot be
+    read is left out)."""
     from dicomnode.inference.registry import ModelRegistry
 
     registry = ModelRegistry.from_settings(settings)
     found: dict[str, tuple[Envelope, str]] = {}
     for route in settings.routes:
-        if route.model in registry:
+        command = settings.models.commands.get(route.model)
+        if command is not None:
+            if command.envelope is not None:
+                found[route.name] = (command.envelope, str(route.envelope))
+        elif route.model in registry:
             try:
                 envelope = registry.spec(route.model).info.envelope
             except DicomNodeError:

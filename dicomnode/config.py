@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicomnode.envelope import Envelope
 from dicomnode.errors import ConfigError
 
 ENV_PREFIX = "DICOMNODE_"
@@ -326,6 +327,9 @@ class CommandModelSettings(_Section):
     settings: dict[str, Any] = {}
     #: what it runs on (modalities, SOP classes, body parts, instances at least); unset: any
     accepts: AcceptsSettings | None = None
+    #: the acquisitions it was validated on, checked from the inputs' headers before it runs
+    #: (the route's ``envelope`` policy decides what happens outside); unset: not checked
+    envelope: Envelope | None = None
 
     @model_validator(mode="after")
     def _check_command_or_image(self) -> CommandModelSettings:
@@ -372,6 +376,8 @@ class BundleSettings(_Section):
     #: unset: the modality of metadata.json's input
     accepts: AcceptsSettings | None = None
     level: Literal["series", "study"] = "series"  # "study" is refused at start, for now
+    #: the acquisitions it was validated on (a package's ``[envelope]``); unset: not checked
+    envelope: Envelope | None = None
     description: str = ""  # unset: metadata.json's task
 
 

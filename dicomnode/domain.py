@@ -93,7 +93,9 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    SKIPPED = "skipped"  # no route matched, or a count-based condition failed at completion
+    # no route matched, a count-based condition failed at completion, or the route refused the
+    # input (outside its model's envelope: the job ran up to that check)
+    SKIPPED = "skipped"
 
 
 #: States a job never leaves.

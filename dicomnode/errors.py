@@ -235,6 +235,16 @@ class InputsRejected(DicomNodeError):
     permanent = True  # a series stored and complete does not change between attempts
 
 
+class InputsRefused(InputsRejected):
+    """The route refuses the job's input: the job is skipped, with a report saying why."""
+
+    def __init__(self, message: str | None = None, result: dict[str, object] | None = None):
+        super().__init__(message)
+        #: the job's result all the same: why, and the report (an SR saying "not analysed")
+        #: that tells the PACS the study was seen and not analysed, rather than nothing
+        self.result: dict[str, object] = dict(result or {})
+
+
 class InferenceCancelled(DicomNodeError):
     """The model run was cancelled."""
 

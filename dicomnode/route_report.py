@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
 if TYPE_CHECKING:
-    from dicomnode.inference.protocol import Envelope
+    from dicomnode.envelope import Envelope
 
 
 def explain_files(

@@ -16,9 +16,13 @@ Prometheus takes ``rate`` or ``increase`` of:
 
 Each job's figures are read from its result once and kept in the collector (a finished job's
 result does not change; a retried one is read again), so a scrape reads only the jobs that
-finished since the previous one. The source of a series is read once from its first instance's
-header. At most :data:`MAX_SOURCES` sources, those with the most jobs, keep their own labels;
-the rest are counted under ``other``, so a site with many scanners cannot flood Prometheus.
+finished since the previous one. A job's source is what its result recorded when it ran
+(``"source"``: the scanner from the input's header, the calling AE from the index), so it
+outlives the spool's retention; for older results it is read once from the series' first
+instance. A job its route refused (``skipped``, outside the envelope) counts too: the
+out-of-envelope rate must see the inputs a model never ran on. At most :data:`MAX_SOURCES`
+sources, those with the most jobs, keep their own labels; the rest are counted under
+``other``, so a site with many scanners cannot flood Prometheus.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from dicomnode.admin import RAN
 from dicomnode.api.context import ApiContext
 from dicomnode.db.models import Instance, Job, Series
+from dicomnode.domain import JobState
 
 #: distinct (manufacturer, model, calling AE) label sets beyond which sources become "other"
 MAX_SOURCES = 20
@@ -90,6 +95,17 @@ def job_figures(result: Mapping[str, Any]) -> JobFigures:
     )
 
 
+def recorded_source(value: Any) -> Source | None:
+    """The source a job's result recorded (the pipeline's ``"source"``), or None."""
+    if not isinstance(value, Mapping):
+        return None
+    return Source(
+        str(value.get("manufacturer") or "").strip() or UNKNOWN,
+        str(value.get("manufacturer_model") or "").strip() or UNKNOWN,
+        str(value.get("calling_ae") or "").strip() or UNKNOWN,
+    )
+
+
 @dataclass(frozen=True)
 class _Seen:
     updated_at: datetime
@@ -97,6 +113,7 @@ class _Seen:
     series: str
     figures: JobFigures
     run_s: float | None
+    source: Source | None  # as the job's result recorded it; None: look the series up
 
 
 class DriftCollector(Collector):
@@ -128,7 +145,14 @@ class DriftCollector(Collector):
                         Job.inputs,
                         Job.started_at,
                         Job.finished_at,
-                    ).where(Job.state.in_(RAN), Job.model != "")
+                    ).where(
+                        Job.model != "",
+                        or_(
+                            Job.state.in_(RAN),
+                            # refused by its envelope: claimed and run up to the check
+                            and_(Job.state == JobState.SKIPPED.value, Job.started_at.is_not(None)),
+                        ),
+                    )
                 )
             }
             for gone in set(self._jobs) - set(current):  # purged, or retried
@@ -149,9 +173,14 @@ class DriftCollector(Collector):
                     if row.started_at is not None and row.finished_at is not None:
                         run_s = max((row.finished_at - row.started_at).total_seconds(), 0.0)
                     self._jobs[job_id] = _Seen(
-                        row.updated_at, row.model, series, job_figures(result or {}), run_s
+                        row.updated_at,
+                        row.model,
+                        series,
+                        job_figures(result or {}),
+                        run_s,
+                        recorded_source((result or {}).get("source")),
                     )
-            needed = {seen.series for seen in self._jobs.values()}
+            needed = {seen.series for seen in self._jobs.values() if seen.source is None}
             for purged in set(self._sources) - needed:  # its jobs were purged
                 del self._sources[purged]
             for series in sorted(needed - set(self._sources)):
@@ -188,7 +217,7 @@ class DriftCollector(Collector):
 def _families(seen: list[_Seen], sources: Mapping[str, Source]) -> Iterator[Metric]:
     counts: dict[Source, int] = {}
     for job in seen:
-        source = sources.get(job.series, Source())
+        source = job.source or sources.get(job.series, Source())
         counts[source] = counts.get(source, 0) + 1
     kept = {s for s, _ in sorted(counts.items(), key=lambda i: (-i[1], str(i[0])))[:MAX_SOURCES]}
     other = Source(OTHER, OTHER, OTHER)
@@ -196,7 +225,7 @@ def _families(seen: list[_Seen], sources: Mapping[str, Source]) -> Iterator[Metr
     # finished, positive, confidence sum, confidence count, indeterminate, out of envelope,
     # run seconds sum, run count
     for job in seen:
-        source = sources.get(job.series, Source())
+        source = job.source or sources.get(job.series, Source())
         source = source if source in kept else other
         key = (job.model, source.manufacturer, source.manufacturer_model, source.calling_ae)
         row = totals.setdefault(key, [0.0] * 8)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dicomnode.domain import Finding, Findings
+from dicomnode.envelope import Envelope
 from dicomnode.errors import BundleInvalid, InputsRejected, ModelError
 from dicomnode.inference.bundle import bundle_layout
 from dicomnode.inference.findings import LABEL_MAP, MapLabel, label_map_findings
@@ -273,6 +274,7 @@ def bundle_spec(name: str, path: Path | str, settings: BundleSettings | None = N
             entry=BUNDLE_ENTRY,
             demo=False,
             accepts=accepts,
+            envelope=settings.envelope if settings and settings.envelope else Envelope(),
             labels=tuple(labels),
             thresholds={} if threshold is None else {"probability": threshold},
             params={"output": what, "output_key": key},

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dicomnode.domain import Findings
 from dicomnode.errors import (
     CommandModelFailed,
     CommandOutputInvalid,
@@ -57,6 +58,7 @@ from dicomnode.errors import (
     ModelError,
 )
 from dicomnode.inference.findings import LABEL_MAP, label_map_findings
+from dicomnode.pipeline.envelope import OutsideEnvelope, Verdict, check_headers
 from dicomnode.pipeline.inputs import check_series, find_series
 from dicomnode.pipeline.nifti import (
     LABELS_JSON,
@@ -71,7 +73,6 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from dicomnode.config import CommandModelSettings
-    from dicomnode.domain import Findings
     from dicomnode.imaging import Volume
     from dicomnode.pipeline.inputs import SeriesFiles
     from dicomnode.pipeline.job import PipelineSettings
@@ -337,6 +338,7 @@ class CommandModel:
         with self._session() as session:
             series = find_series(session, job.inputs, context.storage_dir, self.name)
         self._check_accepted(series)
+        verdict = self._check_envelope(context, series)
         folder = context.output_root / "results" / str(job.id) / COMMAND_DIR
         if folder.exists():  # an earlier attempt's, written straight into the spool
             shutil.rmtree(folder)
@@ -352,6 +354,8 @@ class CommandModel:
                 "contract": self.contract.name,
                 "device": self.device,
                 "exit_code": code,
+                "envelope": verdict.as_json(self._policy(job.route)),
+                "source": series[0].source(),
                 "logs": {
                     stream: str((folder / f"{stream}.log").relative_to(context.output_root))
                     for stream in ("stdout", "stderr")
@@ -361,14 +365,7 @@ class CommandModel:
                 "program_output": {
                     stream: tail(folder / f"{stream}.log") for stream in ("stdout", "stderr")
                 },
-                "inputs": [
-                    {
-                        "series_instance_uid": item.series_instance_uid,
-                        "modality": item.modality,
-                        "instances": len(item.paths),
-                    }
-                    for item in series
-                ],
+                "inputs": _described(series),
             }
             result["objects"] = self._take_outputs(context, series, study, output_dir, result)
         finally:
@@ -403,6 +400,37 @@ class CommandModel:
                     f"model {self.name!r} needs at least {accepts.min_slices} instances; series "
                     f"{item.series_instance_uid} has {len(item.paths)}"
                 )
+
+    def _policy(self, route: str) -> str:
+        return self.pipeline.envelope_policy_of(route.partition("?")[0])
+
+    def _check_envelope(self, context: JobContext, series: Sequence[SeriesFiles]) -> Verdict:
+        """The inputs against ``[models.commands.NAME.envelope]``, from their headers (the
+        program reads the files itself), before it runs. Outside, where the route refuses:
+        OutsideEnvelope, whose result holds the node's SR saying the study was not analysed;
+        where it flags, the objects the node writes say so (the program's own DICOM objects
+        are sent as it wrote them)."""
+        envelope = self.settings.envelope
+        if envelope is None:
+            return Verdict()
+        verdict = check_headers(envelope, (item.paths for item in series))
+        policy = self._policy(context.job.route)
+        if verdict.inside or policy == "flag":
+            return verdict
+        sentence = verdict.sentence(self.name)
+        result: dict[str, Any] = {
+            "model": self.name,
+            "contract": self.contract.name,
+            "envelope": verdict.as_json(policy),
+            "inputs": _described(series),
+            "source": series[0].source(),
+        }
+        empty = Findings(model=self.name, version=self.settings.version, demo=False)
+        result["objects"] = self._node_results(
+            context, series, empty, _load_volumes(series), result, "its 'not analysed' SR",
+            not_analysed=f"Not analysed: {sentence}.",
+        )  # fmt: skip
+        raise OutsideEnvelope(sentence, result)
 
     def _write_inputs(
         self, context: JobContext, series: Sequence[SeriesFiles], folder: Path, input_dir: Path
@@ -821,7 +849,6 @@ class CommandModel:
         """The NIfTI label map (on an input series' grid; its labels named by ``labels.json``
         or the ``labels`` setting) written as the node's SEG and SR: one segment and one
         finding per label with voxels; a map without any gives an SR that finds none."""
-        from dicomnode.domain import Findings
         from dicomnode.results.sr import FindingClass
 
         where = f"command model {self.name!r}: out/{path.name}"
@@ -869,8 +896,11 @@ class CommandModel:
         result: dict[str, Any],
         what: str,
         classes: Sequence[FindingClass] = (),
+        not_analysed: str | None = None,
     ) -> list[dict[str, str]]:
-        """``findings`` in the job's result and written as the node's SEG and SR."""
+        """``findings`` in the job's result and written as the node's SEG and SR (marked when
+        the input is outside the model's envelope and the route flags it); ``not_analysed``:
+        the program did not run, and why (see ``build_objects``)."""
         from dicomnode.inference.findings import jsonable
         from dicomnode.results import build_results
 
@@ -892,6 +922,8 @@ class CommandModel:
                 route=context.job.route,
                 when=max(received, default=context.job.received_at),
                 classes=classes,
+                caution=self._caution(result),
+                not_analysed=not_analysed,
             )
         except Exception as exc:  # a highdicom or I/O failure fails the job with its reason
             raise CommandOutputInvalid(
@@ -899,6 +931,14 @@ class CommandModel:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         return [o.as_json() for o in objects]
+
+    def _caution(self, result: Mapping[str, Any]) -> str:
+        """Why the node's objects deserve caution: the input was outside the envelope and the
+        route flags it (empty when inside, or refused: a refusal's report says it its way)."""
+        envelope = result.get("envelope") or {}
+        if envelope.get("inside", True) or envelope.get("policy") != "flag":
+            return ""
+        return Verdict(tuple(envelope.get("reasons") or ())).sentence(self.name)
 
     def _session(self) -> Session:
         # as ModelPipeline._session: the worker's session factory, else the database URL
@@ -913,6 +953,18 @@ class CommandModel:
             self._engine = make_engine(self.pipeline.database_url)
             self._sessions = make_session_factory(self._engine)
         return self._sessions()
+
+
+def _described(series: Sequence[SeriesFiles]) -> list[dict[str, Any]]:
+    """The job's input series, as its result lists them."""
+    return [
+        {
+            "series_instance_uid": item.series_instance_uid,
+            "modality": item.modality,
+            "instances": len(item.paths),
+        }
+        for item in series
+    ]
 
 
 def _load_volumes(series: Sequence[SeriesFiles]) -> dict[str, Volume]:

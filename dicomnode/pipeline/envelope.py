@@ -12,18 +12,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.errors import InputsRejected
+from dicomnode.errors import InputsRefused
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from dicomnode.envelope import Envelope
     from dicomnode.imaging import Volume
-    from dicomnode.inference.protocol import Envelope
 
 
-class OutsideEnvelope(InputsRejected):
+class OutsideEnvelope(InputsRefused):
     """The input is outside the acquisitions the model was validated on."""
 
 
@@ -79,6 +80,21 @@ class Acquisition:
             thickness = _number(measures, "SliceThickness")
         rows, columns = int(first.get("Rows") or 0), int(first.get("Columns") or 0)
         return cls(first, frames, rows, columns, pixel, thickness)
+
+
+def check_headers(envelope: Envelope, series: Iterable[Sequence[Path | str]]) -> Verdict:
+    """Each series, given as its files, against ``envelope`` from their headers alone (a model
+    that reads the files itself, as a command does)."""
+    from pydicom import dcmread
+
+    return check_envelope(
+        envelope,
+        (
+            Acquisition.of_headers([dcmread(path, stop_before_pixels=True) for path in paths])
+            for paths in series
+            if paths
+        ),
+    )
 
 
 def check_envelope(envelope: Envelope, inputs: Iterable[Acquisition]) -> Verdict:

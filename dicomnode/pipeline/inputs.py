@@ -28,6 +28,27 @@ class SeriesFiles:
     sop_classes: frozenset[str]
     last_received_at: datetime | None
     body_part: str = ""  # Body Part Examined, as the index has it
+    calling_aet: str = ""  # the AE that sent its first instance
+
+    def source(self) -> dict[str, str]:
+        """Where the series came from, as the job's result keeps it for the drift metrics
+        (which outlive the spool): the scanner's make and model from its first header, the
+        calling AE from the index."""
+        from pydicom import dcmread
+        from pydicom.errors import InvalidDicomError
+
+        header: Any = {}
+        if self.paths:
+            try:
+                header = dcmread(self.paths[0], stop_before_pixels=True,
+                                 specific_tags=[0x00080070, 0x00081090])  # fmt: skip
+            except (OSError, ValueError, InvalidDicomError):  # the load says why, not this
+                header = {}
+        return {
+            "manufacturer": str(header.get("Manufacturer", "")).strip(),
+            "manufacturer_model": str(header.get("ManufacturerModelName", "")).strip(),
+            "calling_ae": self.calling_aet.strip(),
+        }
 
 
 def find_series(
@@ -49,6 +70,8 @@ def find_series(
             Series.body_part_examined,
             Instance.path,
             Instance.sop_class_uid,
+            Instance.calling_aet,
+            Instance.received_at,
         )
         .join(Instance, Instance.series_pk == Series.id)
         .where(Series.series_instance_uid.in_(list(series_uids)))
@@ -71,6 +94,7 @@ def find_series(
             frozenset(row.sop_class_uid for row in grouped[uid]),
             grouped[uid][0].last_received_at,
             grouped[uid][0].body_part_examined or "",
+            min(grouped[uid], key=lambda row: row.received_at).calling_aet or "",
         )
         for uid in dict.fromkeys(series_uids)
     ]

@@ -52,6 +52,12 @@ class PipelineSettings:
     #: or "flag"
     envelope_policy: Mapping[str, str] = field(default_factory=dict)
 
+    def envelope_policy_of(self, route: str) -> str:
+        """What ``route`` (its name, without the job's ``?`` suffix) does with an input outside
+        its model's envelope: its setting, else refuse; ``models run`` flags (an admin trying
+        a model on files wants to see what it makes of them)."""
+        return self.envelope_policy.get(route, "flag" if route == TRIAL_ROUTE else "refuse")
+
 
 class ModelPipeline:
     """Runs one model for the worker: a job's series in, its findings and objects out."""
@@ -124,12 +130,11 @@ class ModelPipeline:
         route = job.route.partition("?")[0]
         patterns = self.settings.required_series.get(route, {})
         inputs, described = load_inputs(self.spec, series, patterns)
-        default = "flag" if route == TRIAL_ROUTE else "refuse"
-        policy = self.settings.envelope_policy.get(route, default)
+        policy = self.settings.envelope_policy_of(route)
         verdict = self._check_envelope(series, inputs)
         if not verdict.inside:
             if policy != "flag":
-                raise OutsideEnvelope(verdict.sentence(self.name))
+                raise self._refusal(verdict, policy, inputs, series, described, context)
             logger.warning(
                 "job %s: input outside model %s's envelope, run and flagged: %s",
                 job.id,
@@ -143,6 +148,7 @@ class ModelPipeline:
         result = findings_to_json(findings, write_masks(findings, output, job.id))
         result["inputs"] = described
         result["envelope"] = verdict.as_json(policy)
+        result["source"] = series[0].source()
         result["device"] = str(self.device)
         objects = write_results(
             self.spec,
@@ -165,6 +171,48 @@ class ModelPipeline:
             "total": round(time.perf_counter() - started, 4),
         }
         return result
+
+    def _refusal(
+        self,
+        verdict: Verdict,
+        policy: str,
+        inputs: Volume | Mapping[str, Volume],
+        series: Sequence[SeriesFiles],
+        described: Any,
+        context: JobContext,
+    ) -> OutsideEnvelope:
+        """The route refuses the input: the job is skipped, and its result says why and holds
+        the SR that tells the PACS the study was not analysed (not retried: see the worker)."""
+        from dicomnode.domain import Findings
+        from dicomnode.pipeline.outputs import write_results
+
+        assert context.storage_dir is not None  # checked by run()
+        job = context.job
+        sentence = verdict.sentence(self.name)
+        result: dict[str, Any] = {
+            "inputs": described,
+            "envelope": verdict.as_json(policy),
+            "source": series[0].source(),
+        }
+        objects = write_results(
+            self.spec,
+            Findings(
+                self.name,
+                str(getattr(self.model, "version", self.spec.info.version)),
+                bool(getattr(self.model, "demo", self.spec.info.demo)),
+            ),
+            inputs,
+            series,
+            self.results,
+            context.output_root or context.storage_dir,
+            job_id=job.id,
+            route=job.route,
+            received_at=job.received_at,
+            not_analysed=f"Not analysed: {sentence}.",
+        )
+        if objects is not None:
+            result["objects"] = objects
+        return OutsideEnvelope(sentence, result)
 
     def _check_envelope(
         self, series: Sequence[SeriesFiles], inputs: Volume | Mapping[str, Volume]

@@ -45,11 +45,13 @@ def write_results(
     route: str,
     received_at: datetime,
     caution: str = "",
+    not_analysed: str | None = None,
 ) -> list[dict[str, str]] | None:
     """The job's SEG, SR, SC and KO in ``results/<job id>/dicom/`` under ``storage_dir`` (the run's
     staging root), as the result's ``objects`` (None: results are off). Dated when the inputs'
     last instance arrived (``received_at`` for a job whose series have no time), so a rerun
-    writes the same objects."""
+    writes the same objects. ``not_analysed``: the route refused the input, and why: the SR
+    that says so, alone."""
     from dicomnode.results import FindingClass, build_results
 
     if not settings.enabled:
@@ -77,6 +79,7 @@ def write_results(
             classes=classes,
             procedure=info.params.get("procedure_reported"),
             caution=caution,
+            not_analysed=not_analysed,
         )
     except ResultsError:
         raise

@@ -47,6 +47,8 @@ jobs = cast(Table, Job.__table__)
 LEASE_EXPIRED = "worker lost (lease expired)"
 #: Longest error text kept on a job (a traceback's last line is what admins need).
 MAX_ERROR_CHARS = 8000
+#: the result key of a job whose route refused its input: skipped, its report sent all the same
+REFUSED = "refused"
 _PURGE_BATCH = 5000
 
 
@@ -393,6 +395,63 @@ class JobRepository:
             )
         return state
 
+    def refuse(
+        self,
+        job_id: int,
+        worker_id: str,
+        reason: str,
+        result: Mapping[str, Any] | None = None,
+        *,
+        publish: Callable[[], None] | None = None,
+    ) -> JobState | None:
+        """The route refused the job's input (outside its model's envelope): ``skipped`` at
+        once, never retried (the input cannot change), ``reason`` as its error and ``result``
+        (the verdict, the "not analysed" report) kept, the report's sends written in this
+        transaction. While its inputs are unconfirmed it is ``confirming`` instead, like a
+        finished run: a refusal of a partial series sends nothing, and :meth:`confirm` skips
+        it. None when ``worker_id`` lost the lease."""
+        now = self.now()
+        kept = {**(result or {}), REFUSED: True}
+        with self._sessions.begin() as session:
+            row = self._held(session, job_id, worker_id)
+            if row is None:
+                state = None
+            else:
+                if publish is not None:
+                    publish()
+                if row.confirm_after is not None:
+                    state = JobState.CONFIRMING
+                else:
+                    state = _release(session, job_id, row.mode, row.destinations, kept, now)
+                session.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        state=state.value,
+                        result=kept,
+                        error=_clip(reason),
+                        lease_expires_at=None,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                )
+        if state is None:
+            logger.warning(
+                "job %s: refusal from %s dropped, it no longer holds the lease",
+                job_id,
+                worker_id,
+                extra={"action": "job_result_dropped", "job_id": job_id, "worker_id": worker_id},
+            )
+        else:
+            logger.warning(
+                "job %s refused (%s): %s",
+                job_id,
+                state,
+                _first_line(reason),
+                extra={"action": "job_refused", "job_id": job_id, "worker_id": worker_id},
+            )
+        return state
+
     def fail(
         self, job_id: int, worker_id: str, error: str, *, retry: bool = True
     ) -> JobState | None:
@@ -709,11 +768,13 @@ def _release(
 ) -> JobState:
     """A run's results may go out: ``sending``, its sends written in the caller's transaction,
     or ``done`` when the job has no destination or is a shadow job (its results are kept for
-    ``models compare`` and never sent, whatever its destinations)."""
+    ``models compare`` and never sent, whatever its destinations). A refused job's result (its
+    "not analysed" report) is sent the same way, and the job is ``skipped``."""
+    refused = bool((result or {}).get(REFUSED))
     if mode == "shadow" or not destinations:
-        return JobState.DONE
+        return JobState.SKIPPED if refused else JobState.DONE
     add_sends(session, job_id, destinations, result, now)
-    return JobState.SENDING
+    return JobState.SKIPPED if refused else JobState.SENDING
 
 
 def _clip(error: str | None) -> str | None:

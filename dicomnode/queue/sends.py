@@ -38,7 +38,13 @@ jobs = cast(Table, Job.__table__)
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Job states whose sends may go out: a queued or running job makes new objects (finish()
 #: replaces its rows), and a cancelled one sends nothing more.
-SENDABLE_JOB_STATES = (JobState.SENDING.value, JobState.DONE.value, JobState.FAILED.value)
+#: A skipped job sends too: the "not analysed" report of an input its route refused.
+SENDABLE_JOB_STATES = (
+    JobState.SENDING.value,
+    JobState.DONE.value,
+    JobState.FAILED.value,
+    JobState.SKIPPED.value,
+)
 #: Longest error text kept on a send row.
 MAX_ERROR_CHARS = 2000
 
@@ -350,8 +356,8 @@ class SendQueue:
                 raise JobNotFound(f"no job {job_id}")
             if job.state not in SENDABLE_JOB_STATES:
                 raise JobStateError(
-                    f"job {job_id} is {job.state}; only done, failed or sending jobs have "
-                    "results to send"
+                    f"job {job_id} is {job.state}; only done, failed, skipped or sending "
+                    "jobs have results to send"
                 )
             if job.mode == "shadow":
                 raise JobStateError(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from dicomnode.domain import JobState
-from dicomnode.errors import ResultsError
+from dicomnode.errors import InputsRefused, ResultsError
 from dicomnode.queue.repository import ClaimedJob, JobRepository
 from dicomnode.queue.staging import Staging, clean_staging
 
@@ -218,8 +218,13 @@ class Worker:
                     ),
                     job.id,
                 )
+            refused: InputsRefused | None = None
             try:
                 result = dict(model.run(context))
+            except InputsRefused as exc:  # skipped at once, its "not analysed" report sent
+                if context.cancelled.is_set():
+                    return None
+                refused, result = exc, dict(exc.result)
             except Exception as exc:
                 logger.debug("job %s raised", job.id, exc_info=True)
                 if context.cancelled.is_set():
@@ -246,6 +251,14 @@ class Worker:
                 )
             publish = staging.publish if staging is not None else None
             try:
+                if refused is not None:
+                    reason = refused.message
+                    return self._record(
+                        lambda: self.repository.refuse(
+                            job.id, self.worker_id, reason, result, publish=publish
+                        ),
+                        job.id,
+                    )
                 return self._record(
                     lambda: self.repository.finish(job.id, self.worker_id, result, publish=publish),
                     job.id,

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.domain import ResultObject
 from dicomnode.errors import ResultsError
-from dicomnode.results.common import Producer
+from dicomnode.results.common import LO_MAX, Producer
 from dicomnode.results.source import SourceImages, read_headers
 from dicomnode.results.uids import ResultUIDs, job_key
 
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: under results/<job id>/
 DICOM_DIR = "dicom"
+#: the start of a "not analysed" report's series description
+NOT_ANALYSED = "NOT ANALYSED: "
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,16 @@ def build_objects(
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
     caution: str = "",
+    not_analysed: str | None = None,
 ) -> BuiltObjects:
     """The SEG, SR, SC, key image and KOS datasets of ``findings`` on ``inputs`` (``paths``:
     every file of the input series); ``classes``: the model's labels; ``procedure``: the
     model's declared procedure reported, if any; ``caution``: why the results need it (an
-    input outside the model's envelope), said in the SR and every series description."""
+    input outside the model's envelope), said in the SR and every series description.
+
+    ``not_analysed``: the model did not run (its route refused the input), and why: the SR
+    alone, saying so, with UIDs of its own (a later run that does analyse the study, under a
+    route that flags, writes other objects than this report)."""
     from dicomnode.results.kos import build_kos
     from dicomnode.results.regions import finding_regions
     from dicomnode.results.sc import ATTENTION, build_sc
@@ -92,10 +99,8 @@ def build_objects(
     library = [*source.datasets]
     seen = {str(ds.SOPInstanceUID) for ds in library}
     library += [ds for uid, ds in headers.items() if uid not in seen]
-    uids = ResultUIDs(
-        job_key(findings.model, findings.version, route.partition("?")[0], headers),
-        settings.uid_root,
-    )
+    key = job_key(findings.model, findings.version, route.partition("?")[0], headers)
+    uids = ResultUIDs(key if not_analysed is None else f"{key}/not-analysed", settings.uid_root)
     producer = Producer(
         findings.model,
         findings.version,
@@ -112,7 +117,7 @@ def build_objects(
     # each finding's key slice and outline there: the SR's image regions and the key images
     regions = finding_regions(findings, volume.geometry, attention)
     seg = None
-    if settings.seg:
+    if settings.seg and not_analysed is None:
         seg = build_seg(
             findings, source, producer, uids, when,
             series_number=settings.seg_series_number,
@@ -122,7 +127,7 @@ def build_objects(
         if seg is not None:
             out.append(("SEG", "seg.dcm", seg.dataset))
     segged = time.perf_counter()
-    if settings.sr:
+    if settings.sr or not_analysed is not None:
         sites = [c.finding_site for c in classes if c.finding_site is not None]
         sites += [f.finding_site for f in findings.findings if f.finding_site is not None]
         procedure_code = procedure_reported(
@@ -132,12 +137,22 @@ def build_objects(
             findings, source, library, producer, uids, when,
             seg=seg, procedure=procedure_code,
             series_number=settings.sr_series_number,
-            series_description=producer.describe(settings.sr_description),
+            series_description=(
+                producer.describe(settings.sr_description)
+                if not_analysed is None
+                else (NOT_ANALYSED + producer.describe(settings.sr_description))[:LO_MAX]
+            ),
             regions=regions, classes=classes,
             pixel_spacing=volume.geometry.pixel_spacing,
+            not_analysed=not_analysed,
         )  # fmt: skip
         out.append(("SR", "sr.dcm", sr))
     reported = time.perf_counter()
+    if not_analysed is not None:  # the report alone
+        attention = None
+        keys_wanted = False
+    else:
+        keys_wanted = settings.summary
     if settings.sc and attention is not None:
         images = build_sc(
             attention, source, producer, uids, when,
@@ -149,7 +164,7 @@ def build_objects(
         out += [("SC", f"sc-{n:03d}.dcm", ds) for n, ds in enumerate(images, start=1)]
     captured = time.perf_counter()
     keys: list[Dataset] = []
-    if settings.summary:
+    if keys_wanted:
         keys = build_summary(
             findings, regions, source, producer, uids, when,
             series_number=settings.summary_series_number,
@@ -221,12 +236,14 @@ def build_results(
     classes: Sequence[FindingClass] = (),
     procedure: Mapping[str, Any] | None = None,
     caution: str = "",
+    not_analysed: str | None = None,
 ) -> tuple[list[ResultObject], dict[str, float]]:
     """Build and write a job's result objects; the objects and the time each step took."""
     started = time.perf_counter()
     built = build_objects(
         findings, inputs, paths, settings,
         route=route, when=when, classes=classes, procedure=procedure, caution=caution,
+        not_analysed=not_analysed,
     )  # fmt: skip
     written = time.perf_counter()
     objects = write_objects(built, storage_dir, job_id)

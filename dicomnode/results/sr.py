@@ -112,10 +112,15 @@ def build_sr(
     regions: Sequence[KeyRegion],
     pixel_spacing: tuple[float, float],
     classes: Sequence[FindingClass] = (),
+    not_analysed: str | None = None,
 ) -> Dataset:
     """The TID 1500 report of ``findings`` on ``source`` (``library``: every source image;
     ``regions``: each finding's region on its key slice, from :mod:`dicomnode.results.regions`;
-    ``pixel_spacing``: the source's, row then column, in mm)."""
+    ``pixel_spacing``: the source's, row then column, in mm).
+
+    ``not_analysed``: the model did not run on this input, and why; the report then says so in
+    one group on the whole middle image (TID 1500 needs a group, a viewer an image) and its
+    comment, and claims no finding absent."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -137,7 +142,20 @@ def build_sr(
     comments = []
     if producer.caution:
         comments.append(f"Outside the model's validated acquisition envelope: {producer.caution}")
-    if producer.demo:
+    if not_analysed is not None:
+        comments.append(not_analysed)
+        whole = whole_image(source.shape, len(source.slices) // 2)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=_image_region(whole, source),
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=uids.uid("not analysed"),
+                    identifier=tracking_text(whole, f"Not analysed by {producer.model}"),
+                ),
+                algorithm_id=algorithm,
+            )
+        )
+    elif producer.demo:
         comments.append(f"{producer.model} {producer.version} ran with {DEMO_NOTE}.")
     if not groups:
         looked_for = list(classes) or [FindingClass(producer.model, FINDING)]

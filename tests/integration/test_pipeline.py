@@ -183,9 +183,26 @@ def test_inputs_outside_the_envelope_are_refused_or_run_and_flagged(
     route = RouteSettings(name="flagged", model="thin", envelope="flag")
     pipeline = pipeline_for(node, tmp_path / "models", "thin", routes=[route])
     reasons = "slice thickness 1.25 mm is outside 0.5-1 mm; rows 32 is outside 64-1024"
-    with pytest.raises(OutsideEnvelope, match=f"thin was not validated for this input: {reasons}"):
+    with pytest.raises(
+        OutsideEnvelope, match=f"thin was not validated for this input: {reasons}"
+    ) as refused:
         pipeline.run(claim(node, "thin", [uid]))
     assert OutsideEnvelope.permanent  # the worker does not retry it
+    # the refusal's result: why, and the one SR that tells the PACS the study was not analysed
+    refusal = refused.value.result
+    assert refusal["envelope"] == {
+        "inside": False,
+        "reasons": reasons.split("; "),
+        "policy": "refuse",
+    }
+    (report,) = refusal["objects"]  # type: ignore[attr-defined]
+    sr = dcmread(node.spool.root / report["path"])
+    assert report["kind"] == "SR" and sr.SeriesDescription == "NOT ANALYSED: thin findings (demo)"
+    assert f"Not analysed: thin was not validated for this input: {reasons}." in texts(sr)
+    assert not any(t.startswith("No findings") for t in texts(sr))  # no claim on the patient
+    assert sr.StudyInstanceUID == dcmread(files[0]).StudyInstanceUID
+    if validators.has_tool("dciodvfy"):
+        assert validators.dciodvfy(node.spool.root / report["path"]).errors == ()
 
     result = dict(pipeline.run(claim(node, "thin", [uid], route="flagged")))
     assert result["envelope"] == {

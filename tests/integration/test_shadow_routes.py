@@ -197,3 +197,32 @@ def test_drift_metrics_follow_the_input(start_node: Callable[..., Node], tmp_pat
     assert after["dicomnode_model_confidence_sum"] == {acme: 0.5, globex: 0.75}
     assert after["dicomnode_model_indeterminate_findings_total"] == {acme: 1, globex: 0}
     assert after["dicomnode_model_out_of_envelope_total"] == {acme: 1, globex: 0}
+
+    # a refusal counts as out of the envelope; a recorded source outlives the spool's files
+    study, uid = series["Globex"]
+    refused = node.jobs.enqueue(
+        dedupe_key="drift/refused", route="chest", model="lung", study_instance_uid=study,
+        series_instance_uid=uid, inputs=[uid], state=JobState.QUEUED,
+    )  # fmt: skip
+    assert node.jobs.claim("test-worker", ["lung"]) is not None
+    source = {"manufacturer": "Initech", "manufacturer_model": "CT 9", "calling_ae": "CT9"}
+    verdict = {"inside": False, "reasons": ["thick"], "policy": "refuse"}
+    assert (
+        node.jobs.refuse(
+            refused.id, "test-worker", "outside", {"envelope": verdict, "source": source}
+        )
+        is JobState.SKIPPED
+    )
+    node.jobs.mark_skipped(  # skipped without a run (a count condition): not counted
+        node.jobs.enqueue(dedupe_key="drift/never", route="chest", model="lung",
+                          study_instance_uid=study, series_instance_uid=uid, inputs=[uid],
+                          state=JobState.WAITING).id,
+        "expected 40 instances, have 3",
+    )  # fmt: skip
+    for path in node.spool.root.rglob("*.dcm"):
+        path.unlink()
+    last = scrape(node)  # a new collector: the results that recorded no source lose the make
+    initech, unknown = ("lung", "Initech", "CT9"), ("lung", "unknown", "SCANNER1")
+    assert last["dicomnode_model_jobs_finished_total"] == {unknown: 3, initech: 1}
+    assert last["dicomnode_model_out_of_envelope_total"] == {unknown: 1, initech: 1}
+    assert last["dicomnode_model_jobs_positive_total"][initech] == 0

@@ -312,3 +312,19 @@ def test_the_sites_accepts_refuse_other_series(tmp_path: Path) -> None:
         check_accepted(spec, series("MR", "ABDOMEN"))
     # metadata.json's modality, when the site says nothing
     assert bundle_spec("abdomen", root).info.accepts.modalities == ("CT",)
+
+
+def test_the_sites_envelope_is_the_bundles(tmp_path: Path) -> None:
+    """``[models.bundle_settings.NAME.envelope]``: what the bundle was validated on, checked
+    as a package's; a bad range names itself."""
+    from dicomnode.envelope import Envelope
+
+    root = abdomen(tmp_path)
+    given = BundleSettings.model_validate(
+        {"envelope": {"body_parts": ["abdomen"], "slice_thickness_mm": [1.0, 5.0]}}
+    )
+    envelope = bundle_spec("abdomen", root, given).info.envelope
+    assert envelope.body_parts == ("ABDOMEN",) and envelope.slice_thickness_mm == (1.0, 5.0)
+    assert bundle_spec("abdomen", root).info.envelope == Envelope()  # nothing declared
+    with pytest.raises(ValueError, match=r"range \[5\.0, 1\.0\] must be \[min, max\]"):
+        BundleSettings.model_validate({"envelope": {"slice_thickness_mm": [5.0, 1.0]}})

@@ -7,10 +7,10 @@ import pytest
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
+from dicomnode.envelope import Envelope
 from dicomnode.imaging import Volume
 from dicomnode.imaging.geometry import Geometry
 from dicomnode.imaging.volume import FrameRef
-from dicomnode.inference.protocol import Envelope
 from dicomnode.pipeline.envelope import Acquisition, check_envelope
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

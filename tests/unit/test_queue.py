@@ -234,6 +234,41 @@ def test_a_provisional_job_holds_its_results_until_confirmed(
     assert repo.confirm(job.id) is None  # once
 
 
+def test_a_refusal_is_skipped_at_once_and_sends_its_report(
+    repo: JobRepository, clock: Clock, engine: Engine
+) -> None:
+    """Refused by its model's envelope: skipped after one attempt, its "not analysed" SR sent;
+    held like any result while its inputs are unconfirmed; a shadow's report is never sent."""
+    refusal = {
+        "envelope": {"inside": False, "reasons": ["thick"], "policy": "refuse"},
+        "objects": [{"kind": "SR", "path": "r/sr.dcm", "sop_class_uid": "1.2",
+                     "sop_instance_uid": "1.2.3"}],
+    }  # fmt: skip
+    job = add(repo, destinations=["PACS"], max_attempts=3)
+    assert repo.claim("w1") is not None
+    assert repo.refuse(job.id, "w1", "outside", refusal) is JobState.SKIPPED
+    skipped = repo.get(job.id)
+    assert skipped is not None and skipped.state is JobState.SKIPPED and skipped.final
+    assert skipped.error == "outside" and skipped.result == {**refusal, "refused": True}
+    assert skipped.attempts == 1 and skipped.finished_at == clock.now
+    assert send_count(engine) == 1  # the report goes to the PACS
+    assert repo.refuse(job.id, "w1", "again", refusal) is None  # no lease held any more
+
+    # unconfirmed inputs (a split transfer): held, sending nothing; skipped once confirmed
+    held = add(repo, state=JobState.WAITING, destinations=["PACS"])
+    assert repo.mark_queued(held.id, confirm_after=clock.now + timedelta(seconds=10))
+    assert repo.claim("w1") is not None
+    assert repo.refuse(held.id, "w1", "outside", refusal) is JobState.CONFIRMING
+    assert send_count(engine) == 1
+    assert repo.confirm(held.id) is JobState.SKIPPED
+    assert send_count(engine) == 2
+
+    shadow = add(repo, destinations=["PACS"], mode="shadow")
+    assert repo.claim("w1") is not None
+    assert repo.refuse(shadow.id, "w1", "outside", refusal) is JobState.SKIPPED
+    assert send_count(engine) == 2
+
+
 def test_a_job_confirmed_while_it_runs_sends_when_it_finishes(
     repo: JobRepository, clock: Clock
 ) -> None:

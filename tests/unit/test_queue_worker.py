@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -13,10 +14,10 @@ from sqlalchemy import Engine
 from dicomnode.config import QueueSettings
 from dicomnode.db import make_engine, upgrade
 from dicomnode.domain import JobState
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, InputsRefused
 from dicomnode.queue import JobRecord, JobRepository
 from dicomnode.queue.periodic import PURGE_JOB, REAP_JOB, Periodic, schedule_queue_maintenance
-from dicomnode.queue.worker import JobModel, Worker
+from dicomnode.queue.worker import JobContext, JobModel, Worker
 from dicomnode.testing.models import EchoModel, directives, load_models
 from dicomnode.testing.waiting import wait_until
 
@@ -125,6 +126,24 @@ def test_an_input_the_model_refuses_fails_at_once_without_retries(
     failed = repo.get(refused.id)
     assert failed is not None and failed.attempts == 1
     assert failed.error == "InputsRejected: echo refuses its 2 input series"
+
+
+def test_a_refused_input_skips_the_job_with_its_result(repo: JobRepository) -> None:
+    """InputsRefused (outside the envelope): skipped at once, its result (the report) kept."""
+
+    class Refusing(EchoModel):
+        def run(self, context: JobContext) -> Mapping[str, Any]:
+            raise InputsRefused("outside: slice thickness 10 mm", {"envelope": {"inside": False}})
+
+    job = add(repo, max_attempts=3)
+    worker = Worker(repo, {"echo": Refusing()})
+    worker.load_models()
+    assert worker.run_once()
+    skipped = repo.get(job.id)
+    assert skipped is not None and skipped.state is JobState.SKIPPED and skipped.attempts == 1
+    assert skipped.error == "outside: slice thickness 10 mm"
+    assert skipped.result == {"envelope": {"inside": False}, "refused": True}
+    assert not worker.run_once()  # nothing queued again
 
 
 def test_heartbeats_keep_a_job_longer_than_its_lease(
