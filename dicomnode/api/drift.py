@@ -113,7 +113,7 @@ class _Seen:
     series: str
     figures: JobFigures
     run_s: float | None
-    source: Source | None  # as the job's result recorded it; None: look the series up
+    source: Source | None = None  # as the job's result recorded it; None: look it up
 
 
 class DriftCollector(Collector):
