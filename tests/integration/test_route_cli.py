@@ -261,3 +261,24 @@ def test_explain_says_whether_a_series_is_inside_its_models_envelope(
     out = capsys.readouterr().out
     assert "outside the model's acquisition envelope (run and flagged):" in out
     assert "frames 6 is outside 16-2000" in out
+
+
+def test_explain_gives_a_command_models_envelope_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``[models.commands.NAME.envelope]`` is judged as a package's is, with the route's policy
+    (the default: refuse)."""
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[models.commands.seg]\ncommand = ["/bin/true"]\n'
+        'envelope = { modalities = ["MR"], frames = [16, 2000] }\n\n'
+        '[[routes]]\nname = "ct"\nmodel = "seg"\nmatch = { Modality = "CT" }\n'
+    )
+    files = write_series(list(ct_slices(SeriesSpec(slices=6, seed=44))), tmp_path / "ct")
+    report = explain_json(capsys, "--config", str(config), str(files[0].parent))
+    (route,) = report["series"][0]["decision"]["routes"]
+    assert route["envelope"] == {
+        "inside": False,
+        "reasons": ["modality CT is not MR", "frames 6 is outside 16-2000"],
+        "policy": "refuse",
+    }
