@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: a claimed message is held this much longer than two timeouts (its build and its exchange)
-LEASE_MARGIN_S = 30.0
+LEASE_MARGIN_S = 10.0
 #: the longest wait after the database could not be reached
 MAX_ERROR_WAIT_S = 30.0
 
