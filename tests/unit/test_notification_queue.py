@@ -52,9 +52,10 @@ def nodule(diameter: float) -> dict[str, Any]:
 
 
 def result(*findings: dict[str, Any]) -> dict[str, Any]:
+    uid = f"1.2.826.0.1.3680043.99.1.{next(_keys)}"
     return {"model": "standin", "version": "1", "demo": False, "findings": list(findings),
             "objects": [{"kind": "SR", "path": "results/x/sr.dcm", "sop_class_uid": "1.2.3",
-                         "sop_instance_uid": f"1.2.826.0.1.3680043.99.1.{next(_keys)}"}]}  # fmt: skip
+                         "sop_instance_uid": uid}]}  # fmt: skip
 
 
 @pytest.fixture
