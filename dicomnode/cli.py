@@ -498,7 +498,9 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
         print(json.dumps(values, indent=2))
         return 0
     stages, sends, events = values["stages"], values["sends"], values["audit"]
-    skip = {"stages", "sends", "audit", "result", *(f"{name}_at" for name in stages)}
+    told = values.get("notifications") or []
+    skip = {"stages", "sends", "notifications", "audit", "result",
+            *(f"{name}_at" for name in stages)}  # fmt: skip
     for key, value in values.items():
         if key not in skip:
             print(f"{key + ':':<20} {'' if value is None else value}")
@@ -514,6 +516,15 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
             for s in sends
         ]  # fmt: skip
         _print_table(header, rows, indent="  ")
+    print("notifications:" if told else "notifications:      none")
+    if told:
+        _print_table(
+            ("NOTIFICATION", "KIND", "EVENT", "STATE", "ATTEMPTS", "LAST ERROR"),
+            [(n["notification"], n["kind"], n["event"], n["state"], str(n["attempts"]),
+              (n["last_error"] or "").splitlines()[0][:60] if n["last_error"] else "")
+             for n in told],
+            indent="  ",
+        )  # fmt: skip
     print("audit:" if events else "audit:              none")
     for event in events:
         detail = f" ({event['detail']})" if event["detail"] else ""

@@ -4,6 +4,7 @@ and timeout, the delivery id as ``Idempotency-Key``; an answer outside 2xx is a 
 from __future__ import annotations
 
 import json
+import threading
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.errors import NotificationRefused, NotifyError
@@ -15,6 +16,25 @@ if TYPE_CHECKING:
 
 #: the most of a refusal's body an error quotes
 QUOTED_CHARS = 300
+#: one client (its TLS context and connection pool) per target's TLS and timeout: making one
+#: costs tens of milliseconds, which a notification should not pay each time
+_clients: dict[tuple[str, ...], httpx.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(settings: NotificationSettings) -> httpx.Client:
+    import httpx
+
+    tls = settings.tls
+    key = (settings.name, str(tls.ca), str(tls.cert), str(tls.key), str(settings.timeout_s))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            verify: Any = str(tls.ca) if tls.ca is not None else True
+            cert = (str(tls.cert), str(tls.key)) if tls.cert and tls.key else None
+            client = httpx.Client(verify=verify, cert=cert, timeout=settings.timeout_s)
+            _clients[key] = client
+        return client
 
 
 def post_json(
@@ -42,13 +62,9 @@ def post_json(
     }
     if settings.token:
         headers["Authorization"] = f"Bearer {settings.token}"
-    tls = settings.tls
-    verify: Any = str(tls.ca) if tls.ca is not None else True
-    cert = (str(tls.cert), str(tls.key)) if tls.cert is not None and tls.key is not None else None
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     try:
-        with httpx.Client(verify=verify, cert=cert, timeout=settings.timeout_s) as client:
-            response = client.post(url, content=body, headers=headers)
+        response = _client(settings).post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         raise NotifyError(f"{url} not reached: {type(exc).__name__}: {exc}") from exc
     if not 200 <= response.status_code < 300:
