@@ -112,8 +112,10 @@ def job_summary(job: JobRecord) -> dict[str, Any]:
 
 
 def job_detail(sessions: sessionmaker[Session], job: JobRecord) -> dict[str, Any]:
-    """Everything ``jobs show`` prints: the job, its stages, what was sent where, its audit."""
+    """Everything ``jobs show`` prints: the job, its stages, what was sent where, who was told
+    (its notifications, without their content), its audit."""
     from dicomnode.audit import list_events
+    from dicomnode.queue.notifications import NotificationQueue
     from dicomnode.queue.sends import SendQueue
 
     values = job.as_json()
@@ -129,6 +131,19 @@ def job_detail(sessions: sessionmaker[Session], job: JobRecord) -> dict[str, Any
             "sent_at": _iso(send.sent_at),
         }
         for send in SendQueue(sessions).for_job(job.id)
+    ]
+    values["notifications"] = [
+        {
+            "notification": n.notification,
+            "kind": n.kind,
+            "event": n.event,
+            "state": n.state,
+            "attempts": n.attempts,
+            "last_error": n.last_error,
+            "delivery_id": n.delivery_key,
+            "sent_at": _iso(n.sent_at),
+        }
+        for n in NotificationQueue(sessions).for_job(job.id)
     ]
     with sessions() as session:
         events, _ = list_events(session, job_id=job.id, limit=200)

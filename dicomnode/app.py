@@ -22,8 +22,10 @@ from dicomnode.errors import DatabaseError
 from dicomnode.inference.device import resolve_device
 from dicomnode.inference.registry import ModelRegistry
 from dicomnode.intake import Intake
+from dicomnode.notify.notifier import Notifier
 from dicomnode.pipeline import job_models
 from dicomnode.pipeline.models import BuiltinModels
+from dicomnode.queue.outcomes import ReleasePolicy
 from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
 from dicomnode.queue.processes import WorkerProcesses
 from dicomnode.queue.repository import JobRepository
@@ -96,6 +98,8 @@ class Node:
     receivers: ReceiverProcesses | None = None
     #: the workers run as child processes (None: none is, ``[[workers]] isolation``)
     worker_processes: WorkerProcesses | None = None
+    #: the notification queue's deliveries (None: no ``[[notifications]]``)
+    notifier: Notifier | None = None
 
     def start(self, *, background: bool = True) -> None:
         """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
@@ -113,6 +117,8 @@ class Node:
                 self.worker_processes.start()
             if self.sender is not None:
                 self.sender.start()
+            if self.notifier is not None:
+                self.notifier.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop listening, let workers finish the job in hand, then stop the periodic work."""
@@ -127,6 +133,8 @@ class Node:
             self.worker_processes.stop(timeout)
         if self.sender is not None:
             self.sender.stop(timeout)
+        if self.notifier is not None:
+            self.notifier.stop(timeout)
         self.periodic.shutdown()
         self.database.engine.dispose()
 
@@ -170,7 +178,7 @@ def build_node(
     process."""
     database = open_database(settings, migrate=settings.node.auto_migrate)
     spool, store = _spool_and_store(settings, database)
-    jobs = JobRepository(database.sessions, settings.queue)
+    jobs = job_repository(settings, database.sessions)
     intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs)
     periodic = Periodic()
     # several serves on one database: each of these runs in one of them at a time, the others
@@ -232,10 +240,19 @@ def build_node(
         settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
     )
     node.worker_processes = processes
+    if settings.notifications:
+        node.notifier = Notifier(database.sessions, settings.notifications)
     receiver.on_association_closed = node.wake_intake
     if settings.node.processes > 1:
         node.receivers = ReceiverProcesses(settings, node.wake_intake, command=command)
     return node
+
+
+def job_repository(settings: Settings, sessions: sessionmaker[Session]) -> JobRepository:
+    """The job queue with the routes' rules on findings and the notifications: every process
+    that finishes or fails jobs (serve, its worker children, ``dicomnode worker``) uses this,
+    so each writes the same sends and notifications."""
+    return JobRepository(sessions, settings.queue, policy=ReleasePolicy.from_settings(settings))
 
 
 def build_worker(

@@ -325,11 +325,10 @@ def _studies_list(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from dicomnode.app import open_database, restrict_new_files
+    from dicomnode.app import job_repository, open_database, restrict_new_files
     from dicomnode.config import WorkerSettings, load_settings
     from dicomnode.inference.device import resolve_device
     from dicomnode.pipeline import load_job_models
-    from dicomnode.queue import JobRepository
     from dicomnode.queue.periodic import Periodic, schedule_queue_maintenance
     from dicomnode.queue.processes import limit_memory
     from dicomnode.queue.worker import Worker
@@ -346,7 +345,7 @@ def _worker(args: argparse.Namespace) -> int:
     models = load_job_models(
         settings, names, sessions=database.sessions, builtins=args.builtin_models
     )
-    repository = JobRepository(database.sessions, settings.queue)
+    repository = job_repository(settings, database.sessions)
     worker = Worker(
         repository,
         models,
@@ -379,9 +378,8 @@ def _worker_child(args: argparse.Namespace) -> int:
     hand when the serve stops, and goes at once when the serve is gone."""
     import os
 
-    from dicomnode.app import build_worker, open_database, restrict_new_files
+    from dicomnode.app import build_worker, job_repository, open_database, restrict_new_files
     from dicomnode.children import READY, Parent
-    from dicomnode.queue import JobRepository
     from dicomnode.queue.processes import (
         JOB_ENDED,
         WorkerAssignment,
@@ -399,7 +397,7 @@ def _worker_child(args: argparse.Namespace) -> int:
     worker = build_worker(
         settings,
         entry,
-        JobRepository(database.sessions, settings.queue),
+        job_repository(settings, database.sessions),
         builtin_models=args.builtin_models,
         worker_id=assignment.worker_id,
     )
@@ -430,12 +428,11 @@ def _worker_child(args: argparse.Namespace) -> int:
 
 
 def _jobs_repository(args: argparse.Namespace) -> JobRepository:
-    from dicomnode.app import open_database
+    from dicomnode.app import job_repository, open_database
     from dicomnode.config import load_settings
-    from dicomnode.queue import JobRepository
 
     settings = load_settings(args.config)
-    return JobRepository(open_database(settings, migrate=False).sessions, settings.queue)
+    return job_repository(settings, open_database(settings, migrate=False).sessions)
 
 
 def _jobs_list(args: argparse.Namespace) -> int:
@@ -501,7 +498,9 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
         print(json.dumps(values, indent=2))
         return 0
     stages, sends, events = values["stages"], values["sends"], values["audit"]
-    skip = {"stages", "sends", "audit", "result", *(f"{name}_at" for name in stages)}
+    told = values.get("notifications") or []
+    skip = {"stages", "sends", "notifications", "audit", "result",
+            *(f"{name}_at" for name in stages)}  # fmt: skip
     for key, value in values.items():
         if key not in skip:
             print(f"{key + ':':<20} {'' if value is None else value}")
@@ -520,6 +519,15 @@ def _jobs_show(values: dict[str, Any], *, as_json: bool) -> int:
             for s in sends
         ]  # fmt: skip
         _print_table(header, rows, indent="  ")
+    print("notifications:" if told else "notifications:      none")
+    if told:
+        _print_table(
+            ("NOTIFICATION", "KIND", "EVENT", "STATE", "ATTEMPTS", "LAST ERROR"),
+            [(n["notification"], n["kind"], n["event"], n["state"], str(n["attempts"]),
+              (n["last_error"] or "").splitlines()[0][:60] if n["last_error"] else "")
+             for n in told],
+            indent="  ",
+        )  # fmt: skip
     print("audit:" if events else "audit:              none")
     for event in events:
         detail = f" ({event['detail']})" if event["detail"] else ""

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -232,6 +233,36 @@ class CompletionSettings(_Section):
     on_missing: Literal["run", "fail"] = "run"
 
 
+class CriticalRule(_Section):
+    """When a route's finding is critical (``critical = { label = "nodule", min_diameter_mm =
+    8 }``): every condition given must hold, and the finding must be positive (not
+    indeterminate, not grade 0). A critical finding raises the ``critical`` event and makes the
+    study's other waiting and queued jobs ``stat``."""
+
+    #: the finding's label (model.toml [[labels]] name) or its finding type's meaning, in any
+    #: case ("nodule", "Nodule", "enhancing_tumor", "dr_grade"); unset: any finding
+    label: str | None = Field(None, min_length=1, max_length=64)
+    min_probability: float | None = Field(None, ge=0, le=1)
+    min_diameter_mm: float | None = Field(None, ge=0)
+    min_volume_mm3: float | None = Field(None, ge=0)
+    #: a graded finding's ``grade`` attribute (the OCT model's ICDR grade, 0 to 4)
+    min_grade: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> CriticalRule:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError(
+                "a critical rule needs at least one of label, min_probability, "
+                "min_diameter_mm, min_volume_mm3, min_grade"
+            )
+        return self
+
+
+#: a route's ``send_if``: "always" (the default), "positive" (only a job with a positive
+#: finding sends), or finding labels (only a job with a positive finding of one of them sends)
+SendIf = Literal["always", "positive"] | tuple[str, ...]
+
+
 class RouteSettings(_Section):
     """One routing rule: which series go to which model, sent where, how urgently."""
 
@@ -251,6 +282,25 @@ class RouteSettings(_Section):
     #: (``routing.mode = "first"`` does not stop at it), so ``models compare`` can set a new
     #: model or version against the live one on the site's own traffic
     mode: Literal["live", "shadow"] = "live"
+    #: whether the route's destinations get a job's results, decided on its findings (a job
+    #: that does not send is ``done``, its outcome in its result)
+    send_if: SendIf = "always"
+    #: what makes one of its findings critical: one rule or a list (any may match)
+    critical: tuple[CriticalRule, ...] = ()
+
+    @field_validator("critical", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, Mapping) else value
+
+    @field_validator("send_if")
+    @classmethod
+    def _labels_given(cls, value: SendIf) -> SendIf:
+        if isinstance(value, tuple) and (not value or not all(v.strip() for v in value)):
+            raise ValueError(
+                'send_if is "always", "positive" or a non-empty list of finding labels'
+            )
+        return value
 
 
 class RoutingSettings(_Section):
@@ -556,6 +606,115 @@ class DestinationSettings(_Section):
         return "return_to_sender" if self.return_to_sender else "dimse"
 
 
+#: What a notification is sent on: a job's results released (``done``), with a positive finding
+#: (``finding``), with a critical one (``critical``, by its route's ``critical`` rules), or
+#: the job failed (``failed``).
+NotifyEvent = Literal["done", "failed", "finding", "critical"]
+#: the most specific first: a notification sends one message per job outcome, for the first of
+#: its events that happened (a critical finding is also a finding, and the job is done)
+EVENT_ORDER: tuple[NotifyEvent, ...] = ("critical", "finding", "done", "failed")
+#: the variables a webhook's ``body`` template may name (``${accession_number}``); a string that
+#: is one variable alone (``"${findings}"``) becomes its JSON value (a list, a number)
+TEMPLATE_VARIABLES = frozenset({
+    "event", "at", "delivery_id", "job_id", "route", "model", "model_version", "demo", "state",
+    "error", "study_instance_uid", "accession_number", "patient_id", "patient_name",
+    "study_description", "study_date", "modalities", "findings", "findings_count", "positive",
+    "critical", "critical_count", "summary", "sent",
+})  # fmt: skip
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def template_variables(body: Any) -> set[str]:
+    """Every ``${name}`` in the strings of a webhook body template (keys and values, nested);
+    ValueError for a malformed placeholder (``$`` alone is written ``$$``)."""
+    from string import Template
+
+    if isinstance(body, str):
+        template = Template(body)
+        if not template.is_valid():
+            raise ValueError(f"template text {body!r} has a malformed placeholder (write $$ for $)")
+        return set(template.get_identifiers())
+    if isinstance(body, Mapping):
+        return {n for k, v in body.items() for n in (*template_variables(k),
+                                                       *template_variables(v))}  # fmt: skip
+    if isinstance(body, list | tuple):
+        return {n for v in body for n in template_variables(v)}
+    return set()
+
+
+class NotificationSettings(_Section):
+    """Who is told of a job's outcome (``[[notifications]]``), on which ``events`` (``done``,
+    ``failed``, ``finding``, ``critical``), for which ``routes`` (empty: every live route):
+    a ``webhook`` (a JSON POST to ``url``, its body from the ``body`` template), an ``hl7`` RIS
+    (HL7 v2.5 ORU^R01 over MLLP to ``host``:``port``) or a ``fhir`` server (an R4 transaction
+    Bundle of a DiagnosticReport and its Observations, POSTed to the base ``url``).
+
+    Like sends: written with the job's outcome in one transaction, retried with exponential
+    backoff (``backoff_s``, doubling up to ``max_backoff_s``), given up after
+    ``max_attempts``; each message carries a delivery id that a retry repeats (the HL7 message
+    control id, the FHIR identifier, the webhook's ``Idempotency-Key`` header)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["webhook", "hl7", "fhir"]
+    events: tuple[NotifyEvent, ...] = Field(min_length=1)
+    routes: tuple[str, ...] = ()
+    #: webhook: the URL POSTed to; fhir: the server's base URL (the Bundle is POSTed to it)
+    url: str | None = None
+    #: hl7: the RIS's MLLP listener
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    #: webhook, fhir: sent as "Authorization: Bearer <token>"
+    token: str = ""
+    headers: dict[str, str] = {}  # webhook, fhir: more HTTP headers
+    #: webhook: the JSON body, a table whose strings may name TEMPLATE_VARIABLES (unset: the
+    #: whole outcome, see README)
+    body: dict[str, Any] | None = None
+    #: hl7: TLS around MLLP; webhook, fhir: ``ca`` verifies an https server, ``cert``/``key``
+    #: are ours for servers that verify clients
+    tls: ClientTLSSettings = ClientTLSSettings()
+    #: hl7: MSH-3/4 (ours) and MSH-5/6 (the RIS's)
+    sending_application: str = Field("DICOMNODE", min_length=1, max_length=180)
+    sending_facility: str = Field("", max_length=180)
+    receiving_application: str = Field("", max_length=180)
+    receiving_facility: str = Field("", max_length=180)
+    #: hl7 OBR-25 / OBX-11 and the FHIR DiagnosticReport status: "P" preliminary (AI results
+    #: no person has reviewed), or "F" final
+    result_status: Literal["P", "F"] = "P"
+    max_attempts: int = Field(10, ge=1)
+    backoff_s: float = Field(30.0, ge=0)
+    max_backoff_s: float = Field(3600.0, ge=0)
+    #: connecting, sending and waiting for the answer (the HL7 ACK, the HTTP response)
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _TEMPLATE_NAME.match(value):
+            raise ValueError(f"notification name {value!r}: letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> NotificationSettings:
+        where = f"notification {self.name!r} ({self.kind})"
+        if self.kind == "hl7":
+            if self.host is None or self.port is None or self.url is not None:
+                raise ValueError(f"{where} needs host and port (its MLLP listener), no url")
+        elif self.url is None or self.host is not None or self.port is not None:
+            raise ValueError(f"{where} needs url, and no host or port")
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: url {self.url!r} is not http(s)://")
+        if self.body is not None:
+            if self.kind != "webhook":
+                raise ValueError(f"{where}: body is a webhook's template")
+            unknown = sorted(template_variables(self.body) - TEMPLATE_VARIABLES)
+            if unknown:
+                raise ValueError(
+                    f"{where}: body names {unknown}, which are no template variables "
+                    f"(known: {sorted(TEMPLATE_VARIABLES)})"
+                )
+        return self
+
+
 #: What an API token may do; each route names the one it needs (see dicomnode.api.auth).
 #: ``read``: jobs, models, summary, audit, metrics, health details, the OpenAPI document, all
 #: without patient or study attributes; ``phi``: those attributes too, /api/studies, and the
@@ -695,6 +854,7 @@ class Settings(BaseSettings):
     models: ModelsSettings = ModelsSettings()
     destinations: tuple[DestinationSettings, ...] = ()
     results: ResultsSettings = ResultsSettings()
+    notifications: tuple[NotificationSettings, ...] = ()
 
     @model_validator(mode="after")
     def _routes_consistent(self) -> Settings:
@@ -716,6 +876,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"route {route.name!r} sends to {unknown}, which no [[destinations]] "
                     f"names (destinations: {targets})"
+                )
+        told = [notification.name for notification in self.notifications]
+        repeated = sorted({name for name in told if told.count(name) > 1})
+        if repeated:
+            raise ValueError(f"notification names must be unique; repeated: {repeated}")
+        for notification in self.notifications:
+            unknown = [name for name in notification.routes if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"notification {notification.name!r} names routes {unknown}, which are "
+                    f"not configured (routes: {names})"
                 )
         return self
 

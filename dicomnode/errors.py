@@ -310,3 +310,13 @@ class CommandModelFailed(ModelError):
 class CommandOutputInvalid(CommandModelFailed):
     """A command model's output breaks its contract: nothing, not DICOM, not a SEG or SR, or an
     object of another study or patient."""
+
+
+class NotifyError(DicomNodeError):
+    """A notification could not be delivered."""
+
+    http_status = 502
+
+
+class NotificationRefused(NotifyError):
+    """The peer answered, and refused the notification (an HL7 NAK, an HTTP error status)."""

@@ -42,6 +42,7 @@ from dicomnode.admin import RAN
 from dicomnode.api.context import ApiContext
 from dicomnode.db.models import Instance, Job, Series
 from dicomnode.domain import JobState
+from dicomnode.queue.outcomes import positive
 
 #: distinct (manufacturer, model, calling AE) label sets beyond which sources become "other"
 MAX_SOURCES = 20
@@ -67,15 +68,6 @@ class JobFigures:
     confidence: float | None  # the highest finding probability; None: no finding
     indeterminate: int
     out_of_envelope: bool
-
-
-def positive(finding: Mapping[str, Any]) -> bool:
-    """A finding that says something is there: not indeterminate, not a grade 0, not one a
-    model marks ``"positive": false``."""
-    attributes = finding.get("attributes") or {}
-    if attributes.get("indeterminate") is True or attributes.get("positive") is False:
-        return False
-    return attributes.get("grade") != 0
 
 
 def job_figures(result: Mapping[str, Any]) -> JobFigures:

@@ -225,6 +225,34 @@ class Send(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class Notification(Base):
+    """One message owed to one ``[[notifications]]`` target about one job's outcome: the
+    notification queue. ``context`` is the outcome as it was when the job ended (job, study,
+    findings), so every attempt sends the same message under the same ``delivery_key`` (the
+    HL7 message control id, the FHIR identifier, the webhook's Idempotency-Key)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        # The notifier's query: due rows of one target, oldest first.
+        Index("ix_notifications_due", "notification", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    notification: Mapped[str] = mapped_column(String(64))  # its [[notifications]] name
+    kind: Mapped[str] = mapped_column(String(8))  # webhook, hl7, fhir
+    event: Mapped[str] = mapped_column(String(16))  # done, failed, finding, critical
+    delivery_key: Mapped[str] = mapped_column(String(32), unique=True)
+    context: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))  # pending, sent, dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class AuditEvent(Base):
     """Who did what, and when: received, routed, retried, cancelled, sent. No patient data."""
 

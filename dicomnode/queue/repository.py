@@ -37,7 +37,10 @@ from dicomnode.db.models import Job
 from dicomnode.db.session import insert_unless_present, make_session_factory, rowcount
 from dicomnode.domain import FINAL_STATES, JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
+from dicomnode.queue.delivery import PENDING
 from dicomnode.queue.listing import EVERY_JOB, JobFilter
+from dicomnode.queue.notifications import add_notifications, job_context, notifications
+from dicomnode.queue.outcomes import Outcome, ReleasePolicy
 from dicomnode.queue.records import ClaimedJob, JobRecord, priority_name
 from dicomnode.queue.sends import add_sends
 
@@ -65,11 +68,15 @@ class JobRepository:
         settings: QueueSettings | None = None,
         *,
         clock: Callable[[], datetime] = utc_now,
+        policy: ReleasePolicy | None = None,
     ) -> None:
         if isinstance(sessions, Engine):
             sessions = make_session_factory(sessions)
         self._sessions = sessions
         self.settings = settings or QueueSettings()
+        #: the routes' rules on findings (send_if, critical) and the notifications, applied
+        #: where a run's results are released or a job fails (None: no rules, no notifications)
+        self.policy = policy or ReleasePolicy()
         self._clock = clock
         bind = sessions.kw.get("bind")
         self._dialect = bind.dialect.name if bind is not None else ""
@@ -231,12 +238,18 @@ class JobRepository:
         if state is JobState.FAILED:
             allowed.append(JobState.SENDING.value)
         with self._sessions.begin() as session:
-            changed = rowcount(
-                session,
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_(allowed))
-                .values(state=state.value, error=_clip(error), finished_at=now, updated_at=now),
-            )
+            row = session.execute(
+                select(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(allowed)).with_for_update()
+            ).first()
+            changed = row is not None
+            if row is not None:
+                session.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(state=state.value, error=_clip(error), finished_at=now, updated_at=now)
+                )
+                if state is JobState.FAILED:
+                    self._failed(session, row, error, now)
         if changed:
             logger.info("job %s %s", job_id, state, extra={"action": action, "job_id": job_id})
         return bool(changed)
@@ -319,18 +332,10 @@ class JobRepository:
             )
         return bool(changed)
 
-    def _held(
-        self, session: Session, job_id: int, worker_id: str
-    ) -> Row[Any, Any, Any, Any, Any] | None:
+    def _held(self, session: Session, job_id: int, worker_id: str) -> Row[Any] | None:
         """The job's row, locked, if ``worker_id`` holds its lease."""
         return session.execute(
-            select(
-                jobs.c.attempts,
-                jobs.c.max_attempts,
-                jobs.c.destinations,
-                jobs.c.confirm_after,
-                jobs.c.mode,
-            )
+            select(jobs)
             .where(
                 jobs.c.id == job_id,
                 jobs.c.lease_owner == worker_id,
@@ -364,8 +369,8 @@ class JobRepository:
                     publish()
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
-                else:  # in this transaction: a crash loses no send
-                    state = _release(session, job_id, row.mode, row.destinations, result, now)
+                else:  # in this transaction: a crash loses no send and no notification
+                    state, result = self._release(session, row, result, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -422,7 +427,7 @@ class JobRepository:
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
                 else:
-                    state = _release(session, job_id, row.mode, row.destinations, kept, now)
+                    state, _ = self._release(session, row, kept, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -476,6 +481,8 @@ class JobRepository:
                 else:
                     values["finished_at"] = now
                 session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+                if not again:
+                    self._failed(session, row, error, now)
         if row is None:  # and so state is None
             logger.warning(
                 "job %s: failure from %s dropped, it no longer holds the lease",
@@ -511,7 +518,7 @@ class JobRepository:
         now = self.now()
         with self._sessions.begin() as session:
             row = session.execute(
-                select(jobs.c.state, jobs.c.mode, jobs.c.destinations, jobs.c.result)
+                select(jobs)
                 .where(jobs.c.id == job_id, jobs.c.confirm_after.is_not(None))
                 .with_for_update()
             ).first()
@@ -520,8 +527,10 @@ class JobRepository:
             state = JobState(row.state)
             values: dict[str, Any] = {"confirm_after": None, "updated_at": now}
             if state is JobState.CONFIRMING:
-                state = _release(session, job_id, row.mode, row.destinations, row.result, now)
+                state, result = self._release(session, row, row.result, now)
                 values["state"] = state.value
+                if result is not None:
+                    values["result"] = dict(result)
             session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
         logger.info(
             "job %s: inputs confirmed, %s",
@@ -558,6 +567,108 @@ class JobRepository:
         if changed:
             logger.info("job %s sent", job_id, extra={"action": "job_sent", "job_id": job_id})
         return bool(changed)
+
+    # -- outcomes: where results go out, and who is told ---------------------------------------
+
+    def _release(
+        self, session: Session, row: Row[Any], result: Mapping[str, Any] | None, now: datetime
+    ) -> tuple[JobState, Mapping[str, Any] | None]:
+        """In the caller's transaction, a run's results may go out: its outcome decided on its
+        findings (kept in the result as ``outcome``), its sends written (``sending``) when its
+        route's ``send_if`` lets them go and it has destinations, else ``done``; a critical
+        finding makes the study's other unstarted jobs stat; its notifications written. A
+        shadow job is ``done`` with none of these (its results are kept for ``models compare``
+        and never leave the node, whatever its destinations). A refused job (its route refused
+        the input) is ``skipped``, its "not analysed" report sent to every destination: it
+        holds no finding for ``send_if`` or a notification to weigh."""
+        if (result or {}).get(REFUSED):
+            if row.mode != "shadow" and row.destinations:
+                add_sends(session, row.id, row.destinations, result, now)
+            return JobState.SKIPPED, result
+        if row.mode == "shadow":
+            return JobState.DONE, result
+        outcome = self.policy.decide(row.route, result)
+        if result is not None and "findings" in result:  # a model's result (not a test's)
+            result = {**result, "outcome": outcome.as_json()}
+        state = JobState.DONE
+        if outcome.send and row.destinations:
+            add_sends(session, row.id, row.destinations, result, now)
+            state = JobState.SENDING
+        elif row.destinations:
+            logger.info(
+                "job %s: results kept, not sent (%s)",
+                row.id,
+                outcome.held_because,
+                extra={"action": "job_send_held", "job_id": row.id},
+            )
+        if outcome.critical:
+            self._escalate(session, row, outcome, now)
+        self._notify(session, row, state, result, outcome, now)
+        return state, result
+
+    def _failed(self, session: Session, row: Row[Any], error: str, now: datetime) -> None:
+        """In the caller's transaction: the job (its row before) failed with ``error``; its
+        ``failed`` notifications are written."""
+        if row.mode != "shadow":
+            values = {**row._mapping, "error": _first_line(error)}
+            self._notify(session, values, JobState.FAILED, None, None, now, failed=True)
+
+    def _notify(
+        self,
+        session: Session,
+        row: Row[Any] | Mapping[str, Any],
+        state: JobState,
+        result: Mapping[str, Any] | None,
+        outcome: Outcome | None,
+        now: datetime,
+        *,
+        failed: bool = False,
+    ) -> None:
+        values = dict(row._mapping if isinstance(row, Row) else row)
+        events = {"failed"} if failed or outcome is None else outcome.events
+        notices = self.policy.notices(values["route"], events)  # type: ignore[arg-type]
+        values["state"] = state.value
+        add_notifications(
+            session,
+            values["id"],
+            notices,
+            lambda: job_context(session, values, result, outcome, now),
+            now,
+        )
+
+    def _escalate(self, session: Session, row: Row[Any], outcome: Outcome, now: datetime) -> None:
+        """A critical finding: the study's other jobs not yet running become ``stat``, so the
+        rest of the study is read first (audited, "escalated", with the finding's reasons)."""
+        raised = session.execute(
+            update(jobs)
+            .where(
+                jobs.c.study_instance_uid == row.study_instance_uid,
+                jobs.c.id != row.id,
+                jobs.c.state.in_([JobState.WAITING.value, JobState.QUEUED.value]),
+                jobs.c.priority < int(Priority.STAT),
+            )
+            .values(priority=int(Priority.STAT), updated_at=now)
+            .returning(jobs.c.id)
+        ).all()
+        ids = sorted(job_id for (job_id,) in raised)
+        first = outcome.critical[0]
+        audit.add_event(
+            session,
+            audit.NODE,
+            "critical",
+            job_id=row.id,
+            study_instance_uid=row.study_instance_uid,
+            detail=f"{len(outcome.critical)} critical findings ({first.label}: "
+            f"{', '.join(first.reasons)}); jobs made stat: {ids or 'none'}",
+            at=now,
+        )
+        logger.warning(
+            "job %s: %d critical findings; %d other jobs of the study made stat",
+            row.id,
+            len(outcome.critical),
+            len(ids),
+            extra={"action": "job_critical", "job_id": row.id},
+        )
 
     # -- admin actions -----------------------------------------------------------------------------
 
@@ -681,8 +792,10 @@ class JobRepository:
                 update(jobs)
                 .where(*expired)
                 .values(state=JobState.FAILED.value, finished_at=now, **common)
-                .returning(jobs.c.id, jobs.c.lease_owner)
+                .returning(*jobs.c)
             ).all()
+            for row in failed:
+                self._failed(session, row, LEASE_EXPIRED, now)
         for job_id, owner in requeued:
             logger.warning(
                 "job %s queued again: %s stopped renewing its lease",
@@ -690,14 +803,14 @@ class JobRepository:
                 owner,
                 extra={"action": "job_lease_expired", "job_id": job_id, "worker_id": owner},
             )
-        for job_id, owner in failed:
+        for job_id, owner in ((row.id, row.lease_owner) for row in failed):
             logger.error(
                 "job %s failed: %s stopped renewing its lease on the last attempt",
                 job_id,
                 owner,
                 extra={"action": "job_failed", "job_id": job_id, "worker_id": owner},
             )
-        return sorted(job_id for job_id, _ in (*requeued, *failed))
+        return sorted([*(job_id for job_id, _ in requeued), *(row.id for row in failed)])
 
     def purge(self, older_than: datetime) -> int:
         """Delete finished jobs (done, failed, cancelled, skipped) last changed before
@@ -706,9 +819,14 @@ class JobRepository:
         final = [s.value for s in FINAL_STATES]
         total = 0
         while True:
+            owed = (
+                select(notifications.c.id)
+                .where(notifications.c.job_id == jobs.c.id, notifications.c.state == PENDING)
+                .exists()
+            )
             batch = (
                 select(jobs.c.id)
-                .where(jobs.c.state.in_(final), jobs.c.updated_at < older_than)
+                .where(jobs.c.state.in_(final), jobs.c.updated_at < older_than, ~owed)
                 .limit(_PURGE_BATCH)
                 .scalar_subquery()
             )
@@ -756,25 +874,6 @@ class JobRepository:
         for state, count in rows:
             counts[JobState(state)] = count
         return counts
-
-
-def _release(
-    session: Session,
-    job_id: int,
-    mode: str,
-    destinations: Sequence[str],
-    result: Mapping[str, Any] | None,
-    now: datetime,
-) -> JobState:
-    """A run's results may go out: ``sending``, its sends written in the caller's transaction,
-    or ``done`` when the job has no destination or is a shadow job (its results are kept for
-    ``models compare`` and never sent, whatever its destinations). A refused job's result (its
-    "not analysed" report) is sent the same way, and the job is ``skipped``."""
-    refused = bool((result or {}).get(REFUSED))
-    if mode == "shadow" or not destinations:
-        return JobState.SKIPPED if refused else JobState.DONE
-    add_sends(session, job_id, destinations, result, now)
-    return JobState.SKIPPED if refused else JobState.SENDING
 
 
 def _clip(error: str | None) -> str | None:

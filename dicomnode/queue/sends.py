@@ -2,12 +2,10 @@
 
 Rows are created in the transaction that moves a job to ``sending`` (:func:`add_sends`, called by
 :meth:`dicomnode.queue.repository.JobRepository.finish`), so a crash cannot lose a send. A sender
-claims a destination's due rows (:meth:`SendQueue.claim`) under a lease written into
-``next_attempt_at``: a claimed row is not due again until the lease ends, so a sender that dies
-mid-send leaves rows another sender (or its own restart) takes up later. On PostgreSQL the claim
-is one ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)``; on SQLite it runs inside
-the ``BEGIN IMMEDIATE`` transaction every write takes. Delivering twice is harmless: the objects
-keep their SOP Instance UIDs, and a PACS files a second copy of one as the same instance.
+claims a destination's due rows (:meth:`SendQueue.claim`) under a lease, and counts failed
+attempts with backoff and the dead letter, as every outbox of the node does
+(:mod:`dicomnode.queue.delivery`). Delivering twice is harmless: the objects keep their SOP
+Instance UIDs, and a PACS files a second copy of one as the same instance.
 
 Like :mod:`dicomnode.queue.repository`, each method is one short transaction and returns frozen
 values, never ORM objects.
@@ -19,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, delete, event, func, select, update
@@ -29,13 +27,14 @@ from dicomnode.db.models import Instance, Job, Send, Series
 from dicomnode.db.session import rowcount
 from dicomnode.domain import JobState, ResultObject
 from dicomnode.errors import JobNotFound, JobStateError, NoResults, SendError
+from dicomnode.queue import delivery
+from dicomnode.queue.delivery import DEAD, PENDING, SENT
 
 logger = logging.getLogger(__name__)
 
 sends = cast(Table, Send.__table__)
 jobs = cast(Table, Job.__table__)
 
-PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Job states whose sends may go out: a queued or running job makes new objects (finish()
 #: replaces its rows), and a cancelled one sends nothing more.
 #: A skipped job sends too: the "not analysed" report of an input its route refused.
@@ -45,8 +44,6 @@ SENDABLE_JOB_STATES = (
     JobState.FAILED.value,
     JobState.SKIPPED.value,
 )
-#: Longest error text kept on a send row.
-MAX_ERROR_CHARS = 2000
 
 
 def utc_now() -> datetime:
@@ -162,28 +159,17 @@ class SendQueue:
         """Take up to ``limit`` due pending rows of ``destination``, oldest due first, and hold
         them for ``lease_s`` (they are not due again before, unless marked)."""
         now = self.now()
-        candidates = (
-            select(sends.c.id)
-            .join(jobs, jobs.c.id == sends.c.job_id)
-            .where(
-                sends.c.destination == destination,
-                sends.c.state == PENDING,
-                sends.c.next_attempt_at <= now,
-                jobs.c.state.in_(SENDABLE_JOB_STATES),
-            )
-            .order_by(sends.c.next_attempt_at, sends.c.id)
-            .limit(limit)
-        )
-        if self._dialect == "postgresql":
-            candidates = candidates.with_for_update(of=sends, skip_locked=True)
-        statement = (
-            update(sends)
-            .where(sends.c.id.in_(candidates.scalar_subquery()), sends.c.state == PENDING)
-            .values(next_attempt_at=now + timedelta(seconds=lease_s), updated_at=now)
-            .returning(*sends.c)
-        )
+        candidates = delivery.due(
+            sends,
+            now,
+            sends.c.destination == destination,
+            jobs.c.state.in_(SENDABLE_JOB_STATES),
+            limit=limit,
+        ).join(jobs, jobs.c.id == sends.c.job_id)
         with self._sessions.begin() as session:
-            rows = session.execute(statement).all()
+            rows = delivery.claim(
+                session, sends, candidates, lease_s=lease_s, now=now, dialect=self._dialect
+            )
         return sorted((SendRecord.from_row(row) for row in rows), key=lambda r: (r.job_id, r.id))
 
     def mark_sent(self, ids: Iterable[int]) -> list[tuple[int, str, int]]:
@@ -248,30 +234,10 @@ class SendQueue:
         if not failures:
             return {}
         now = self.now()
-        states: dict[int, str] = {}
         with self._sessions.begin() as session:
-            rows = session.execute(
-                select(sends.c.id, sends.c.attempts).where(
-                    sends.c.id.in_(list(failures)), sends.c.state == PENDING
-                )
-            ).all()
-            for send_id, attempts in rows:
-                attempts += 1
-                dead = attempts >= max_attempts
-                due = None if dead else now + timedelta(seconds=backoff(attempts))
-                session.execute(
-                    update(sends)
-                    .where(sends.c.id == send_id)
-                    .values(
-                        state=DEAD if dead else PENDING,
-                        attempts=attempts,
-                        last_error=_clip(failures[send_id]),
-                        next_attempt_at=due,
-                        updated_at=now,
-                    )
-                )
-                states[send_id] = DEAD if dead else PENDING
-        return states
+            return delivery.count_failures(
+                session, sends, failures, max_attempts=max_attempts, backoff=backoff, now=now
+            )
 
     def origin(self, job_id: int) -> tuple[str, str] | None:
         """The calling AE title and host that delivered the job's input (its newest instance),
@@ -407,11 +373,3 @@ class SendQueue:
                 )
             ).all()
         return {(destination, state): int(n) for destination, state, n in rows}
-
-
-def _clip(error: str) -> str:
-    return (
-        error
-        if len(error) <= MAX_ERROR_CHARS
-        else error[: MAX_ERROR_CHARS - 16] + " ... (truncated)"
-    )

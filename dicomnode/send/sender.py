@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import audit
 from dicomnode.errors import ConfigError, SendError
 from dicomnode.queue import sends as send_queue
+from dicomnode.queue.delivery import backoff_s
 from dicomnode.queue.sends import DEAD, PENDING, SendQueue, SendRecord, utc_now
 
 if TYPE_CHECKING:
@@ -60,11 +61,6 @@ class _Channel:
     blocked_until: float = 0.0  # time.monotonic()
     thread: threading.Thread | None = None
     wake: threading.Event = field(default_factory=threading.Event)
-
-
-def backoff_s(settings: DestinationSettings, attempts: int) -> float:
-    """The wait after the ``attempts``-th failed attempt: backoff_s, doubling, capped."""
-    return min(settings.max_backoff_s, settings.backoff_s * 2 ** min(max(attempts - 1, 0), 30))
 
 
 class Sender:

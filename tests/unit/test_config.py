@@ -77,6 +77,8 @@ def test_example_config_is_valid() -> None:
     brain = settings.routes[1]
     assert brain.level == "study" and list(brain.completion.required_series) == [
         "T1c", "T1", "T2", "FLAIR"]  # fmt: skip
+    assert [n.name for n in settings.notifications] == ["ris", "fhir", "on-call"]
+    assert [bool(route.critical) for route in settings.routes] == [True, True, True]
 
 
 def test_fallback_must_name_a_route(tmp_path: Path) -> None:
