@@ -13,6 +13,7 @@ association limits, 507 below its disk floor. Needs the ``store`` scope.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -166,17 +167,9 @@ async def _receive(request: Request, upload: Upload, boundary: bytes, settings: 
     idle = settings.node.idle_timeout_s or None
     deadline = time.monotonic() + (settings.node.max_association_s or float("inf"))
     parser = MultipartParser(boundary)
-    pending = bytearray()
+    writer = _PartWriter(upload)
     received = 0
     chunks = request.stream().__aiter__()
-
-    async def flush(end: bool = False) -> None:
-        data = bytes(pending)
-        pending.clear()
-        if data:
-            await run_in_threadpool(upload.write, data)
-        if end:
-            await run_in_threadpool(upload.end_part)
 
     while True:
         left = deadline - time.monotonic()
@@ -198,15 +191,44 @@ async def _receive(request: Request, upload: Upload, boundary: bytes, settings: 
             )
         for event in parser.feed(chunk):
             if isinstance(event, PartData):
-                pending += event.data
-                if len(pending) >= FLUSH_BYTES:
-                    await flush()
+                await writer.add(event.data)
             elif isinstance(event, PartStart):
                 _check_part(event)
-                await run_in_threadpool(upload.begin_part)
+                writer.begin = True
             elif isinstance(event, PartEnd):
-                await flush(end=True)
+                await writer.flush(end=True)
     parser.finish()
+
+
+class _PartWriter:
+    """Part data gathered in one reused buffer and written a megabyte at a time: one thread
+    hop per megabyte, and no fresh memory (page faults) per chunk."""
+
+    def __init__(self, upload: Upload) -> None:
+        self.upload = upload
+        self.buffer = bytearray(FLUSH_BYTES)
+        self.used = 0
+        #: a part has begun, and its file is opened with the first write
+        self.begin = False
+
+    async def add(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = view[: FLUSH_BYTES - self.used]
+            self.buffer[self.used : self.used + len(take)] = take
+            self.used += len(take)
+            view = view[len(take) :]
+            if self.used == FLUSH_BYTES:
+                await self.flush()
+
+    async def flush(self, *, end: bool = False) -> None:
+        """Write what is gathered (``end``: and close the part), in one thread hop."""
+        if self.used or end:
+            data = memoryview(self.buffer)[: self.used]
+            await run_in_threadpool(
+                functools.partial(self.upload.write, data, begin=self.begin, end=end)
+            )
+            self.used, self.begin = 0, False
 
 
 def _check_part(part: PartStart) -> None:

@@ -63,7 +63,9 @@ class PartStart:
 
 @dataclass(frozen=True)
 class PartData:
-    data: bytes
+    """Data of the current part: a view of the chunk fed (valid until the caller drops it)."""
+
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class MultipartParser:
         self.delimiter = b"\r\n--" + boundary
         # a body may start with the delimiter itself, without the CRLF before it
         self._buffer = bytearray(b"\r\n")
+        #: in a part's data: its last bytes, which may begin the delimiter the next chunk ends
+        self._tail = b""
         self._state = _PREAMBLE
         self.parts = 0
 
@@ -92,13 +96,21 @@ class MultipartParser:
         return self._state == _DONE
 
     def feed(self, chunk: bytes) -> list[Event]:
-        """The events that ``chunk`` completes."""
-        if self._state == _DONE:
-            return []  # the epilogue: ignored (RFC 2046)
-        self._buffer += chunk
+        """The events that ``chunk`` completes. A part's data is not copied: the bulk of the
+        body passes as views of the chunks fed; the boundaries and headers between parts go
+        through a small buffer."""
         events: list[Event] = []
-        while self._step(events):
-            pass
+        while chunk and self._state != _DONE:  # after the closing boundary: the epilogue, ignored
+            if self._state == _BODY:
+                chunk = self._body(chunk, events)
+                continue
+            self._buffer += chunk
+            while self._state != _BODY and self._step(events):
+                pass
+            chunk = b""
+            if self._state == _BODY and self._buffer:  # the first data of a part
+                chunk = bytes(self._buffer)
+                self._buffer.clear()
         return events
 
     def finish(self) -> None:
@@ -131,8 +143,6 @@ class MultipartParser:
             return self._after_delimiter(events)
         if self._state == _HEADERS:
             return self._headers(events)
-        if self._state == _BODY:
-            return self._body(events)
         return False
 
     def _after_delimiter(self, events: list[Event]) -> bool:
@@ -180,21 +190,42 @@ class MultipartParser:
         self._state = _BODY
         return True
 
-    def _body(self, events: list[Event]) -> bool:
-        buffer = self._buffer
-        found = buffer.find(self.delimiter)
-        if found < 0:
-            keep = len(self.delimiter) - 1
-            if len(buffer) > keep:
-                events.append(PartData(bytes(buffer[: len(buffer) - keep])))
-                del buffer[: len(buffer) - keep]
-            return False
-        if found:
-            events.append(PartData(bytes(buffer[:found])))
-        del buffer[: found + len(self.delimiter)]
+    def _body(self, chunk: bytes, events: list[Event]) -> bytes:
+        """Pass ``chunk`` on as the part's data up to the delimiter; return what follows the
+        delimiter (empty: all of it is data, its last bytes held back as the tail)."""
+        delimiter, tail = self.delimiter, self._tail
+        keep = len(delimiter) - 1
+        if tail:  # a delimiter that begins in the tail ends in the chunk's first bytes
+            found = (tail + chunk[:keep]).find(delimiter)
+            if found >= 0:
+                if found:
+                    events.append(PartData(tail[:found]))
+                return self._end_part(events, chunk[found + len(delimiter) - len(tail) :])
+        found = chunk.find(delimiter)
+        if found >= 0:
+            if tail:
+                events.append(PartData(tail))
+            if found:
+                events.append(PartData(memoryview(chunk)[:found]))
+            return self._end_part(events, chunk[found + len(delimiter) :])
+        if len(chunk) >= keep:
+            if tail:
+                events.append(PartData(tail))
+            if len(chunk) > keep:
+                events.append(PartData(memoryview(chunk)[: len(chunk) - keep]))
+            self._tail = chunk[len(chunk) - keep :]
+        else:
+            joined = tail + chunk
+            if len(joined) > keep:
+                events.append(PartData(joined[: len(joined) - keep]))
+            self._tail = joined[-keep:]
+        return b""
+
+    def _end_part(self, events: list[Event], rest: bytes) -> bytes:
+        self._tail = b""
         events.append(PartEnd(self.parts))
         self._state = _AFTER_DELIMITER
-        return True
+        return rest
 
 
 def _parse_headers(raw: bytes, number: int) -> dict[str, str]:

@@ -14,11 +14,12 @@ The HTTP side (multipart parsing, the response) is :mod:`dicomnode.api.dicomweb`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from dicomnode.domain import Peer, StoredInstance
+from dicomnode.durable import fsync_file
 from dicomnode.errors import (
     BodyInvalid,
     ServiceBusy,
@@ -49,6 +51,8 @@ STOW_CALLED_AET = "STOW-RS"
 AE_TITLE_LENGTH = 16
 #: instances of one request stored at once: their fsyncs overlap, their rows share commits
 STORE_THREADS = 4
+#: parts flushed to disk at once while the rest of the request arrives
+SYNC_THREADS = 2
 #: a part's File Meta Information may be at most this long (a handful of UIDs in practice)
 MAX_META_BYTES = 64 << 10
 #: PS3.18 Table I.2-2: a failure the node did not foresee
@@ -88,25 +92,27 @@ class PartOutcome:
 
 @dataclass
 class Upload:
-    """The parts of one request being written into the receiver's ``incoming/`` folder."""
+    """The parts of one request being written into the receiver's ``incoming/`` folder.
+
+    Each part, once written, is flushed to disk in the background while the next ones arrive
+    (its ``fsync`` in :meth:`InstanceStore.store` then finds little or nothing to write), so
+    storing a request's instances costs about what indexing them does."""
 
     ingest: StowIngest
     peer: Peer
     paths: list[Path] = field(default_factory=list)
     size: int = 0
     _file: BinaryIO | None = None
+    _syncs: ThreadPoolExecutor | None = None
+    _synced: list[Future[None]] = field(default_factory=list)
 
-    def begin_part(self) -> None:
-        """A new part: refused (OutOfResources) below the disk floor, before it is written."""
-        self.end_part()
-        store = self.ingest.receiver.store
-        store.check_disk()
-        path = store.spool.new_incoming()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.paths.append(path)
-        self._file = os.fdopen(fd, "wb")
-
-    def write(self, data: bytes | bytearray) -> None:
+    def write(
+        self, data: bytes | bytearray | memoryview, *, begin: bool = False, end: bool = False
+    ) -> None:
+        """Append ``data`` to the current part (``begin``: a new one, refused below the disk
+        floor before it is written; ``end``: then close it)."""
+        if begin:
+            self._begin_part()
         if self._file is None:
             raise BodyInvalid("part data outside a part")  # the parser never does this
         try:
@@ -114,22 +120,51 @@ class Upload:
         except OSError as exc:
             raise StoreFailed(f"could not write a received part: {exc.strerror}") from exc
         self.size += len(data)
-
-    def end_part(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if end:
+            self._end_part()
 
     def parts(self) -> list[Part]:
         """Every part as a DICOM file; BodyInvalid naming the first part that is none."""
-        self.end_part()
+        self._end_part()
+        self._wait_syncs()
         return [identify(number, path) for number, path in enumerate(self.paths, 1)]
 
     def discard(self) -> None:
         """Remove what is left in ``incoming/`` (stored parts have moved to the spool)."""
-        self.end_part()
+        self._end_part()
+        self._wait_syncs()
         for path in self.paths:
             path.unlink(missing_ok=True)
+
+    def _begin_part(self) -> None:
+        self._end_part()
+        store = self.ingest.receiver.store
+        store.check_disk()
+        path = store.spool.new_incoming()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.paths.append(path)
+        self._file = os.fdopen(fd, "wb")
+
+    def _end_part(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if self._syncs is None:
+            self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="stow-sync")
+        self._synced.append(self._syncs.submit(_write_back, self.paths[-1]))
+
+    def _wait_syncs(self) -> None:
+        if self._syncs is not None:
+            self._syncs.shutdown(wait=True)
+            self._syncs = None
+        self._synced.clear()
+
+
+def _write_back(path: Path) -> None:
+    """Flush a received part to disk early; a failure is left to the store's own fsync."""
+    with contextlib.suppress(OSError):
+        fsync_file(path)
 
 
 def identify(number: int, path: Path) -> Part:
