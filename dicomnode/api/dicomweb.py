@@ -43,7 +43,7 @@ from dicomnode.errors import (
     ServiceBusy,
     UnsupportedMediaType,
 )
-from dicomnode.receive.stow import Part, PartOutcome, StowIngest, Upload, stow_peer
+from dicomnode.receive.stow import PartOutcome, Upload, stow_peer
 from dicomnode.receive.validate import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
         if not parts:
             raise BodyInvalid("the body holds no part")
         outcomes = await run_in_threadpool(
-            _store_parts, ingest, upload, parts, study, principal.actor
+            functools.partial(ingest.store, upload, parts, study=study, actor=principal.actor)
         )
     except DicomNodeError as exc:
         _refused(host, exc)
@@ -124,12 +124,6 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     finally:
         await run_in_threadpool(ingest.finish, upload)
     return _answer(outcomes)
-
-
-def _store_parts(
-    ingest: StowIngest, upload: Upload, parts: list[Part], study: str | None, actor: str
-) -> list[PartOutcome]:
-    return ingest.store(upload, parts, study=study, actor=actor)
 
 
 def _check_headers(request: Request, limit: int) -> bytes:
