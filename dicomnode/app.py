@@ -34,6 +34,7 @@ from dicomnode.receive.processes import ReceiverProcesses
 from dicomnode.receive.server import Receiver
 from dicomnode.receive.spool import Spool
 from dicomnode.receive.store import InstanceStore
+from dicomnode.receive.stow import StowIngest
 from dicomnode.receive.validate import Limits
 from dicomnode.retention import purge_results, purge_studies
 from dicomnode.routing import Router
@@ -234,6 +235,7 @@ def build_node(
             jobs,
             embedded,
             tuple(builtin_models or ()),
+            stow=StowIngest(receiver),
         )
         api = ApiServer(context)
     node = Node(

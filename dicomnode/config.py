@@ -718,8 +718,9 @@ class NotificationSettings(_Section):
 #: What an API token may do; each route names the one it needs (see dicomnode.api.auth).
 #: ``read``: jobs, models, summary, audit, metrics, health details, the OpenAPI document, all
 #: without patient or study attributes; ``phi``: those attributes too, /api/studies, and the
-#: study, accession and patient filters; ``operate``: retry, cancel, resend; ``admin``: all.
-ApiScope = Literal["read", "phi", "operate", "admin"]
+#: study, accession and patient filters; ``operate``: retry, cancel, resend; ``store``: send
+#: studies in by STOW-RS (nothing else: a modality's or a PACS's token); ``admin``: all.
+ApiScope = Literal["read", "phi", "operate", "store", "admin"]
 #: the scopes of a named token that names none (``tokens = {ris = "..."}``, the older form):
 #: reading without patient data; acting on jobs and seeing patients are opted into
 DEFAULT_TOKEN_SCOPES: tuple[ApiScope, ...] = ("read",)
@@ -756,6 +757,9 @@ class ApiSettings(_Section):
     #: health: C-ECHO each DIMSE destination with this timeout, at most once per cache period
     echo_timeout_s: float = Field(2.0, gt=0)
     health_cache_s: float = Field(30.0, ge=0)
+    #: the largest STOW-RS request body (POST /dicomweb/studies) taken, in MB; the receiver's
+    #: per-instance limits ([node] max_inflated_mb, max_pixel_data_mb) apply to each part
+    stow_max_mb: int = Field(4096, ge=1)
 
     @field_validator("tls_cert", "tls_key", mode="before")
     @classmethod

@@ -41,6 +41,7 @@ class OutOfResources(StoreRefused):
     """Free disk space is below the configured floor; the instance was not stored."""
 
     dicom_status = 0xA700
+    http_status = 507  # Insufficient Storage: a STOW-RS request refused before its parts
 
 
 class DatasetRejected(StoreRefused):
@@ -105,6 +106,13 @@ class SOPInstanceMismatch(DatasetRejected):
     dicom_status = 0xA900
 
 
+class StudyMismatch(DatasetRejected):
+    """The dataset's Study Instance UID differs from the study the STOW-RS request names."""
+
+    #: PS3.18 Table I.2-2 has no code for it (it allows others); 0xC409 is dcm4chee-arc's
+    dicom_status = 0xC409
+
+
 class InvalidRequestUID(StoreRefused):
     """The request's Affected SOP Instance UID is missing or not a valid UID (digits and dots,
     at most 64 characters)."""
@@ -117,6 +125,18 @@ class InvalidRequestSOPClass(StoreRefused):
     most 64 characters)."""
 
     dicom_status = 0x0122  # Refused: SOP Class Not Supported (PS3.7 Annex C)
+
+
+class SOPClassNotSupported(StoreRefused):
+    """The instance's SOP Class is not a storage class the node accepts."""
+
+    dicom_status = 0x0122  # Referenced SOP Class not supported (PS3.18 Table I.2-2)
+
+
+class TransferSyntaxNotSupported(StoreRefused):
+    """The instance's transfer syntax is not one the node accepts."""
+
+    dicom_status = 0xC122  # Referenced Transfer Syntax not supported (PS3.18 Table I.2-2)
 
 
 class StoreFailed(StoreRefused):
@@ -301,6 +321,36 @@ class HostNotAllowed(DicomNodeError):
     """The request's Host header names no host this API answers to."""
 
     http_status = 400
+
+
+class BodyInvalid(DicomNodeError):
+    """The request body is not a valid multipart/related body of DICOM files."""
+
+    http_status = 400
+
+
+class BodyTooLarge(DicomNodeError):
+    """The request body is larger than the node accepts."""
+
+    http_status = 413
+
+
+class UnsupportedMediaType(DicomNodeError):
+    """The request's (or a part's) Content-Type is not one the node stores."""
+
+    http_status = 415
+
+
+class RequestTimeout(DicomNodeError):
+    """The request body stopped arriving, or took longer than the node allows."""
+
+    http_status = 408
+
+
+class ServiceBusy(DicomNodeError):
+    """The node is at a limit on concurrent transfers; try again shortly."""
+
+    http_status = 503
 
 
 class CommandModelFailed(ModelError):

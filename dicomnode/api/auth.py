@@ -3,7 +3,8 @@
 ``read``: jobs, models, summary, audit, metrics, health details, the OpenAPI document, with no
 patient or study attribute in them (see :mod:`dicomnode.api.phi`); ``phi``: those attributes,
 /api/studies and the study, accession and patient filters; ``operate``: retry, cancel, resend;
-``admin``: everything. ``phi`` and ``operate`` imply ``read``. A missing token is 401, a token
+``store``: STOW-RS (and nothing else); ``admin``: everything. ``phi`` and ``operate`` imply
+``read``. A missing token is 401, a token
 without the scope 403 naming it. An API without tokens (loopback only) grants every scope.
 """
 
@@ -106,3 +107,4 @@ def needs(scope: str) -> Callable[..., Principal]:
 Reader = Annotated[Principal, Depends(needs("read"))]
 PhiReader = Annotated[Principal, Depends(needs("phi"))]
 Operator = Annotated[Principal, Depends(needs("operate"))]
+Storer = Annotated[Principal, Depends(needs("store"))]

@@ -23,6 +23,7 @@ from dicomnode.errors import ConfigError
 if TYPE_CHECKING:
     from dicomnode.config import ApiSettings, Settings
     from dicomnode.queue.repository import JobRepository
+    from dicomnode.receive.stow import StowIngest
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ IMPLIED_SCOPES: dict[str, frozenset[str]] = {
     "read": frozenset({"read"}),
     "phi": frozenset({"read", "phi"}),
     "operate": frozenset({"read", "operate"}),
-    "admin": frozenset({"read", "phi", "operate", "admin"}),
+    #: STOW-RS only: a sender's token reads nothing
+    "store": frozenset({"store"}),
+    "admin": frozenset({"read", "phi", "operate", "store", "admin"}),
 }
 #: A token on a non-loopback host must be at least this long...
 MIN_TOKEN_LENGTH = 24
@@ -85,6 +88,8 @@ class ApiContext:
     workers: tuple[EmbeddedWorker, ...] = ()
     #: the job models without a package this node runs (the tests' echo), for /api/models
     builtin_models: tuple[str, ...] = ()
+    #: stores STOW-RS requests through the node's receiver (None: no receiver, no STOW-RS)
+    stow: StowIngest | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: how long /metrics and the dashboard's throughput reuse a scan of the jobs table
 SCAN_CACHE_S = 5.0
+#: a 503 (a STOW-RS request over the receiver's limits) asks the client to wait this long
+RETRY_AFTER_S = 5
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -34,7 +36,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    from dicomnode.api import auth, catalog, dashboard, health, jobs, metrics
+    from dicomnode.api import auth, catalog, dashboard, dicomweb, health, jobs, metrics
     from dicomnode.api.guard import Guard
     from dicomnode.errors import DicomNodeError
 
@@ -43,7 +45,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         version=__version__,
         description="Jobs, studies, models, health and metrics of a dicomnode. Every route but "
         "the up/down answer of /api/health needs `Authorization: Bearer <token>` when tokens "
-        "are configured, with the scope the route names: read, phi, operate (admin: all).",
+        "are configured, with the scope the route names: read, phi, operate, store (admin: all).",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -59,7 +61,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.exception_handler(DicomNodeError)
     async def _error(_request: Request, exc: DicomNodeError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        headers = {
+            401: {"WWW-Authenticate": "Bearer"},
+            503: {"Retry-After": str(RETRY_AFTER_S)},
+        }.get(exc.http_status)
         return JSONResponse(
             {"error": exc.message, "type": type(exc).__name__},
             status_code=exc.http_status,
@@ -85,7 +90,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def _openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (health, jobs, catalog, metrics, dashboard):
+    for module in (health, jobs, catalog, metrics, dashboard, dicomweb):
         app.include_router(module.router)
     static = str(_static_dir())
     app.mount("/static", StaticFiles(directory=static), name="static")

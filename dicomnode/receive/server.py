@@ -227,13 +227,7 @@ class Receiver:
 
     def association_opened(self, handler: AssociationHandler) -> None:
         assert handler.peer is not None
-        try:
-            with self.sessions.begin() as session:
-                handler.pk = index.open_association(
-                    session, handler.peer, datetime.now(UTC), receiver_id=self.receiver_id
-                )
-        except Exception:
-            logger.exception("Could not record association", extra={"action": "association_open"})
+        handler.pk = self.open_transfer(handler.peer)
         logger.info(
             "Association %s from %s as %r",
             handler.pk,
@@ -243,34 +237,14 @@ class Receiver:
         )
 
     def association_closed(self, handler: AssociationHandler, outcome: str) -> None:
-        if handler.pk is not None:
-            try:
-                with self.sessions.begin() as session:
-                    closed_at = datetime.now(UTC)
-                    index.close_association(
-                        session,
-                        handler.pk,
-                        outcome=outcome,
-                        closed_at=closed_at,
-                        stored=handler.stored,
-                        refused=handler.refused,
-                    )
-                    if (handler.stored or handler.refused) and handler.peer is not None:
-                        # One audit row per association, in the same commit: off the
-                        # per-instance path.
-                        audit.add_event(
-                            session,
-                            audit.aet_actor(handler.peer.calling_aet, handler.host),
-                            "received",
-                            detail=_received_detail(handler.stored, handler.refused),
-                            at=closed_at,
-                        )
-            except Exception:
-                logger.exception(
-                    "Could not record association end", extra={"action": "association_close"}
-                )
-        if self.on_association_closed is not None and handler.stored:
-            self.on_association_closed()
+        if handler.peer is not None:
+            self.close_transfer(
+                handler.pk,
+                outcome,
+                stored=handler.stored,
+                refused=handler.refused,
+                actor=audit.aet_actor(handler.peer.calling_aet, handler.host),
+            )
         logger.info(
             "Association %s %s: %d stored, %d refused",
             handler.pk,
@@ -279,6 +253,54 @@ class Receiver:
             handler.refused,
             extra={"action": "association_close"},
         )
+
+    # -- one transfer (an association, or a STOW-RS request) in the index ----------------
+
+    def open_transfer(self, peer: Peer) -> int | None:
+        """Record a transfer from ``peer`` as open (its instances name it); None when the
+        index could not be written (the instances are then stored without it)."""
+        try:
+            with self.sessions.begin() as session:
+                return index.open_association(
+                    session, peer, datetime.now(UTC), receiver_id=self.receiver_id
+                )
+        except Exception:
+            logger.exception("Could not record association", extra={"action": "association_open"})
+            return None
+
+    def close_transfer(
+        self, pk: int | None, outcome: str, *, stored: int, refused: int, actor: str, via: str = ""
+    ) -> None:
+        """Record a transfer's end (``released``: the sender said it sent everything) with one
+        audit event, in one commit; then wake the intake when it stored something."""
+        if pk is not None:
+            try:
+                with self.sessions.begin() as session:
+                    closed_at = datetime.now(UTC)
+                    index.close_association(
+                        session,
+                        pk,
+                        outcome=outcome,
+                        closed_at=closed_at,
+                        stored=stored,
+                        refused=refused,
+                    )
+                    if stored or refused:
+                        # One audit row per transfer, in the same commit: off the per-instance
+                        # path.
+                        audit.add_event(
+                            session,
+                            actor,
+                            "received",
+                            detail=_received_detail(stored, refused) + via,
+                            at=closed_at,
+                        )
+            except Exception:
+                logger.exception(
+                    "Could not record association end", extra={"action": "association_close"}
+                )
+        if self.on_association_closed is not None and stored:
+            self.on_association_closed()
 
 
 def _close(request: socket.socket) -> None:

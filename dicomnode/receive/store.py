@@ -102,9 +102,11 @@ class InstanceStore:
         transfer_syntax: str,
         peer: Peer,
         association_pk: int | None,
+        expected_study: str | None = None,
     ) -> StoredInstance:
         """Validate and store one received file, sent in the presentation context's
-        ``transfer_syntax``; raises a StoreRefused subclass to refuse it."""
+        ``transfer_syntax`` (with ``expected_study``: it must be of that study); raises a
+        StoreRefused subclass to refuse it."""
         self.check_disk()
         if UID(transfer_syntax).is_deflated:
             inflate_in_place(received, limit=self.max_inflated_bytes, check_disk=self.check_disk)
@@ -112,6 +114,7 @@ class InstanceStore:
             received,
             expected_sop_class=sop_class_uid,
             expected_sop_instance=sop_instance_uid,
+            expected_study=expected_study,
             limits=self.limits,
         )
         relative = self.spool.relative_path(header)

@@ -31,6 +31,7 @@ from dicomnode.errors import (
     PixelDescriptionInvalid,
     SOPClassMismatch,
     SOPInstanceMismatch,
+    StudyMismatch,
 )
 from dicomnode.receive.inflate import LONG_VRS, meta_end
 
@@ -215,9 +216,11 @@ def read_header(
     *,
     expected_sop_class: str,
     expected_sop_instance: str,
+    expected_study: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> InstanceHeader:
-    """Validate a received file and return the attributes the index keeps.
+    """Validate a received file and return the attributes the index keeps; with
+    ``expected_study`` (a STOW-RS request to one study) it must be of that study.
 
     Raises a :class:`~dicomnode.errors.DatasetRejected` subclass naming what is wrong.
     """
@@ -242,6 +245,11 @@ def read_header(
         raise SOPInstanceMismatch(
             f"dataset SOP Instance UID {uids['SOPInstanceUID']} differs from "
             f"the request's {expected_sop_instance}"
+        )
+    if expected_study is not None and uids["StudyInstanceUID"] != expected_study:
+        raise StudyMismatch(
+            f"dataset Study Instance UID {uids['StudyInstanceUID']} differs from the "
+            f"request's study {expected_study}"
         )
     _check_pixels(values, found.pixel, limits.max_pixel_bytes)
 

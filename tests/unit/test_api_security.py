@@ -138,7 +138,7 @@ def test_a_named_token_is_not_an_admin_token(client: httpx.Client, history: Hist
     assert client.post(f"/api/jobs/{queued}/retry", headers=bearer(ADMIN)).status_code == 200
     assert client.get("/api/me", headers=bearer(ADMIN)).json() == {
         "name": "admin", "actor": "token:admin",
-        "scopes": ["admin", "operate", "phi", "read"],
+        "scopes": ["admin", "operate", "phi", "read", "store"],
     }  # fmt: skip
 
 
@@ -171,6 +171,21 @@ def test_resend_needs_operate_and_says_why_it_cannot(
     )
     assert unknown.status_code == 400 and "no destination 'nowhere'" in unknown.json()["error"]
     assert client.post("/api/jobs/9999/resend", headers=bearer(RIS)).status_code == 404
+
+
+def test_stow_needs_the_store_scope_and_a_receiver(client: httpx.Client) -> None:
+    """STOW-RS writes studies in: no scope but ``store`` (or admin) may; an API without the
+    node's receiver (this one) answers 503 rather than storing anywhere else."""
+    multipart = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    for token in (RIS, OPS, MONITOR, CLERK, RUNNER):
+        refused = client.post("/dicomweb/studies", content=b"--b--", headers={
+            **bearer(token), **multipart})  # fmt: skip
+        assert refused.status_code == 403 and "'store' scope" in refused.json()["error"]
+    assert client.post("/dicomweb/studies", content=b"--b--").status_code == 401
+    unserved = client.post("/dicomweb/studies", content=b"--b--", headers={
+        **bearer(ADMIN), **multipart})  # fmt: skip
+    assert unserved.status_code == 503 and "receiver" in unserved.json()["error"]
+    assert unserved.headers["retry-after"] == "5"
 
 
 def test_health_without_a_token_says_up_or_down_only(
