@@ -35,7 +35,8 @@ IMPLIED_SCOPES: dict[str, frozenset[str]] = {
     "read": frozenset({"read"}),
     "phi": frozenset({"read", "phi"}),
     "operate": frozenset({"read", "operate"}),
-    "admin": frozenset({"read", "phi", "operate", "admin"}),
+    "review": frozenset({"read", "review"}),
+    "admin": frozenset({"read", "phi", "operate", "review", "admin"}),
 }
 #: A token on a non-loopback host must be at least this long...
 MIN_TOKEN_LENGTH = 24

@@ -34,7 +34,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    from dicomnode.api import auth, catalog, dashboard, health, jobs, metrics
+    from dicomnode.api import auth, catalog, dashboard, health, jobs, metrics, previews
     from dicomnode.api.guard import Guard
     from dicomnode.errors import DicomNodeError
 
@@ -43,7 +43,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         version=__version__,
         description="Jobs, studies, models, health and metrics of a dicomnode. Every route but "
         "the up/down answer of /api/health needs `Authorization: Bearer <token>` when tokens "
-        "are configured, with the scope the route names: read, phi, operate (admin: all).",
+        "are configured, with the scope the route names: read, phi, operate, review "
+        "(admin: all).",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -85,7 +86,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def _openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (health, jobs, catalog, metrics, dashboard):
+    for module in (health, jobs, previews, catalog, metrics, dashboard):
         app.include_router(module.router)
     static = str(_static_dir())
     app.mount("/static", StaticFiles(directory=static), name="static")
