@@ -52,7 +52,16 @@ SPANS: tuple[tuple[str, str, str], ...] = (
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 #: Job states that ran to the end of their run (finished_at is the run's end).
-RAN = (JobState.CONFIRMING.value, JobState.SENDING.value, JobState.DONE.value)
+RAN = tuple(
+    s.value
+    for s in (
+        JobState.CONFIRMING,
+        JobState.REVIEW,
+        JobState.SENDING,
+        JobState.DONE,
+        JobState.REJECTED,
+    )
+)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -113,12 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("show", "one job in full"),
         ("retry", "queue a failed or cancelled job again"),
         ("cancel", "cancel an unfinished job"),
+        ("approve", "send the results a review route holds (as its release would have)"),
+        ("reject", "refuse the results a review route holds: nothing is sent"),
     ):
         command = jobs_commands.add_parser(action, help=help_text)
         _config_option(command)
         command.add_argument("job_id", type=int)
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(func=_jobs_action, jobs_action=action)
+        if action == "approve":
+            command.add_argument("--note", help="audited with the approval")
+        elif action == "reject":
+            command.add_argument("--reason", required=True, help="why (audited, kept on the job)")
 
     models = commands.add_parser("models", help="the models this node can run")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -473,7 +479,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
 
 def _jobs_action(args: argparse.Namespace) -> int:
     from dicomnode import admin, audit
-    from dicomnode.errors import JobNotFound
+    from dicomnode.errors import InvalidQuery, JobNotFound
 
     repository = _jobs_repository(args)
     if args.jobs_action == "show":
@@ -483,6 +489,13 @@ def _jobs_action(args: argparse.Namespace) -> int:
         return _jobs_show(admin.job_detail(repository.sessions, job), as_json=args.json)
     if args.jobs_action == "retry":
         job = repository.retry(args.job_id, actor=audit.cli_actor())
+    elif args.jobs_action == "approve":
+        job = repository.approve(args.job_id, actor=audit.cli_actor(), note=args.note)
+    elif args.jobs_action == "reject":
+        try:
+            job = repository.reject(args.job_id, actor=audit.cli_actor(), reason=args.reason)
+        except ValueError as exc:
+            raise InvalidQuery(f"--reason {args.reason!r}: {exc}") from None
     else:
         job = repository.cancel(args.job_id, actor=audit.cli_actor())
     if args.json:

@@ -287,6 +287,10 @@ class RouteSettings(_Section):
     send_if: SendIf = "always"
     #: what makes one of its findings critical: one rule or a list (any may match)
     critical: tuple[CriticalRule, ...] = ()
+    #: hold each job's results in ``review`` (nothing sent, no one notified) until a person
+    #: approves them (POST /api/jobs/{id}/approve, ``jobs approve``) or rejects them with a
+    #: reason; a shadow route never sends, so never holds
+    review: bool = False
 
     @field_validator("critical", mode="before")
     @classmethod
@@ -718,9 +722,10 @@ class NotificationSettings(_Section):
 #: What an API token may do; each route names the one it needs (see dicomnode.api.auth).
 #: ``read``: jobs, models, summary, audit, metrics, health details, the OpenAPI document, all
 #: without patient or study attributes; ``phi``: those attributes too, /api/studies, and the
-#: study, accession and patient filters; ``operate``: retry, cancel, resend; ``store``: send
-#: studies in by STOW-RS (nothing else: a modality's or a PACS's token); ``admin``: all.
-ApiScope = Literal["read", "phi", "operate", "store", "admin"]
+#: study, accession and patient filters; ``operate``: retry, cancel, resend; ``review``:
+#: approve or reject the results a ``review = true`` route holds; ``store``: send studies in
+#: by STOW-RS (nothing else: a modality's or a PACS's token); ``admin``: all.
+ApiScope = Literal["read", "phi", "operate", "review", "store", "admin"]
 #: the scopes of a named token that names none (``tokens = {ris = "..."}``, the older form):
 #: reading without patient data; acting on jobs and seeing patients are opted into
 DEFAULT_TOKEN_SCOPES: tuple[ApiScope, ...] = ("read",)

@@ -80,8 +80,8 @@ class StudySummary:
 
 
 class JobState(StrEnum):
-    """Where a job is (DESIGN.md): waiting -> queued -> running (-> confirming) -> sending ->
-    done, or an end."""
+    """Where a job is (DESIGN.md): waiting -> queued -> running (-> confirming) (-> review) ->
+    sending -> done, or an end."""
 
     WAITING = "waiting"  # its series or study is not complete yet
     QUEUED = "queued"
@@ -89,6 +89,9 @@ class JobState(StrEnum):
     #: results made from inputs still inside their confirmation window: held, not sent, until
     #: intake confirms nothing new arrived (then ``sending`` or ``done``), or superseded
     CONFIRMING = "confirming"
+    #: results of a route with ``review = true``, held (nothing sent, no one notified) until a
+    #: reviewer approves them (then ``sending`` or ``done``) or rejects them (``rejected``)
+    REVIEW = "review"
     SENDING = "sending"
     DONE = "done"
     FAILED = "failed"
@@ -96,10 +99,13 @@ class JobState(StrEnum):
     # no route matched, a count-based condition failed at completion, or the route refused the
     # input (outside its model's envelope: the job ran up to that check)
     SKIPPED = "skipped"
+    REJECTED = "rejected"  # a reviewer refused its results: kept, never sent
 
 
 #: States a job never leaves.
-FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED})
+FINAL_STATES = frozenset(
+    {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED, JobState.REJECTED}
+)
 
 
 class Priority(IntEnum):

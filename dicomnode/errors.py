@@ -283,6 +283,12 @@ class JobNotFound(DicomNodeError):
     http_status = 404
 
 
+class PreviewNotFound(DicomNodeError):
+    """The job has no such key image (none written yet, or its file is gone)."""
+
+    http_status = 404
+
+
 class JobStateError(DicomNodeError):
     """The job is not in a state that allows this."""
 

@@ -3,7 +3,9 @@
 ``read``: jobs, models, summary, audit, metrics, health details, the OpenAPI document, with no
 patient or study attribute in them (see :mod:`dicomnode.api.phi`); ``phi``: those attributes,
 /api/studies and the study, accession and patient filters; ``operate``: retry, cancel, resend;
-``store``: STOW-RS (and nothing else); ``admin``: everything. ``phi`` and ``operate`` imply
+``store``: STOW-RS (and nothing else); ``review``: approve or reject the results a review
+route holds (a clinical decision, kept apart from operating the queue); ``admin``:
+everything. ``phi``, ``operate`` and ``review`` imply
 ``read``. A missing token is 401, a token
 without the scope 403 naming it. An API without tokens (loopback only) grants every scope.
 """
@@ -108,3 +110,4 @@ Reader = Annotated[Principal, Depends(needs("read"))]
 PhiReader = Annotated[Principal, Depends(needs("phi"))]
 Operator = Annotated[Principal, Depends(needs("operate"))]
 Storer = Annotated[Principal, Depends(needs("store"))]
+Reviewer = Annotated[Principal, Depends(needs("review"))]

@@ -38,7 +38,8 @@ IMPLIED_SCOPES: dict[str, frozenset[str]] = {
     "operate": frozenset({"read", "operate"}),
     #: STOW-RS only: a sender's token reads nothing
     "store": frozenset({"store"}),
-    "admin": frozenset({"read", "phi", "operate", "store", "admin"}),
+    "review": frozenset({"read", "review"}),
+    "admin": frozenset({"read", "phi", "operate", "review", "store", "admin"}),
 }
 #: A token on a non-loopback host must be at least this long...
 MIN_TOKEN_LENGTH = 24

@@ -1,11 +1,15 @@
 """GET /: the dashboard page, rendered here; its script (static/dashboard.js) polls the API.
+``/#/jobs/ID`` is one job's page: stages, inputs, findings, key images, sends, its log, and
+the actions the token may take (retry, cancel, resend; approve and reject a job in review).
 
 The page itself carries no job or patient data (a browser cannot send a bearer token with a
 page load): the script asks for the token once, keeps it in sessionStorage, and fetches
 everything it shows from the token-guarded JSON API. No CDN: the script and style ship in
 the package, so the page works offline. With a token that lacks ``operate`` it hides the
-retry and cancel buttons (it asks /api/me for the token's scopes); it shows no patient data
-with any token.
+retry and cancel buttons (it asks /api/me for the token's scopes), without ``review`` the
+approve and reject buttons; it shows no patient data with any token but the key images, which
+a ``phi`` token fetches with its bearer header and shows as ``blob:`` images (an ``<img src>``
+cannot send the header).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ router = APIRouter(tags=["dashboard"])
 #: only our own script and style; nothing inline, nothing from elsewhere, in no frame
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-    "img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    "img-src 'self' blob:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 
 

@@ -1,19 +1,21 @@
-"""/api/jobs: list with filters and pagination, one job in full, retry, cancel, resend;
-/api/summary (the dashboard's counts and throughput); /api/audit; /api/me (the token's scopes).
+"""/api/jobs: list with filters and pagination, one job in full, retry, cancel, resend,
+approve, reject; /api/summary (the dashboard's counts and throughput); /api/audit; /api/me (the
+token's scopes).
 
 Reading needs ``read`` (patient and study attributes blanked without ``phi``), acting
-``operate``."""
+``operate``, approving and rejecting a review route's results ``review``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from dicomnode import admin, audit
-from dicomnode.api.auth import Operator, Principal, Reader, context
+from dicomnode.api.auth import Operator, Principal, Reader, Reviewer, context
 from dicomnode.api.context import Memo
 from dicomnode.api.params import MAX_LIMIT, JobId, Offset, OptionalJobId, Since, since, text
 from dicomnode.api.phi import PHI_FILTERS, redact
@@ -93,6 +95,49 @@ async def retry_job(request: Request, job_id: JobId, principal: Operator) -> dic
 @router.post("/jobs/{job_id}/cancel", summary="Cancel an unfinished job (operate)")
 async def cancel_job(request: Request, job_id: JobId, principal: Operator) -> dict[str, Any]:
     job = await run_in_threadpool(context(request).jobs.cancel, job_id, actor=principal.actor)
+    return shown(principal, admin.job_summary(job))
+
+
+class Approval(BaseModel):
+    """A reviewer's approval; the note (optional) is audited with it."""
+
+    note: str | None = Field(None, max_length=1000)
+
+
+class Rejection(BaseModel):
+    """A reviewer's rejection: why (required), audited and kept as the job's error."""
+
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+@router.post("/jobs/{job_id}/approve", summary="Release a job's results held for review (review)")
+async def approve_job(
+    request: Request,
+    job_id: JobId,
+    principal: Reviewer,
+    approval: Annotated[Approval | None, Body()] = None,
+) -> dict[str, Any]:
+    """Sends and notifications are written as its release would have written them; 409 for a
+    job not in review (approved already, rejected, or never held)."""
+    note = approval.note if approval is not None else None
+    job = await run_in_threadpool(
+        context(request).jobs.approve, job_id, actor=principal.actor, note=note
+    )
+    return shown(principal, admin.job_summary(job))
+
+
+@router.post("/jobs/{job_id}/reject", summary="Refuse a job's results held for review (review)")
+async def reject_job(
+    request: Request, job_id: JobId, principal: Reviewer, rejection: Rejection
+) -> dict[str, Any]:
+    """The job becomes ``rejected`` with the reason, and sends nothing; 409 for a job not in
+    review."""
+    try:
+        job = await run_in_threadpool(
+            context(request).jobs.reject, job_id, actor=principal.actor, reason=rejection.reason
+        )
+    except ValueError as exc:  # a reason of blanks only
+        raise InvalidQuery(f"reason {rejection.reason!r}: {exc}") from None
     return shown(principal, admin.job_summary(job))
 
 

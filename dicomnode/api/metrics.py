@@ -34,6 +34,7 @@ UNFINISHED = (
     JobState.QUEUED,
     JobState.RUNNING,
     JobState.CONFIRMING,
+    JobState.REVIEW,
     JobState.SENDING,
 )
 

@@ -36,7 +36,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    from dicomnode.api import auth, catalog, dashboard, dicomweb, health, jobs, metrics
+    from dicomnode.api import (
+        auth,
+        catalog,
+        dashboard,
+        dicomweb,
+        health,
+        jobs,
+        metrics,
+        previews,
+    )
     from dicomnode.api.guard import Guard
     from dicomnode.errors import DicomNodeError
 
@@ -45,7 +54,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         version=__version__,
         description="Jobs, studies, models, health and metrics of a dicomnode. Every route but "
         "the up/down answer of /api/health needs `Authorization: Bearer <token>` when tokens "
-        "are configured, with the scope the route names: read, phi, operate, store (admin: all).",
+        "are configured, with the scope the route names: read, phi, operate, review, store "
+        "(admin: all).",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -90,7 +100,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def _openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (health, jobs, catalog, metrics, dashboard, dicomweb):
+    for module in (health, jobs, previews, catalog, metrics, dashboard, dicomweb):
         app.include_router(module.router)
     static = str(_static_dir())
     app.mount("/static", StaticFiles(directory=static), name="static")

@@ -3,8 +3,8 @@
 ``send_if``), and which ``[[notifications]]`` are told, and of what.
 
 The job repository asks this at the one moment a run's results may go out (the run's finish,
-or its confirmation), in the transaction that records it: a review step that holds results
-would hold them before this point, sends and notifications alike.
+or its confirmation, or a reviewer's approval), in the transaction that records it: a route
+with ``review = true`` holds them before this point, sends and notifications alike.
 """
 
 from __future__ import annotations
@@ -169,6 +169,11 @@ class ReleasePolicy:
     def route(self, name: str) -> RouteSettings | None:
         """The route a job names (a trial's ``route?...`` suffix aside), if configured."""
         return self.routes.get(name.partition("?")[0])
+
+    def review(self, route: str) -> bool:
+        """Whether the route holds its jobs' results for a person's review (``review = true``)."""
+        found = self.route(route)
+        return found is not None and found.review
 
     def decide(self, route: str, result: Mapping[str, Any] | None) -> Outcome:
         return decide(self.route(route), result)

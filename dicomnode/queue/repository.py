@@ -353,7 +353,8 @@ class JobRepository:
         publish: Callable[[], None] | None = None,
     ) -> JobState | None:
         """The run succeeded: ``sending`` when the job has destinations, else ``done``; but
-        ``confirming`` (nothing sent yet) while its inputs are unconfirmed (:meth:`confirm`).
+        ``confirming`` (nothing sent yet) while its inputs are unconfirmed (:meth:`confirm`),
+        and ``review`` when its route holds results for a reviewer (:meth:`approve`).
 
         Returns the new state, or None (and changes nothing) when ``worker_id`` lost the lease.
         ``publish`` (moving the run's files into place) runs only while the lease is held, with
@@ -370,7 +371,7 @@ class JobRepository:
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
                 else:  # in this transaction: a crash loses no send and no notification
-                    state, result = self._release(session, row, result, now)
+                    state, result = self._release_or_hold(session, row, result, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -512,7 +513,8 @@ class JobRepository:
 
     def confirm(self, job_id: int) -> JobState | None:
         """The job's inputs are confirmed whole: its results may go out. A ``confirming`` job
-        becomes ``sending`` (its sends written in this transaction) or ``done``; a job still
+        becomes ``sending`` (its sends written in this transaction) or ``done`` (or ``review``
+        on a review route); a job still
         queued or running just loses its hold, so it sends as soon as it finishes. Returns the
         job's state after, or None when it was no longer held (confirmed, or ended)."""
         now = self.now()
@@ -527,7 +529,7 @@ class JobRepository:
             state = JobState(row.state)
             values: dict[str, Any] = {"confirm_after": None, "updated_at": now}
             if state is JobState.CONFIRMING:
-                state, result = self._release(session, row, row.result, now)
+                state, result = self._release_or_hold(session, row, row.result, now)
                 values["state"] = state.value
                 if result is not None:
                     values["result"] = dict(result)
@@ -569,6 +571,32 @@ class JobRepository:
         return bool(changed)
 
     # -- outcomes: where results go out, and who is told ---------------------------------------
+
+    def _release_or_hold(
+        self, session: Session, row: Row[Any], result: Mapping[str, Any] | None, now: datetime
+    ) -> tuple[JobState, Mapping[str, Any] | None]:
+        """Where a run's results would go out: held in ``review`` (nothing sent, no one told;
+        audited) when the job's route says ``review = true``, else :meth:`_release`d. A shadow
+        job never sends, so it is never held; nor is a refusal's "not analysed" report, which
+        holds no finding to review."""
+        refused = bool((result or {}).get(REFUSED))
+        if row.mode == "shadow" or refused or not self.policy.review(row.route):
+            return self._release(session, row, result, now)
+        audit.add_event(
+            session,
+            audit.NODE,
+            "review",
+            job_id=row.id,
+            study_instance_uid=row.study_instance_uid,
+            detail=f"results held for review (route {row.route})",
+            at=now,
+        )
+        logger.info(
+            "job %s: results held for review",
+            row.id,
+            extra={"action": "job_review", "job_id": row.id},
+        )
+        return JobState.REVIEW, result
 
     def _release(
         self, session: Session, row: Row[Any], result: Mapping[str, Any] | None, now: datetime
@@ -690,12 +718,80 @@ class JobRepository:
             values["error"] = _clip(f"cancelled: {reason}")
         return self._admin_transition(
             job_id,
-            allowed=lambda state: state not in FINAL_STATES,
+            allowed=lambda state: state not in FINAL_STATES and state is not JobState.REVIEW,
             refusal="only unfinished jobs can be cancelled",
+            refuse=lambda state: (
+                f"job {job_id} is {state}; "
+                + (
+                    "a job in review is ended by its reviewer: approve or reject it"
+                    if state is JobState.REVIEW
+                    else "only unfinished jobs can be cancelled"
+                )
+            ),
             values=values,
             action="job_cancelled",
             done="cancelled",
             audit_event=("cancelled", actor, reason),
+        )
+
+    def approve(self, job_id: int, *, actor: str, note: str | None = None) -> JobRecord:
+        """A reviewer lets a ``review`` job's results go out, exactly as a release without
+        review would have: its sends and notifications written in this transaction with the
+        ``approved`` audit event (``actor``; detail ``note``), the job ``sending`` or ``done``.
+        Raises JobNotFound, or JobStateError for a job not in review (approved already,
+        rejected, or never held)."""
+        now = self.now()
+        with self._sessions.begin() as session:
+            state = self._locked_state(session, job_id)
+            if state is not JobState.REVIEW:
+                raise JobStateError(_not_in_review(job_id, state, "approved"))
+            row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
+            state, result = self._release(session, row, row.result, now)
+            values: dict[str, Any] = {"state": state.value, "updated_at": now}
+            if result is not None:
+                values["result"] = dict(result)
+            session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+            audit.add_event(
+                session,
+                actor,
+                "approved",
+                job_id=job_id,
+                study_instance_uid=row.study_instance_uid,
+                detail=_clip_detail(f"results released ({state})" + (f": {note}" if note else "")),
+                at=now,
+            )
+            row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        logger.info(
+            "job %s approved by %s: %s",
+            job_id,
+            actor,
+            state,
+            extra={"action": "job_approved", "job_id": job_id},
+        )
+        return JobRecord.from_row(row)
+
+    def reject(self, job_id: int, *, actor: str, reason: str) -> JobRecord:
+        """A reviewer refuses a ``review`` job's results: ``rejected``, nothing sent and no one
+        notified, the results kept; ``reason`` (required) is the job's error and the detail of
+        the ``rejected`` audit event (``actor``). Raises ValueError for a blank reason,
+        JobNotFound, or JobStateError for a job not in review."""
+        reason = " ".join(reason.split())
+        if not reason:
+            raise ValueError("a rejection needs a reason (what is wrong with the results)")
+        now = self.now()
+        return self._admin_transition(
+            job_id,
+            allowed=lambda state: state is JobState.REVIEW,
+            refusal="only a job in review can be rejected",
+            values={
+                "state": JobState.REJECTED.value,
+                "error": _clip(f"rejected: {reason}"),
+                "updated_at": now,
+            },
+            action="job_rejected",
+            done="rejected by review",
+            audit_event=("rejected", actor, _clip_detail(reason)),
+            refuse=lambda state: _not_in_review(job_id, state, "rejected"),
         )
 
     def retry(self, job_id: int, *, actor: str | None = None) -> JobRecord:
@@ -737,13 +833,17 @@ class JobRepository:
         action: str,
         done: str,
         audit_event: tuple[str, str | None, str | None] = ("", None, None),
+        refuse: Callable[[JobState], str] | None = None,
     ) -> JobRecord:
         """An admin's change of one job's state, decided under the row's lock; the audit
-        event (action, actor, detail) commits with it when it names an actor."""
+        event (action, actor, detail) commits with it when it names an actor. ``refuse``
+        words the refusal for the state found (default: the state and ``refusal``)."""
         with self._sessions.begin() as session:
             state = self._locked_state(session, job_id)
             if not allowed(state):
-                raise JobStateError(f"job {job_id} is {state}; {refusal}")
+                raise JobStateError(
+                    refuse(state) if refuse else f"job {job_id} is {state}; {refusal}"
+                )
             session.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
             row = session.execute(select(jobs).where(jobs.c.id == job_id)).one()
             audit_action, actor, detail = audit_event
@@ -880,6 +980,21 @@ def _clip(error: str | None) -> str | None:
     if error is None or len(error) <= MAX_ERROR_CHARS:
         return error
     return error[: MAX_ERROR_CHARS - 20] + " ... (truncated)"
+
+
+def _not_in_review(job_id: int, state: JobState, verb: str) -> str:
+    """Why a job in ``state`` cannot be approved or rejected (``verb``), in words."""
+    why = {
+        JobState.SENDING: "its results were released already (approved, or never held)",
+        JobState.DONE: "its results were released already (approved, or never held)",
+        JobState.REJECTED: "a reviewer rejected it; a rejected job sends nothing",
+    }.get(state, "its results are not waiting for review")
+    return f"job {job_id} is {state}: only a job in review can be {verb}; {why}"
+
+
+def _clip_detail(text: str) -> str:
+    """An audit detail: at most 500 characters."""
+    return text if len(text) <= 500 else text[:480] + " ... (truncated)"
 
 
 def _first_line(text: str) -> str:

@@ -320,6 +320,11 @@ class SendQueue:
             ).first()
             if job is None:
                 raise JobNotFound(f"no job {job_id}")
+            if job.state == JobState.REVIEW.value:
+                raise JobStateError(
+                    f"job {job_id} is in review: its results go out when a reviewer approves "
+                    "them (POST /api/jobs/{id}/approve), never by a resend"
+                )
             if job.state not in SENDABLE_JOB_STATES:
                 raise JobStateError(
                     f"job {job_id} is {job.state}; only done, failed, skipped or sending "

@@ -187,9 +187,10 @@ def make_history(sessions: sessionmaker[Session], clock: Clock | None = None) ->
 def api_server(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[ApiServer]:
     """The HTTP API over ``sessions``, served by uvicorn on ``[api] host/port`` (0: free)."""
     from dicomnode.api import ApiContext, ApiServer
+    from dicomnode.queue.outcomes import ReleasePolicy
     from dicomnode.testing.models import MODELS
 
-    jobs = JobRepository(sessions, settings.queue)
+    jobs = JobRepository(sessions, settings.queue, policy=ReleasePolicy.from_settings(settings))
     server = ApiServer(ApiContext(settings, sessions, jobs, builtin_models=tuple(MODELS)))
     server.start()
     try:

@@ -56,8 +56,8 @@ def test_dashboard_shows_a_failure_and_retries_it(
             "e => [e.dataset.state, e.querySelector('.n').textContent]))"
         )
         assert counts == {"waiting": "1", "queued": "1", "running": "0", "confirming": "0",
-                          "sending": "0", "done": "2", "failed": "1", "cancelled": "0",
-                          "skipped": "0"}  # fmt: skip
+                          "review": "0", "sending": "0", "done": "2", "failed": "1",
+                          "cancelled": "0", "skipped": "0", "rejected": "0"}  # fmt: skip
         failure = browser.evaluate(
             f"[...document.querySelectorAll('#failures tr[data-job-id=\"{failed}\"] td')]"
             ".map(td => td.textContent)"

@@ -176,8 +176,8 @@ def test_studies_models_and_summary(client: httpx.Client) -> None:
     assert models["echo"]["kind"] == "builtin" and models["echo"]["digest"] is None
     summary = client.get("/api/summary", headers=bearer(ADMIN)).json()
     assert summary["states"] == {"waiting": 1, "queued": 1, "running": 0, "confirming": 0,
-                                 "sending": 0, "done": 2, "failed": 1, "cancelled": 0,
-                                 "skipped": 0}  # fmt: skip
+                                 "review": 0, "sending": 0, "done": 2, "failed": 1,
+                                 "cancelled": 0, "skipped": 0, "rejected": 0}  # fmt: skip
     rates = {r["model"]: r for r in summary["throughput"]}
     assert rates["lung"]["finished"] == 1 and rates["lung"]["failed"] == 1
     assert rates["lung"]["mean_run_s"] == 30.0 and rates["brain"]["mean_run_s"] == 60.0

@@ -49,8 +49,9 @@ def test_received_and_associations(samples: dict[str, list[Sample]]) -> None:
 
 def test_jobs_by_state_and_queue_depth(samples: dict[str, list[Sample]]) -> None:
     jobs = {s.labels["state"]: s.value for s in samples["dicomnode_jobs"]}
-    assert jobs == {"waiting": 1, "queued": 1, "running": 0, "confirming": 0, "sending": 0,
-                    "done": 2, "failed": 1, "cancelled": 0, "skipped": 0}  # fmt: skip
+    assert jobs == {"waiting": 1, "queued": 1, "running": 0, "confirming": 0, "review": 0,
+                    "sending": 0, "done": 2, "failed": 1, "cancelled": 0, "skipped": 0,
+                    "rejected": 0}  # fmt: skip
     depth = {(s.labels["state"], s.labels["model"]): s.value
              for s in samples["dicomnode_queue_depth"]}  # fmt: skip
     assert depth == {("waiting", "brain"): 1, ("queued", "lung"): 1}

@@ -138,7 +138,7 @@ def test_a_named_token_is_not_an_admin_token(client: httpx.Client, history: Hist
     assert client.post(f"/api/jobs/{queued}/retry", headers=bearer(ADMIN)).status_code == 200
     assert client.get("/api/me", headers=bearer(ADMIN)).json() == {
         "name": "admin", "actor": "token:admin",
-        "scopes": ["admin", "operate", "phi", "read", "store"],
+        "scopes": ["admin", "operate", "phi", "read", "review", "store"],
     }  # fmt: skip
 
 

@@ -129,3 +129,52 @@ def test_models_compare_pairs_live_and_shadow_runs(
     assert json.loads(out)["inputs"] == 3
     code, out, _ = run(capsys, "jobs", "list")
     assert "lung_next (shadow)" in out
+
+
+def test_jobs_approve_and_reject(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomnode.audit import list_events
+    from dicomnode.queue.outcomes import ReleasePolicy
+
+    config = tmp_path / "dicomnode.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "var"}"\n'
+        '[[routes]]\nname = "rv"\nmodel = "echo"\ndestinations = ["pacs"]\nreview = true\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 1\n'
+    )
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    settings = load_settings(config)
+    database = open_database(settings, migrate=True)
+    repo = JobRepository(database.sessions, policy=ReleasePolicy.from_settings(settings))
+    ids = []
+    for i in range(2):
+        job = repo.enqueue(dedupe_key=f"rv{i}", route="rv", model="echo", study_instance_uid=STUDY,
+                           destinations=["pacs"], state=JobState.QUEUED)  # fmt: skip
+        assert repo.claim("w") is not None
+        assert repo.finish(job.id, "w", {"objects": []}) is JobState.REVIEW
+        ids.append(job.id)
+    code, out, _ = run(
+        capsys, "jobs", "list", "--state", "review", "--json", "--config", str(config)
+    )
+    assert code == 0 and [j["id"] for j in json.loads(out)] == ids[::-1]
+    code, out, _ = run(
+        capsys, "jobs", "approve", str(ids[0]), "--note", "ok", "--config", str(config)
+    )
+    assert (code, out.strip()) == (0, f"job {ids[0]} sending")
+    code, _, err = run(capsys, "jobs", "approve", str(ids[0]), "--config", str(config))
+    assert code == 2 and "only a job in review can be approved" in err
+    with pytest.raises(SystemExit):
+        run(capsys, "jobs", "reject", str(ids[1]), "--config", str(config))
+    assert "--reason" in capsys.readouterr().err
+    code, _, err = run(
+        capsys, "jobs", "reject", str(ids[1]), "--reason", " ", "--config", str(config)
+    )
+    assert code == 2 and "needs a reason" in err
+    code, out, _ = run(
+        capsys, "jobs", "reject", str(ids[1]), "--reason", "motion", "--config", str(config)
+    )
+    assert (code, out.strip()) == (0, f"job {ids[1]} rejected")
+    with database.sessions() as session:
+        events, _ = list_events(session, action="rejected")
+    assert [(e.actor.startswith("cli:"), e.detail) for e in events] == [(True, "motion")]

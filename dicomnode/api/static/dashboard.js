@@ -10,10 +10,21 @@ function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 
 function setStatus(text) { document.getElementById("status").textContent = text; }
 
-async function api(path, options = {}) {
-  const headers = { Accept: "application/json" };
+function authHeaders(accept) {
+  const headers = { Accept: accept };
   if (token()) headers.Authorization = "Bearer " + token();
-  const response = await fetch(path, { ...options, headers });
+  return headers;
+}
+
+async function api(path, options = {}) {
+  const headers = authHeaders("application/json");
+  const init = { ...options, headers };
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(options.json);
+    delete init.json;
+  }
+  const response = await fetch(path, init);
   if (response.status === 401) throw new Error("token required");
   if (response.status === 403) throw new Error("not allowed: " + (await response.json()).error);
   const body = await response.json();
@@ -50,9 +61,20 @@ function timeline(job) {
   return box;
 }
 
-// the token's scopes (GET /api/me); retry and cancel need "operate"
+// the token's scopes (GET /api/me); retry, cancel and resend need "operate", approve and
+// reject "review", the key images "phi"
 let scopes = null;
-function mayOperate() { return scopes !== null && scopes.includes("operate"); }
+function may(scope) { return scopes !== null && scopes.includes(scope); }
+function mayOperate() { return may("operate"); }
+
+async function act(label, jobId, path, json) {
+  try {
+    const answer = await api("/api/jobs/" + jobId + "/" + path, { method: "POST", json });
+    setStatus(label + ": job " + answer.id + " " + (answer.state || "sending again"));
+  } catch (error) {
+    setStatus(label + " failed: " + error.message);
+  }
+}
 
 function actionButton(label, job, path) {
   const button = document.createElement("button");
@@ -62,12 +84,7 @@ function actionButton(label, job, path) {
   button.textContent = label;
   button.addEventListener("click", async () => {
     button.disabled = true;
-    try {
-      const answer = await api("/api/jobs/" + job.id + "/" + path, { method: "POST" });
-      setStatus("job " + answer.id + " " + answer.state);
-    } catch (error) {
-      setStatus(label + " failed: " + error.message);
-    }
+    await act(label, job.id, path);
     refresh();
   });
   return button;
@@ -81,7 +98,7 @@ function fill(tableId, rows, render) {
 
 function renderFailure(row, job) {
   row.dataset.jobId = job.id;
-  cell(row, job.id);
+  row.insertCell().appendChild(jobLink(job.id));
   cell(row, job.model);
   cell(row, job.attempts + "/" + job.max_attempts);
   cell(row, (job.error || "").split("\n")[0], "reason");
@@ -90,9 +107,17 @@ function renderFailure(row, job) {
   if (mayOperate()) actions.appendChild(actionButton("retry", job, "retry"));
 }
 
+function jobLink(id) {
+  const link = document.createElement("a");
+  link.href = "#/jobs/" + id;
+  link.className = "job-link";
+  link.textContent = id;
+  return link;
+}
+
 function renderJob(row, job) {
   row.dataset.jobId = job.id;
-  cell(row, job.id);
+  row.insertCell().appendChild(jobLink(job.id));
   const state = document.createElement("span");
   state.className = "badge " + job.state;
   state.textContent = job.state;
@@ -104,7 +129,7 @@ function renderJob(row, job) {
   if (!mayOperate()) return;
   if (job.state === "failed" || job.state === "cancelled") {
     actions.appendChild(actionButton("retry", job, "retry"));
-  } else if (!["done", "skipped"].includes(job.state)) {
+  } else if (!["done", "skipped", "rejected", "review"].includes(job.state)) {
     actions.appendChild(actionButton("cancel", job, "cancel"));
   }
 }
@@ -139,6 +164,147 @@ function renderShadow(row, c) {
 const SHADOW_EVERY = 10;
 let polls = 0;
 
+// -- one job's page: /#/jobs/ID -------------------------------------------------------------
+
+function shownJob() {
+  const match = /^#\/jobs\/(\d+)$/.exec(location.hash);
+  return match ? Number(match[1]) : null;
+}
+
+const SENDABLE = ["sending", "done", "failed"];
+const ENDED = ["done", "failed", "cancelled", "skipped", "rejected", "review"];
+let previewsOf = null;  // the job (and whether it had results) whose key images are shown
+let actionsFor = "";  // job id and state the action buttons were made for
+
+function when(value) { return value ? new Date(value).toLocaleString() : ""; }
+
+function measure(value, unit, digits) {
+  return typeof value === "number" ? value.toFixed(digits) + unit : "";
+}
+
+function renderFinding(row, finding) {
+  cell(row, finding.index);
+  cell(row, finding.label || (finding.finding_type || {}).meaning || "");
+  cell(row, measure(finding.probability, "", 2));
+  cell(row, measure(finding.diameter_mm, " mm", 1));
+  cell(row, measure(finding.volume_mm3, " mm\u00b3", 0));
+  const other = Object.entries(finding.attributes || {})
+    .filter(([, v]) => ["number", "string", "boolean"].includes(typeof v))
+    .map(([k, v]) => k + " " + (typeof v === "number" ? Number(v.toFixed(3)) : v));
+  cell(row, other.join(", "));
+}
+
+function renderSend(row, send) {
+  row.dataset.destination = send.destination;
+  cell(row, send.destination);
+  cell(row, send.kind);
+  cell(row, send.state);
+  cell(row, send.attempts);
+  cell(row, when(send.sent_at));
+  cell(row, send.last_error || "", "reason");
+}
+
+function renderEvent(row, event) {
+  row.dataset.action = event.action;
+  cell(row, when(event.at));
+  cell(row, event.actor);
+  cell(row, event.action);
+  cell(row, event.detail || "");
+}
+
+function renderActions(job) {
+  const box = document.getElementById("job-actions");
+  box.replaceChildren();
+  if (mayOperate()) {
+    if (job.state === "failed" || job.state === "cancelled") {
+      box.appendChild(actionButton("retry", job, "retry"));
+    } else if (!ENDED.includes(job.state)) {
+      box.appendChild(actionButton("cancel", job, "cancel"));
+    }
+    if (SENDABLE.includes(job.state) && job.mode === "live" && job.destinations.length) {
+      box.appendChild(actionButton("resend", job, "resend"));
+    }
+  }
+  const review = document.getElementById("job-review");
+  review.hidden = !(job.state === "review" && may("review"));
+  document.getElementById("approve").dataset.jobId = job.id;
+  document.getElementById("reject").dataset.jobId = job.id;
+}
+
+async function showPreviews(jobId) {
+  const box = document.getElementById("previews");
+  const note = document.getElementById("previews-note");
+  box.replaceChildren();
+  if (!may("phi")) {
+    note.textContent = "The key images need a token with the phi scope (they are patient images).";
+    return;
+  }
+  const listed = (await api("/api/jobs/" + jobId + "/previews")).previews;
+  note.textContent = listed.length ? "" : "No key images.";
+  for (const preview of listed) {
+    const response = await fetch(preview.url, { headers: authHeaders("image/png") });
+    if (!response.ok) throw new Error("key image " + preview.n + ": " + response.statusText);
+    const figure = document.createElement("figure");
+    const image = document.createElement("img");
+    image.alt = "key image " + preview.n;
+    image.dataset.n = preview.n;
+    image.width = preview.columns;
+    image.height = preview.rows;
+    image.src = URL.createObjectURL(await response.blob());
+    const caption = document.createElement("figcaption");
+    caption.textContent = "key image " + preview.n + " (" + preview.columns + "\u00d7" +
+      preview.rows + ")";
+    figure.append(image, caption);
+    box.appendChild(figure);
+  }
+}
+
+async function refreshJob(jobId) {
+  const job = await api("/api/jobs/" + jobId);
+  document.getElementById("job-id").textContent = job.id;
+  const badge = document.getElementById("job-state");
+  badge.textContent = job.state;
+  badge.className = "badge " + job.state;
+  document.getElementById("job-what").textContent =
+    job.model + " via " + job.route + (job.mode === "shadow" ? " (shadow)" : "") +
+    ", " + job.priority_name + ", attempt " + job.attempts + "/" + job.max_attempts;
+  document.getElementById("job-error").textContent = job.error || "";
+  const start = job.stages.received ? Date.parse(job.stages.received) : null;
+  fill("job-stages", STAGES.filter((name) => job.stages[name]), (row, name) => {
+    row.dataset.stage = name;
+    cell(row, name);
+    cell(row, when(job.stages[name]));
+    cell(row, start === null ? "" : "+" + seconds((Date.parse(job.stages[name]) - start) / 1000));
+  });
+  const inputs = document.getElementById("job-inputs");
+  inputs.replaceChildren(...job.inputs.map((uid) => {
+    const item = document.createElement("li");
+    item.textContent = uid;
+    return item;
+  }));
+  if (!job.inputs.length) inputs.textContent = may("phi") ? "none" : "(phi scope)";
+  const findings = ((job.result || {}).findings || []).map((f, index) => ({ ...f, index }));
+  fill("job-findings", findings, renderFinding);
+  fill("job-sends", job.sends, renderSend);
+  fill("job-log", job.audit, renderEvent);
+  if (actionsFor !== job.id + "/" + job.state) {
+    actionsFor = job.id + "/" + job.state;
+    renderActions(job);
+  }
+  const shown = job.id + "/" + Boolean(job.result);  // fetched again once the results exist
+  if (previewsOf !== shown) {
+    previewsOf = shown;
+    await showPreviews(job.id);
+  }
+}
+
+function showPage() {
+  const jobId = shownJob();
+  document.getElementById("job-page").hidden = jobId === null;
+  document.getElementById("overview").hidden = jobId !== null;
+  if (jobId === null) { previewsOf = null; actionsFor = ""; }
+}
+
 let busy = false;
 async function refresh() {
   if (busy) return;
@@ -147,6 +313,14 @@ async function refresh() {
     if (scopes === null) {
       scopes = (await api("/api/me")).scopes;
       document.body.dataset.scopes = scopes.join(" ");
+      actionsFor = "";
+    }
+    const jobId = shownJob();
+    if (jobId !== null) {
+      await refreshJob(jobId);
+      document.body.dataset.loaded = String(Date.now());
+      setStatus("updated " + new Date().toLocaleTimeString());
+      return;
     }
     const [summary, recent, failed] = await Promise.all([
       api("/api/summary"),
@@ -182,6 +356,27 @@ document.addEventListener("DOMContentLoaded", () => {
     scopes = null;
     refresh();
   });
+  document.getElementById("approve").addEventListener("click", async (event) => {
+    event.target.disabled = true;
+    await act("approve", event.target.dataset.jobId, "approve", {});
+    event.target.disabled = false;
+    refresh();
+  });
+  document.getElementById("reject").addEventListener("click", async (event) => {
+    const input = document.getElementById("reject-reason");
+    if (!input.value.trim()) {
+      setStatus("reject: give a reason");
+      input.focus();
+      return;
+    }
+    event.target.disabled = true;
+    await act("reject", event.target.dataset.jobId, "reject", { reason: input.value.trim() });
+    event.target.disabled = false;
+    input.value = "";
+    refresh();
+  });
+  window.addEventListener("hashchange", () => { showPage(); refresh(); });
+  showPage();
   refresh();
   setInterval(refresh, POLL_MS);
 });
