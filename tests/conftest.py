@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydicom import config as pydicom_config
@@ -13,6 +13,9 @@ from pydicom import config as pydicom_config
 from dicomnode.app import Node, build_node
 from dicomnode.config import Settings
 from dicomnode.testing.models import MODELS as TEST_MODELS
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 # Objects we read back in tests must be valid, not merely readable (as highdicom tests do).
 pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
@@ -47,6 +50,20 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield start
     for node in started:
         node.stop()
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A page in headless Chromium (Playwright); its console log under tmp_path/browser, with a
+    screenshot when the test failed. Ends the test (missing_peer) without Chromium or Playwright."""
+    from dicomnode.testing.browser import chromium_page, require_chromium
+
+    require_chromium()
+    failed_before = request.session.testsfailed
+    with chromium_page(
+        tmp_path / "browser", lambda: request.session.testsfailed > failed_before
+    ) as page:
+        yield page
 
 
 @pytest.fixture(scope="session")

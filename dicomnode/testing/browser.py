@@ -1,189 +1,196 @@
-"""Headless Chromium driven through the Chrome DevTools Protocol, for the dashboard test.
+"""Debian's Chromium, headless, driven by Playwright: the one browser the tests drive.
 
-The protocol runs over ``--remote-debugging-pipe`` (JSON messages ending in NUL, Chromium
-reading fd 3 and writing fd 4), so no websocket client is needed. Only what a test needs:
-open a page, evaluate script, click with real mouse events, type, take a screenshot.
+Playwright launches the system Chromium (``executable_path``; never a browser it downloads) with
+WebGL from SwiftShader, which OHIF's cornerstone3D needs, and every page keeps what it said
+(console messages, page errors, failed requests, HTTP errors) in a :class:`ConsoleLog`.
+:class:`Chromium` is one browser with one page; :func:`kept` writes a test's console log and, when
+the test failed, a screenshot; :func:`chromium_page` is both, giving the page. The dashboard tests
+use the page as it is; :class:`dicomnode.testing.ohif.Viewer` adds OHIF's controls to it.
+
+The dashboard's Content-Security-Policy forbids ``eval``: give ``page.wait_for_function`` a
+function (``"() => ..."``), which Playwright calls, not an expression, which it evaluates.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
+import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
-from dicomnode.testing.waiting import wait_until
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, Playwright, Response
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+#: Chromium without a GPU: WebGL (cornerstone3D needs WebGL2) from ANGLE on SwiftShader, which
+#: Chromium only falls back to when told that this is wanted.
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+)
 
 
 def chromium_path() -> str | None:
     return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
 
 
-class CdpError(RuntimeError):
-    """Chromium answered a command with an error, or not in time."""
+def require_chromium() -> str:
+    """Chromium's path, or the test ends (:func:`missing_peer`: a skip, a failure where
+    $DICOMNODE_REQUIRE_PEERS=1) when it or the playwright package is missing."""
+    from dicomnode.testing.peers import missing_peer
+
+    executable = chromium_path()
+    if executable is None:
+        missing_peer("Chromium is not installed (Debian package chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing_peer("the playwright package is not installed (pip install -e '.[dev]')")
+    return executable
 
 
-class Browser:
-    """One headless Chromium with one page; use as a context manager."""
+@dataclass
+class ConsoleLog:
+    """What the page said: console messages, page errors, failed requests, HTTP errors."""
 
-    def __init__(self, profile: Path, *, width: int = 1280, height: int = 900) -> None:
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, kind: str, text: str, **more: Any) -> None:
+        with self._lock:
+            self.entries.append({"time": round(time.time(), 3), "type": kind, "text": text, **more})
+
+    def clear(self) -> None:
+        """Forget what was said so far (one test's log apart from the last's)."""
+        with self._lock:
+            self.entries.clear()
+
+    def matching(self, *words: str) -> list[dict[str, Any]]:
+        """Entries whose type or text mentions any of ``words`` (case-insensitive)."""
+        lowered = [word.lower() for word in words]
+        with self._lock:
+            return [
+                entry
+                for entry in self.entries
+                if any(w in f"{entry['type']} {entry['text']}".lower() for w in lowered)
+            ]
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            path.write_text(json.dumps(self.entries, indent=1))
+        return path
+
+
+class BrowserError(RuntimeError):
+    """The browser is not there to drive (not installed, or not started)."""
+
+
+class Chromium:
+    """One headless Chromium with one page, driven by Playwright; use as a context manager.
+
+    ``timeout_s`` bounds every Playwright wait on the page (actions, ``wait_for_function``) and
+    ``expect``'s assertions."""
+
+    def __init__(self, *, width: int = 1280, height: int = 900, timeout_s: float = 30.0) -> None:
+        self.width = width
+        self.height = height
+        self.timeout_s = timeout_s
+        self.console = ConsoleLog()
+        self._playwright: Playwright | None = None
+        self._browser: Browser | None = None
+        self._page: Page | None = None
+
+    @property
+    def page(self) -> Page:
+        if self._page is None:
+            raise BrowserError(f"{type(self).__name__} is not started")
+        return self._page
+
+    def start(self) -> Self:
+        from playwright.sync_api import expect, sync_playwright
+
         executable = chromium_path()
         if executable is None:
-            raise RuntimeError("Chromium is not installed (Debian package chromium)")
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-        arguments = [
-            "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-            "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
-            "--disable-extensions", "--disable-background-networking",
-            f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank",
-        ]  # fmt: skip
-        # bash (dash takes single-digit fds only) puts the pipes on the fds Chromium expects,
-        # then becomes Chromium
-        script = f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
-        #: Chromium's own messages (next to the profile), for when it fails
-        self.log = profile.with_name(profile.name + "-chromium.log")
-        profile.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                ["bash", "-c", script, executable, *arguments],
-                pass_fds=(to_browser_r, from_browser_w),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
+            raise BrowserError("Chromium is not installed (Debian package chromium)")
+        self._playwright = sync_playwright().start()
+        try:
+            self._browser = self._playwright.chromium.launch(
+                executable_path=executable, args=list(CHROMIUM_ARGS), headless=True
             )
-        os.close(to_browser_r)
-        os.close(from_browser_w)
-        self._next_id = 0
-        self._answers: dict[int, dict[str, Any]] = {}
-        self._arrived = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="cdp-reader", daemon=True)
-        self._reader.start()
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)[
-            "sessionId"
-        ]
-        self.page("Page.enable")
-        self.page("Runtime.enable")
-        self.page(
-            "Emulation.setDeviceMetricsOverride",
-            width=width,
-            height=height,
-            deviceScaleFactor=1,
-            mobile=False,
+            page = self._browser.new_page(viewport={"width": self.width, "height": self.height})
+        except BaseException:
+            self.close()
+            raise
+        page.set_default_timeout(self.timeout_s * 1000)
+        expect.set_options(timeout=self.timeout_s * 1000)
+        page.on("console", lambda m: self.console.add(m.type, m.text, location=m.location))
+        page.on("pageerror", lambda e: self.console.add("pageerror", f"{e.name}: {e.message}"))
+        page.on(
+            "requestfailed",
+            lambda r: self.console.add("requestfailed", f"{r.method} {r.url}: {r.failure}"),
         )
+        page.on("response", self._response)
+        self._page = page
+        return self
 
-    # -- the protocol ----------------------------------------------------------------------------
-
-    def _read(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(self._from_browser, 1 << 16)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                with self._arrived:
-                    self._arrived.notify_all()
-                return
-            buffer += chunk
-            while b"\0" in buffer:
-                raw, buffer = buffer.split(b"\0", 1)
-                message = json.loads(raw)
-                if "id" in message:
-                    with self._arrived:
-                        self._answers[message["id"]] = message
-                        self._arrived.notify_all()
-
-    def send(self, method: str, *, session: str | None = None, **params: Any) -> dict[str, Any]:
-        """One command; its result, or CdpError."""
-        self._next_id += 1
-        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
-        if session is not None:
-            message["sessionId"] = session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + 30
-        with self._arrived:
-            while self._next_id not in self._answers:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._reader.is_alive():
-                    raise CdpError(f"{method}: no answer from Chromium")
-                self._arrived.wait(left)
-            answer = self._answers.pop(self._next_id)
-        if "error" in answer:
-            raise CdpError(f"{method}: {answer['error']}")
-        return answer.get("result", {})
-
-    def page(self, method: str, **params: Any) -> dict[str, Any]:
-        return self.send(method, session=self.session, **params)
-
-    # -- what tests do ---------------------------------------------------------------------------
-
-    def goto(self, url: str) -> None:
-        self.page("Page.navigate", url=url)
-        self.wait_for("document.readyState === 'complete'")
-
-    def evaluate(self, expression: str) -> Any:
-        """The value of a JavaScript expression (awaited when it is a promise)."""
-        result = self.page(
-            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
-        )
-        if "exceptionDetails" in result:
-            raise CdpError(f"{expression!r} threw: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 15.0) -> Any:
-        """Poll until ``expression`` is truthy in the page; its value."""
-        return wait_until(
-            lambda: self.evaluate(expression), timeout=timeout, interval=0.1, what=repr(expression)
-        )
-
-    def click(self, selector: str) -> None:
-        """A real left click (mouse pressed and released) at the middle of the element."""
-        box = self.evaluate(
-            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) "
-            "return null; e.scrollIntoView({block: 'center'}); const r = "
-            "e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-        )
-        if box is None:
-            raise CdpError(f"no element matches {selector!r}")
-        x, y = box
-        self.page("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-        for kind in ("mousePressed", "mouseReleased"):
-            self.page("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def type(self, selector: str, text: str) -> None:
-        """Focus the element and type ``text`` as keyboard input."""
-        self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
-        self.page("Input.insertText", text=text)
+    def _response(self, response: Response) -> None:
+        if response.status >= 400:
+            self.console.add("http", f"{response.status} {response.url}")
 
     def screenshot(self, path: Path) -> Path:
-        data = self.page("Page.captureScreenshot", format="png")["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
+        self.page.screenshot(path=str(path))
         return path
 
     def close(self) -> None:
-        with contextlib.suppress(CdpError):
-            self.send("Browser.close")
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        os.close(self._to_browser)
-        os.close(self._from_browser)
+        browser, self._browser, self._page = self._browser, None, None
+        if browser is not None:
+            browser.close()
+        playwright, self._playwright = self._playwright, None
+        if playwright is not None:
+            playwright.stop()
 
-    def __enter__(self) -> Browser:
-        return self
+    def __enter__(self) -> Self:
+        return self.start()
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def kept(browser: Chromium, folder: Path, failed: Callable[[], bool]) -> Iterator[Path]:
+    """A test's screenshots and the console log under ``folder``; when ``failed()`` says so
+    after it (pytest does not raise a test's failure into its fixtures), also a screenshot of
+    the page, and the folder printed."""
+    try:
+        yield folder
+    finally:
+        browser.console.write(folder / "console.json")
+        if failed():
+            browser.screenshot(folder / "failure.png")
+            print(f"browser screenshots and console log: {folder}")
+
+
+@contextmanager
+def chromium_page(
+    folder: Path, failed: Callable[[], bool], *, width: int = 1280, height: int = 900,
+    timeout_s: float = 30.0,
+) -> Iterator[Page]:  # fmt: skip
+    """A page in a fresh headless Chromium, its console log (and a screenshot on failure) kept
+    under ``folder`` as :func:`kept` does; the browser closed after."""
+    with (
+        Chromium(width=width, height=height, timeout_s=timeout_s) as browser,
+        kept(browser, folder, failed),
+    ):
+        yield browser.page

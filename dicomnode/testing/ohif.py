@@ -8,8 +8,8 @@ and the probe check them there rather than only with dciodvfy and dcmqi. The pie
 - :class:`OhifServer`: serves that dist on a free loopback port, with our own ``/app-config.js``
   and a reverse proxy from ``/dicom-web`` to Orthanc's DICOMweb, so the viewer and its data are
   one origin and need no CORS;
-- :class:`Viewer`: Playwright driving Debian's Chromium (never a downloaded browser), with WebGL
-  from SwiftShader, keeping every console message and page error;
+- :class:`Viewer`: OHIF's controls on :class:`dicomnode.testing.browser.Chromium` (Playwright
+  driving Debian's Chromium, WebGL from SwiftShader, every console message and page error kept);
 - ``python -m dicomnode.testing.ohif probe DIR [--out OUT]``: every DICOM file under DIR into a
   fresh Orthanc, each series of each study into OHIF's viewport, with screenshots, the side
   panels' text and the console log written to OUT.
@@ -30,20 +30,19 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.testing.browser import chromium_path
+from dicomnode.testing.browser import Chromium, require_chromium
 from dicomnode.testing.peers import LOOPBACK, free_port
 from dicomnode.testing.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     import numpy as np
-    from playwright.sync_api import Browser, Page, Playwright, Response
 
     from dicomnode.testing.orthanc import Orthanc
 
@@ -52,18 +51,6 @@ log = logging.getLogger(__name__)
 DIST_ENV = "DICOMNODE_OHIF_DIST"
 REPO = Path(__file__).resolve().parents[2]
 DICOMWEB_PATH = "/dicom-web"
-#: Chromium without a GPU: WebGL (cornerstone3D needs WebGL2) from ANGLE on SwiftShader, which
-#: Chromium only falls back to when told that this is wanted.
-CHROMIUM_ARGS = (
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--disable-background-networking",
-)
 THUMBNAIL = '[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbnail-no-image"]'
 #: the canvas cornerstone3D draws the active viewport into
 VIEWPORT_CANVAS = ".viewport-wrapper.active canvas.cornerstone-canvas, canvas.cornerstone-canvas"
@@ -83,8 +70,6 @@ def ohif_dist() -> Path | None:
 def require_ohif() -> Path:
     """OHIF's dist, or the test ends (:func:`missing_peer`: a skip, a failure where
     $DICOMNODE_REQUIRE_PEERS=1) when it, Chromium, Playwright or Orthanc's DICOMweb is missing."""
-    import importlib.util
-
     from dicomnode.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC
     from dicomnode.testing.peers import missing_peer
 
@@ -93,10 +78,7 @@ def require_ohif() -> Path:
         missing_peer(
             "OHIF's dist is missing (.ohif/, from scripts/setup.sh; or $DICOMNODE_OHIF_DIST)"
         )
-    if chromium_path() is None:
-        missing_peer("Chromium is not installed (Debian package chromium)")
-    if importlib.util.find_spec("playwright") is None:
-        missing_peer("the playwright package is not installed (pip install -e '.[dev]')")
+    require_chromium()
     if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
         missing_peer("Orthanc or its DICOMweb plugin is not installed (Debian orthanc-dicomweb)")
     return dist
@@ -316,100 +298,15 @@ class Thumbnail:
     series_number: str
 
 
-@dataclass
-class ConsoleLog:
-    """What the page said: console messages, page errors, failed requests, HTTP errors."""
-
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, kind: str, text: str, **more: Any) -> None:
-        with self._lock:
-            self.entries.append({"time": round(time.time(), 3), "type": kind, "text": text, **more})
-
-    def clear(self) -> None:
-        """Forget what was said so far (one test's log apart from the last's)."""
-        with self._lock:
-            self.entries.clear()
-
-    def matching(self, *words: str) -> list[dict[str, Any]]:
-        """Entries whose type or text mentions any of ``words`` (case-insensitive)."""
-        lowered = [word.lower() for word in words]
-        with self._lock:
-            return [
-                entry
-                for entry in self.entries
-                if any(w in f"{entry['type']} {entry['text']}".lower() for w in lowered)
-            ]
-
-    def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            path.write_text(json.dumps(self.entries, indent=1))
-        return path
-
-
 class ViewerError(RuntimeError):
     """OHIF did not show what was asked for in time."""
 
 
-class Viewer:
+class Viewer(Chromium):
     """One Chromium page with OHIF in it, driven by Playwright; use as a context manager."""
 
     def __init__(self, *, width: int = 1600, height: int = 1000, timeout_s: float = 30.0) -> None:
-        self.width = width
-        self.height = height
-        self.timeout_s = timeout_s
-        self.console = ConsoleLog()
-        self._playwright: Playwright | None = None
-        self._browser: Browser | None = None
-        self._page: Page | None = None
-
-    @property
-    def page(self) -> Page:
-        if self._page is None:
-            raise ViewerError("the viewer is not started")
-        return self._page
-
-    def start(self) -> Viewer:
-        from playwright.sync_api import sync_playwright
-
-        executable = chromium_path()
-        if executable is None:
-            raise ViewerError("Chromium is not installed (Debian package chromium)")
-        self._playwright = sync_playwright().start()
-        self._browser = self._playwright.chromium.launch(
-            executable_path=executable, args=list(CHROMIUM_ARGS)
-        )
-        page = self._browser.new_page(viewport={"width": self.width, "height": self.height})
-        page.set_default_timeout(self.timeout_s * 1000)
-        page.on("console", lambda m: self.console.add(m.type, m.text, location=m.location))
-        page.on("pageerror", lambda e: self.console.add("pageerror", f"{e.name}: {e.message}"))
-        page.on(
-            "requestfailed",
-            lambda r: self.console.add("requestfailed", f"{r.method} {r.url}: {r.failure}"),
-        )
-        page.on("response", self._response)
-        self._page = page
-        return self
-
-    def _response(self, response: Response) -> None:
-        if response.status >= 400:
-            self.console.add("http", f"{response.status} {response.url}")
-
-    def close(self) -> None:
-        browser, self._browser, self._page = self._browser, None, None
-        if browser is not None:
-            browser.close()
-        playwright, self._playwright = self._playwright, None
-        if playwright is not None:
-            playwright.stop()
-
-    def __enter__(self) -> Viewer:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+        super().__init__(width=width, height=height, timeout_s=timeout_s)
 
     # -- what tests and the probe do ------------------------------------------------------------
 
@@ -603,25 +500,6 @@ class Viewer:
         skip = self.page.locator("text=Skip all")
         if skip.count() and skip.first.is_visible():
             skip.first.click()
-
-    def screenshot(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(path))
-        return path
-
-
-@contextmanager
-def kept(viewer: Viewer, folder: Path, failed: Callable[[], bool]) -> Iterator[Path]:
-    """A test's screenshots and the console log under ``folder``; when ``failed()`` says so
-    after it (pytest does not raise a test's failure into its fixtures), also a screenshot of
-    the page, and the folder printed."""
-    try:
-        yield folder
-    finally:
-        viewer.console.write(folder / "console.json")
-        if failed():
-            viewer.screenshot(folder / "failure.png")
-            print(f"OHIF screenshots and console log: {folder}")
 
 
 def css_escape(identifier: str) -> str:

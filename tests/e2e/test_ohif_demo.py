@@ -23,7 +23,8 @@ from pydicom import Dataset, dcmread
 
 from dicomnode.domain import JobState
 from dicomnode.phantoms.demo import DemoStudy, demo_studies
-from dicomnode.testing.ohif import OhifServer, Viewer, kept, require_ohif
+from dicomnode.testing.browser import kept
+from dicomnode.testing.ohif import OhifServer, Viewer, require_ohif
 from dicomnode.testing.waiting import wait_until
 from tests.e2e.roundtrip import Roundtrip, pacs_roundtrip, wait_results_filed
 

@@ -18,7 +18,8 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.results import build_objects, write_objects
-from dicomnode.testing.ohif import OhifServer, Thumbnail, Viewer, kept, ohif_stack, require_ohif
+from dicomnode.testing.browser import kept
+from dicomnode.testing.ohif import OhifServer, Thumbnail, Viewer, ohif_stack, require_ohif
 from dicomnode.testing.orthanc import Orthanc
 from dicomnode.testing.waiting import wait_until
 from tests.integration.test_results_objects import (

@@ -1,9 +1,9 @@
-"""Review before send through the real node, in headless Chromium: CT series routed to a
-``review = true`` route (a command model whose findings the node turns into SR, key images
-and KOS) are held in ``review`` with nothing at the PACS (dcmtk's storescp); the job page shows
-the finding's numbers and the key images (loaded, at the key image's size; one PNG fetched and
-decoded); Approve sends the objects to the PACS; another job Rejected with a reason sends
-nothing and shows the reason; Resend sends the approved job's objects again."""
+"""Review before send through the real node, in headless Chromium driven by Playwright: CT
+series routed to a ``review = true`` route (a command model whose findings the node turns into
+SR, key images and KOS) are held in ``review`` with nothing at the PACS (dcmtk's storescp); the
+job page shows the finding's numbers and the key images (loaded, at the key image's size; one
+PNG fetched and decoded); Approve sends the objects to the PACS; another job Rejected with a
+reason sends nothing and shows the reason; Resend sends the approved job's objects again."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from playwright.sync_api import Page, expect
 from pydicom import dcmread
 
 from dicomnode.app import Node
@@ -24,8 +25,6 @@ from dicomnode.domain import JobState
 from dicomnode.phantoms.simple import SeriesSpec, ct_slices
 from dicomnode.phantoms.writer import write_series
 from dicomnode.testing import peers
-from dicomnode.testing.browser import Browser, chromium_path
-from dicomnode.testing.peers import missing_peer
 from dicomnode.testing.waiting import wait_until
 from tests.helpers import port_of
 
@@ -39,20 +38,15 @@ TOKEN = "reviewer-8d3f1a6c9e2b7054"
 REASON = "nodule is a vessel"
 
 
-@pytest.fixture(autouse=True)
-def _chromium() -> None:
-    if chromium_path() is None:
-        missing_peer("Chromium is not installed (Debian package chromium)")
-
-
 def received_uids(folder: Path) -> set[str]:
     return {str(dcmread(p).SOPInstanceUID) for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow
 def test_review_approve_reject_and_resend_on_the_job_page(
-    start_node: Callable[..., Node], tmp_path: Path
+    start_node: Callable[..., Node], tmp_path: Path, browser_page: Page
 ) -> None:
+    page = browser_page
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
     listed = tmp_path / "findings.json"
@@ -100,73 +94,60 @@ def test_review_approve_reject_and_resend_on_the_job_page(
         assert not pacs_folder.exists() or received_uids(pacs_folder) == set()
         assert node.api is not None
 
-        with Browser(tmp_path / "profile") as browser:
-            browser.goto(f"{node.api.url}/#/jobs/{approved}")
-            browser.wait_for("document.getElementById('status').textContent === 'token required'")
-            browser.type("#token", TOKEN)
-            browser.click("#save-token")
-            browser.wait_for("document.getElementById('job-state').textContent === 'review'")
-            assert browser.evaluate("document.getElementById('overview').hidden") is True
-            browser.wait_for(
-                f"document.querySelectorAll('#previews img').length === {len(keys)} && "
-                "[...document.querySelectorAll('#previews img')]"
-                ".every(i => i.complete && i.naturalWidth > 0)"
-            )
-            sizes = browser.evaluate(
-                "[...document.querySelectorAll('#previews img')]"
-                ".map(i => [i.naturalWidth, i.naturalHeight])"
-            )
-            assert sizes[0] == list(key_size)
-            finding = browser.evaluate(
-                "[...document.querySelectorAll('#job-findings tbody td')].map(td => td.textContent)"
-            )
-            assert finding[1:4] == ["nodule", "0.87", "6.0 mm"]
-            assert browser.evaluate("document.querySelectorAll('#job-sends tbody tr').length") == 0
-            assert browser.evaluate("document.getElementById('job-review').hidden") is False
-            browser.screenshot(tmp_path / "review.png")
+        page.goto(f"{node.api.url}/#/jobs/{approved}")
+        expect(page.locator("#status")).to_have_text("token required")
+        page.locator("#token").fill(TOKEN)
+        page.locator("#save-token").click()
+        expect(page.locator("#job-state")).to_have_text("review")
+        assert page.locator("#overview").evaluate("e => e.hidden") is True
+        previews = page.locator("#previews img")
+        expect(previews).to_have_count(len(keys))
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#previews img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+        sizes = previews.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+        assert sizes[0] == list(key_size)
+        finding = page.locator("#job-findings tbody td").all_text_contents()
+        assert finding[1:4] == ["nodule", "0.87", "6.0 mm"]
+        assert page.locator("#job-sends tbody tr").count() == 0
+        assert page.locator("#job-review").evaluate("e => e.hidden") is False
+        page.screenshot(path=tmp_path / "review.png")
 
-            browser.click("#approve")
-            wait_until(
-                lambda: received_uids(pacs_folder) == {o["sop_instance_uid"] for o in objects},
-                timeout=60,
-                what="the approved job's objects at the PACS",
-            )
-            browser.wait_for(
-                "document.getElementById('job-state').textContent === 'done' && "
-                "[...document.querySelectorAll('#job-sends tbody tr')]"
-                ".every(r => r.cells[2].textContent === 'sent') && "
-                "document.querySelector('#job-log tr[data-action=\"approved\"]') !== null",
-                timeout=30,
-            )
-            assert browser.evaluate("document.getElementById('job-review').hidden") is True
+        page.locator("#approve").click()
+        wait_until(
+            lambda: received_uids(pacs_folder) == {o["sop_instance_uid"] for o in objects},
+            timeout=60,
+            what="the approved job's objects at the PACS",
+        )
+        page.wait_for_function(
+            "() => document.getElementById('job-state').textContent === 'done' && "
+            "[...document.querySelectorAll('#job-sends tbody tr')]"
+            ".every(r => r.cells[2].textContent === 'sent') && "
+            "document.querySelector('#job-log tr[data-action=\"approved\"]') !== null"
+        )
+        assert page.locator("#job-review").evaluate("e => e.hidden") is True
 
-            browser.evaluate(f"location.hash = '#/jobs/{rejected}'")
-            browser.wait_for(
-                f"document.getElementById('job-id').textContent === '{rejected}' && "
-                "document.getElementById('job-state').textContent === 'review'"
-            )
-            browser.type("#reject-reason", REASON)
-            browser.click("#reject")
-            browser.wait_for(
-                "document.getElementById('job-state').textContent === 'rejected' && "
-                f"document.getElementById('job-error').textContent === 'rejected: {REASON}'"
-            )
-            assert node.jobs.get(rejected).state is JobState.REJECTED  # type: ignore[union-attr]
+        page.evaluate(f"location.hash = '#/jobs/{rejected}'")
+        expect(page.locator("#job-id")).to_have_text(str(rejected))
+        expect(page.locator("#job-state")).to_have_text("review")
+        page.locator("#reject-reason").fill(REASON)
+        page.locator("#reject").click()
+        expect(page.locator("#job-state")).to_have_text("rejected")
+        expect(page.locator("#job-error")).to_have_text(f"rejected: {REASON}")
+        assert node.jobs.get(rejected).state is JobState.REJECTED  # type: ignore[union-attr]
 
-            # resend: the approved job's objects again, to an emptied PACS folder
-            for path in pacs_folder.rglob("*"):
-                if path.is_file():
-                    path.unlink()
-            browser.evaluate(f"location.hash = '#/jobs/{approved}'")
-            browser.wait_for(
-                f"document.querySelector('button.resend[data-job-id=\"{approved}\"]') !== null"
-            )
-            browser.click("button.resend")
-            wait_until(
-                lambda: received_uids(pacs_folder) == {o["sop_instance_uid"] for o in objects},
-                timeout=60,
-                what="the resent objects at the PACS",
-            )
+        # resend: the approved job's objects again, to an emptied PACS folder
+        for path in pacs_folder.rglob("*"):
+            if path.is_file():
+                path.unlink()
+        page.evaluate(f"location.hash = '#/jobs/{approved}'")
+        page.locator(f'button.resend[data-job-id="{approved}"]').click()
+        wait_until(
+            lambda: received_uids(pacs_folder) == {o["sop_instance_uid"] for o in objects},
+            timeout=60,
+            what="the resent objects at the PACS",
+        )
 
         with httpx.Client(base_url=node.api.url, timeout=20) as http:
             png = http.get(
