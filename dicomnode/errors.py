@@ -300,3 +300,33 @@ class CommandModelFailed(ModelError):
 class CommandOutputInvalid(CommandModelFailed):
     """A command model's output breaks its contract: nothing, not DICOM, not a SEG or SR, or an
     object of another study or patient."""
+
+
+class SourceError(DicomNodeError):
+    """A source (``[[sources]]``) could not be queried or retrieved from."""
+
+    http_status = 502
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be reached, refused the association or the request, or stopped
+    answering; what is missing is asked for again later."""
+
+
+class StudyNotFound(SourceError):
+    """The source has no study that matches the request."""
+
+    http_status = 404
+    permanent = True
+
+
+class RequestNotFound(DicomNodeError):
+    """No request has this id."""
+
+    http_status = 404
+
+
+class RequestConflict(DicomNodeError):
+    """The transaction id already names a request for another study, source or analysis."""
+
+    http_status = 409
