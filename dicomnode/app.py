@@ -19,6 +19,7 @@ from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.locks import TaskLocks
 from dicomnode.db.migrate import current_revision, head_revision
 from dicomnode.errors import DatabaseError
+from dicomnode.fetch.runner import RequestRunner
 from dicomnode.inference.device import resolve_device
 from dicomnode.inference.registry import ModelRegistry
 from dicomnode.intake import Intake
@@ -73,6 +74,8 @@ SWEEP_JOB = "intake.sweep"
 SWEEP_EVERY_S = 1.0
 RETENTION_JOB = "spool.retention"
 RETENTION_EVERY_S = 3600.0
+REQUESTS_JOB = "fetch.requests"
+REQUESTS_EVERY_S = 1.0
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Node:
     receivers: ReceiverProcesses | None = None
     #: the workers run as child processes (None: none is, ``[[workers]] isolation``)
     worker_processes: WorkerProcesses | None = None
+    #: retrieves requested studies from the sources (None: no ``[[sources]]``)
+    requests: RequestRunner | None = None
 
     def start(self, *, background: bool = True) -> None:
         """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
@@ -133,6 +138,10 @@ class Node:
     def wake_intake(self) -> None:
         """An association ended: sweep now rather than at the next tick."""
         self.periodic.run_soon(SWEEP_JOB)
+
+    def wake_requests(self) -> None:
+        """A request was made: look at the requests now rather than at the next tick."""
+        self.periodic.run_soon(REQUESTS_JOB)
 
 
 def _spool_and_store(settings: Settings, database: Database) -> tuple[Spool, InstanceStore]:
@@ -193,6 +202,12 @@ def build_node(
             RETENTION_EVERY_S,
             RETENTION_JOB,
         )
+    requests = None
+    if settings.sources:
+        requests = RequestRunner(settings, database.sessions, jobs, store)
+        periodic.add_job(
+            locks.exclusively(REQUESTS_JOB, requests.run_once), REQUESTS_EVERY_S, REQUESTS_JOB
+        )
     registry = ModelRegistry.from_settings(settings)
     if worker_processes is None:
         worker_processes = not builtin_models
@@ -218,6 +233,7 @@ def build_node(
         calling_aet=settings.node.ae_title,
     )
     api = None
+    wake: list[Node] = []  # the node, once built: the API wakes its request runner
     if settings.api.enabled:  # refuses a non-loopback host without a token
         embedded = (*workers, *(processes.workers.values() if processes else ()))
         context = ApiContext(
@@ -226,12 +242,15 @@ def build_node(
             jobs,
             embedded,
             tuple(builtin_models or ()),
+            on_request=lambda: wake[0].wake_requests() if wake else None,
         )
         api = ApiServer(context)
     node = Node(
         settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
     )
+    wake.append(node)
     node.worker_processes = processes
+    node.requests = requests
     receiver.on_association_closed = node.wake_intake
     if settings.node.processes > 1:
         node.receivers = ReceiverProcesses(settings, node.wake_intake, command=command)

@@ -43,9 +43,17 @@ from dicomnode.completion import (
     study_verdict,
 )
 from dicomnode.config import CompletionSettings
-from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake, Study
+from dicomnode.db.models import (
+    Association,
+    Instance,
+    Job,
+    Series,
+    SeriesIntake,
+    Study,
+    StudyRequest,
+)
 from dicomnode.db.session import insert_unless_present
-from dicomnode.domain import JobState
+from dicomnode.domain import JobState, RequestState
 from dicomnode.errors import JobStateError, SeriesNotVolume
 from dicomnode.imaging.frames import read_dataset
 from dicomnode.queue.listing import JobFilter
@@ -131,6 +139,12 @@ class Intake:
 
     def _route_new_series(self, now: datetime, since: datetime | None) -> int:
         recent = true() if since is None else Series.last_received_at >= since
+        # a requested study is the request's: its jobs come once all of it is retrieved, and
+        # it marks the series routed (a failed request's half-received study stays unrouted)
+        requested = select(StudyRequest.study_instance_uid).where(
+            StudyRequest.study_instance_uid.is_not(None),
+            StudyRequest.state != RequestState.DONE.value,
+        )
         with self.sessions() as session:
             rows = session.execute(
                 select(Series, Study.study_instance_uid, SeriesIntake)
@@ -141,6 +155,7 @@ class Intake:
                 )
                 .where(
                     recent,
+                    Study.study_instance_uid.not_in(requested),
                     or_(
                         SeriesIntake.id.is_(None),
                         and_(

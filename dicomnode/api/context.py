@@ -85,6 +85,8 @@ class ApiContext:
     workers: tuple[EmbeddedWorker, ...] = ()
     #: the job models without a package this node runs (the tests' echo), for /api/models
     builtin_models: tuple[str, ...] = ()
+    #: called after a new request is recorded: the runner looks at once, not at its next tick
+    on_request: Callable[[], None] | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property

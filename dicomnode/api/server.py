@@ -34,7 +34,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    from dicomnode.api import auth, catalog, dashboard, health, jobs, metrics
+    from dicomnode.api import auth, catalog, dashboard, health, jobs, metrics, requests
     from dicomnode.api.guard import Guard
     from dicomnode.errors import DicomNodeError
 
@@ -85,7 +85,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def _openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (health, jobs, catalog, metrics, dashboard):
+    for module in (health, jobs, requests, catalog, metrics, dashboard):
         app.include_router(module.router)
     static = str(_static_dir())
     app.mount("/static", StaticFiles(directory=static), name="static")
