@@ -233,6 +233,32 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="print the request as JSON")
     analyze.set_defaults(func=_analyze)
 
+    backfill = commands.add_parser(
+        "backfill",
+        help="ask for every past study a query finds on a source, paced (the node analyses them)",
+    )
+    _config_option(backfill)
+    backfill.add_argument(
+        "--from", dest="source", metavar="SOURCE", help="a [[sources]] name (default: the only one)"
+    )
+    backfill.add_argument(
+        "--query",
+        required=True,
+        help="DICOM keywords, as a URL query: 'Modality=CT&StudyDate=20261101-20261130'",
+    )
+    target = backfill.add_mutually_exclusive_group()
+    target.add_argument("--route", help="analyse as this route does")
+    target.add_argument("--model", help="run this model on the series it accepts")
+    backfill.add_argument("--rate", help="at most N new requests a minute: N/min (or N/h)")
+    backfill.add_argument(
+        "--window", help="make requests only inside this daily window, HH:MM-HH:MM local time"
+    )
+    backfill.add_argument(
+        "--dry-run", action="store_true", help="list the studies it would ask for, ask nothing"
+    )
+    backfill.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    backfill.set_defaults(func=_backfill)
+
     requests = commands.add_parser("requests", help="studies asked of the sources")
     requests_commands = requests.add_subparsers(dest="requests_command", required=True)
     requests_show = requests_commands.add_parser(
@@ -897,6 +923,58 @@ def _analyze(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.5)
     return _request_show(JobRepository(database.sessions), record, as_json=args.json)
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+    from dicomnode.fetch.backfill import Backfill, Window, parse_rate
+    from dicomnode.fetch.query import StudyQuery
+    from dicomnode.fetch.requests import RequestRepository, check_analysis, default_source
+    from dicomnode.fetch.sources import open_source
+
+    settings = load_settings(args.config)
+    name = args.source or default_source(settings)
+    models = None
+    if args.model:
+        from dicomnode.fetch.requests import known_models
+
+        models = known_models(settings, list(args.builtin_models))
+    check_analysis(settings, name, args.route, args.model, models)
+    query = StudyQuery.parse(args.query)
+    database = open_database(settings, migrate=False)
+    run = Backfill(
+        RequestRepository(database.sessions),
+        open_source(settings, name, None),  # queries only: the node retrieves
+        query,
+        route=args.route,
+        model=args.model,
+        rate_per_min=parse_rate(args.rate) if args.rate else None,
+        window=Window.parse(args.window) if args.window else None,
+        max_attempts=settings.source(name).max_attempts,
+    )
+    if args.dry_run:
+        studies = run.studies()
+        if args.json:
+            print(json.dumps([asdict(s) for s in studies], indent=2))
+        else:
+            for study in studies:
+                print(f"{study.study_instance_uid}  {study.study_date}  "
+                      f"{','.join(study.modalities)}  {study.description}")  # fmt: skip
+            print(f"{len(studies)} studies would be asked for")
+        return 0
+
+    def made(request_id: int, study: Any) -> None:
+        if not args.json:
+            print(f"request {request_id}: study {study.study_instance_uid} ({study.study_date})")
+
+    report = run.run(made)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print(f"{report.found} studies match: {report.asked} requests made, "
+              f"{report.already} made before")  # fmt: skip
+    return 0
 
 
 def _requests_show(args: argparse.Namespace) -> int:

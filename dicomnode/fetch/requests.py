@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self, cast
 
-from sqlalchemy import Row, Table, func, select, update
+from sqlalchemy import Row, Table, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import audit
@@ -23,7 +23,7 @@ from dicomnode.domain import Priority, RequestState
 from dicomnode.errors import ConfigError, InvalidQuery, RequestConflict, RequestNotFound
 
 if TYPE_CHECKING:
-    from dicomnode.config import Settings
+    from dicomnode.config import RouteSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +104,7 @@ class RequestSpec:
         (given, else the route's, else routine)."""
         if (self.study_instance_uid is None) == (self.accession_number is None):
             raise InvalidQuery("give exactly one of a Study Instance UID and an accession number")
-        if self.route is not None and self.model is not None:
-            raise InvalidQuery("give a route or a model, not both")
-        try:
-            settings.source(self.source)
-            route = settings.route(self.route) if self.route is not None else None
-        except ConfigError as exc:
-            raise InvalidQuery(exc.message) from None
-        if self.model is not None and models is not None and self.model not in models:
-            raise InvalidQuery(
-                f"no model {self.model!r} is available (models: {', '.join(sorted(models))})"
-            )
+        route = check_analysis(settings, self.source, self.route, self.model, models)
         priority = self.priority
         if priority is None:
             priority = Priority[route.priority.upper()] if route is not None else Priority.ROUTINE
@@ -122,6 +112,27 @@ class RequestSpec:
             self.source, self.study_instance_uid, self.accession_number, self.route,
             self.model, priority, self.transaction_id, self.purpose,
         )  # fmt: skip
+
+
+def check_analysis(
+    settings: Settings,
+    source: str,
+    route: str | None,
+    model: str | None,
+    models: Sequence[str] | None = None,
+) -> RouteSettings | None:
+    """InvalidQuery naming an unknown source, route or model, or both a route and a model;
+    the route's settings when one is named."""
+    if route is not None and model is not None:
+        raise InvalidQuery("give a route or a model, not both")
+    try:
+        settings.source(source)
+        found = settings.route(route) if route is not None else None
+    except ConfigError as exc:
+        raise InvalidQuery(exc.message) from None
+    if model is not None and models is not None and model not in models:
+        raise InvalidQuery(f"no model {model!r} is available (models: {', '.join(sorted(models))})")
+    return found
 
 
 def default_source(settings: Settings) -> str:
@@ -251,16 +262,40 @@ class RequestRepository:
             raise RequestNotFound(f"no request {request_id}")
         return RequestRecord.from_row(row)
 
+    def find(self, client: str, transaction_id: str) -> RequestRecord | None:
+        """The request ``client`` made under ``transaction_id``, if any."""
+        with self.sessions() as session:
+            row = session.execute(
+                select(requests_table).where(
+                    requests_table.c.client == client,
+                    requests_table.c.transaction_id == transaction_id,
+                )
+            ).first()
+        return None if row is None else RequestRecord.from_row(row)
+
+    def last_made(self, client: str, source: str) -> datetime | None:
+        """When ``client`` last made a request of ``source`` (a backfill's pace across runs)."""
+        with self.sessions() as session:
+            return session.scalar(
+                select(func.max(requests_table.c.created_at)).where(
+                    requests_table.c.client == client, requests_table.c.source == source
+                )
+            )
+
     def due(self, *, limit: int = 100) -> list[RequestRecord]:
         """Requests to work on now: pending, or partial and past their backoff; most urgent
-        first, then oldest."""
+        first, a backfill's after the others of its priority, then oldest."""
         now = self.now()
         due = requests_table.c.next_attempt_at.is_(None) | (requests_table.c.next_attempt_at <= now)
         with self.sessions() as session:
             rows = session.execute(
                 select(requests_table)
                 .where(requests_table.c.state.in_([s.value for s in DUE_STATES]), due)
-                .order_by(requests_table.c.priority.desc(), requests_table.c.id)
+                .order_by(
+                    requests_table.c.priority.desc(),
+                    case((requests_table.c.purpose == "backfill", 1), else_=0),
+                    requests_table.c.id,
+                )
                 .limit(limit)
             ).all()
         return [RequestRecord.from_row(row) for row in rows]

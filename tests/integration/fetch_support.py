@@ -3,10 +3,11 @@ C-MOVE to it), phantom studies to put in the PACS, and waiting on a request."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from sqlalchemy import func, select
 
 from dicomnode.app import Node
@@ -28,15 +29,28 @@ CHEST = {"name": "chest", "model": "echo", "match": {"Modality": "CT", "slices":
 
 
 def write_study(
-    folder: Path, study_uid: str, slices: Sequence[int], *, rows: int = 64, **spec: Any
+    folder: Path,
+    study_uid: str,
+    slices: Sequence[int],
+    *,
+    rows: int = 64,
+    attributes: Mapping[str, str] | None = None,
+    **spec: Any,
 ) -> list[Path]:
     """A CT study of one series per entry of ``slices`` (``<study>.<n>``), accession ACC0001
-    unless the spec says otherwise."""
+    unless ``attributes`` (keyword -> value, set on every instance) say otherwise."""
     paths: list[Path] = []
     for number, count in enumerate(slices, start=1):
         series = SeriesSpec(slices=count, study_uid=study_uid, series_uid=f"{study_uid}.{number}",
                             seed=number, rows=rows, columns=rows, **spec)  # fmt: skip
-        paths += write_series(ct_slices(series), folder / str(number))
+
+        def edited(datasets: Iterable[Dataset]) -> Iterator[Dataset]:
+            for ds in datasets:
+                for keyword, value in (attributes or {}).items():
+                    setattr(ds, keyword, value)
+                yield ds
+
+        paths += write_series(edited(ct_slices(series)), folder / str(number))
     return paths
 
 
