@@ -107,8 +107,15 @@ def job_stages(job: JobRecord) -> list[Stage]:
 def request_detail(jobs: JobRepository, record: RequestRecord) -> dict[str, Any]:
     """A request as the API and ``analyze --json`` show it: its columns (progress per series,
     the instances still missing) and a summary of each job it made."""
+    from dicomnode.domain import RequestState
+    from dicomnode.fetch.requests import live_progress
+
     values = record.as_json()
     values.pop("query", None)
+    if record.state in (RequestState.PENDING, RequestState.RETRIEVING, RequestState.PARTIAL,
+                        RequestState.FAILED):  # fmt: skip
+        with jobs.sessions() as session:
+            values["progress"] = live_progress(session, record.progress)
     values["jobs"] = [
         job_summary(job) for job in (jobs.get(job_id) for job_id in record.job_ids) if job
     ]

@@ -19,6 +19,8 @@ from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.locks import TaskLocks
 from dicomnode.db.migrate import current_revision, head_revision
 from dicomnode.errors import DatabaseError
+from dicomnode.fetch.analysis import Analysis
+from dicomnode.fetch.priors import PriorsHold
 from dicomnode.fetch.runner import RequestRunner
 from dicomnode.inference.device import resolve_device
 from dicomnode.inference.registry import ModelRegistry
@@ -180,7 +182,9 @@ def build_node(
     database = open_database(settings, migrate=settings.node.auto_migrate)
     spool, store = _spool_and_store(settings, database)
     jobs = JobRepository(database.sessions, settings.queue)
-    intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs)
+    # a route's priors: its jobs wait while the request runner fetches them
+    hold = PriorsHold(settings, database.sessions) if settings.sources else None
+    intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs, hold=hold)
     periodic = Periodic()
     # several serves on one database: each of these runs in one of them at a time, the others
     # skip their turn (lease reaping is atomic, every process does it)
@@ -204,7 +208,8 @@ def build_node(
         )
     requests = None
     if settings.sources:
-        requests = RequestRunner(settings, database.sessions, jobs, store)
+        analysis = Analysis(settings, database.sessions, jobs, spool.root, hold=hold)
+        requests = RequestRunner(settings, database.sessions, jobs, store, analysis=analysis)
         periodic.add_job(
             locks.exclusively(REQUESTS_JOB, requests.run_once), REQUESTS_EVERY_S, REQUESTS_JOB
         )

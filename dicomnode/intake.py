@@ -57,6 +57,7 @@ from dicomnode.domain import JobState, RequestState
 from dicomnode.errors import JobStateError, SeriesNotVolume
 from dicomnode.imaging.frames import read_dataset
 from dicomnode.queue.listing import JobFilter
+from dicomnode.queue.records import JobRecord
 from dicomnode.queue.repository import JobRepository
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
@@ -67,6 +68,8 @@ MIN_CONTIGUOUS_SLICES = 3
 #: states of a job that a newer generation of its input makes moot: not started, or started on
 #: inputs still inside their confirmation window (nothing of it has been sent)
 SUPERSEDABLE = (JobState.QUEUED, JobState.RUNNING, JobState.CONFIRMING)
+#: and, of a series' earlier generation, a job still waiting (held for its priors)
+SUPERSEDABLE_HELD = (JobState.WAITING, *SUPERSEDABLE)
 #: how far before the previous sweep to look for new series: receivers on other hosts write
 #: their own clocks' times, and a slow transaction may commit after the sweep began
 RECENT_MARGIN = timedelta(seconds=60)
@@ -105,8 +108,12 @@ class Intake:
         jobs: JobRepository,
         *,
         clock: Callable[[], datetime] | None = None,
+        hold: Callable[[JobRecord], bool] | None = None,
     ) -> None:
         self.sessions = sessions
+        #: asked of each series job about to be queued: True when it waits for something first
+        #: (its route's priors, fetched by the request runner, which then queues it)
+        self.hold = hold
         self.storage_dir = storage_dir.resolve()
         self.router = router
         self.jobs = jobs
@@ -249,11 +256,13 @@ class Intake:
         that have not started, or that ran on inputs still inside their confirmation window
         (so sent nothing), are moot; the series' next job runs on all of it. Study-level jobs
         that took the series as an input likewise."""
-        candidates = self.jobs.list(JobFilter(state=SUPERSEDABLE, study=study_uid), limit=1000)
+        candidates = self.jobs.list(JobFilter(state=SUPERSEDABLE_HELD, study=study_uid), limit=1000)
         for job in candidates:
             if series_uid not in (job.series_instance_uid, *job.inputs):
                 continue
-            if job.state is not JobState.QUEUED and job.confirm_after is None:
+            if job.state is JobState.WAITING and job.level != "series":
+                continue  # a study job waiting for its series: it takes the new generation
+            if job.state not in (JobState.QUEUED, JobState.WAITING) and job.confirm_after is None:
                 continue  # confirmed: it sends, and the new generation's job runs as well
             within = "inside the confirmation window" if job.confirm_after else "late"
             try:
@@ -351,6 +360,8 @@ class Intake:
             if job.level != "series":
                 continue
             if job.route in still:
+                if self.hold is not None and self.hold(job):
+                    continue  # queued once what it waits for is in
                 queued += self.jobs.mark_queued(job.id, completed_at=now, confirm_after=confirm)
             else:
                 reasons = [

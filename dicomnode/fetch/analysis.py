@@ -98,14 +98,14 @@ class Analysis:
         jobs: JobRepository,
         storage_dir: Path,
         *,
-        hold: Callable[[JobRecord, RouteSettings, RequestRecord | None], bool] | None = None,
+        hold: Callable[[JobRecord, str | None], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.jobs = jobs
         self.storage_dir = storage_dir.resolve()
-        #: asked of a job whose route takes priors: True when it waits for them (it is then
-        #: queued by whoever fetches them), False to queue it at once
+        #: asked of a job whose route takes priors, with the request's source: True when it
+        #: waits for them (queued once they are in: :mod:`.priors`), False to queue it at once
         self.hold = hold
 
     def router(self, record: RequestRecord) -> tuple[Router, dict[str, RouteSettings]]:
@@ -202,7 +202,7 @@ class Analysis:
         """Enqueued waiting: queued now, unless its priors are to come first."""
         if job.state is not JobState.WAITING:
             return job  # made by an earlier run of this plan
-        if route.priors is not None and self.hold is not None and self.hold(job, route, record):
+        if route.priors is not None and self.hold is not None and self.hold(job, record.source):
             return job
         self.jobs.mark_queued(job.id)
         return self.jobs.get(job.id) or job

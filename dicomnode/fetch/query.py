@@ -3,7 +3,6 @@ protocol every source speaks; no I/O here."""
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from urllib.parse import parse_qsl
 
 from dicomnode.config import SERIES_QUERY_KEYS, check_query_keys
 from dicomnode.errors import InvalidQuery
+from dicomnode.routing import value_matches
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -153,13 +153,6 @@ class StudyQuery:
             any(value_matches(series.attribute(key), wanted) for wanted in options)
             for key, options in self.series.items()
         )
-
-
-def value_matches(value: str, wanted: str) -> bool:
-    """C-FIND-like: case-insensitive, ``*`` and ``?`` wildcards; an empty wanted matches all."""
-    if not wanted or wanted == "*":
-        return True
-    return fnmatch.fnmatchcase(value.strip().upper(), wanted.strip().upper())
 
 
 def _wild(text: str) -> bool:

@@ -402,3 +402,24 @@ def indexed_instances(session: Session, series_uid: str) -> set[str]:
             .where(Series.series_instance_uid == series_uid)
         )
     )
+
+
+def live_progress(session: Session, progress: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A request's progress as the index has it now: instances that arrived since it was
+    recorded (a C-MOVE sub-operation the source sent as it went down) count as received."""
+    if not progress or "series" not in progress:
+        return dict(progress) if progress else None
+    series = []
+    for entry in progress["series"]:
+        entry = dict(entry)
+        missing = entry.get("missing_instances") or []
+        if missing:
+            have = indexed_instances(session, entry["series_instance_uid"])
+            entry["missing_instances"] = [sop for sop in missing if sop not in have]
+            entry["received"] = int(entry["expected"] or 0) - len(entry["missing_instances"])
+        series.append(entry)
+    return {
+        **progress,
+        "series": series,
+        "received": sum(int(e["received"] or 0) for e in series),
+    }

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.domain import FINAL_STATES, RequestState
 from dicomnode.errors import ConfigError, SourceError, StudyNotFound
 from dicomnode.fetch.analysis import Analysis
+from dicomnode.fetch.priors import SEARCH, PriorsProgress
 from dicomnode.fetch.requests import (
     RequestRecord,
     RequestRepository,
@@ -64,6 +65,7 @@ class RequestRunner:
         self.store = store
         self.requests = RequestRepository(sessions, clock=clock)
         self.analysis = analysis or Analysis(settings, sessions, jobs, store.spool.root)
+        self.priors = PriorsProgress(settings, sessions, jobs, self.requests)
         self._lock = threading.Lock()
 
     def run_once(self) -> int:
@@ -86,6 +88,11 @@ class RequestRunner:
             source = open_source(self.settings, record.source, self.store)
         except ConfigError as exc:
             return self._fail(record, exc.message)
+        if record.purpose == SEARCH:
+            try:
+                return self.priors.search(record, source)
+            except SourceError as exc:
+                return self._later(record, exc.message)
         try:
             study_uid = record.study_instance_uid or self._resolve(record, source)
             series = source.find_series(study_uid)
@@ -236,14 +243,21 @@ class RequestRunner:
             error,
             extra={"action": "request_failed", "request_id": record.id},
         )
-        return self.requests.set(record.id, state=RequestState.FAILED, error=error)
+        record = self.requests.set(record.id, state=RequestState.FAILED, error=error)
+        if record.purpose == SEARCH:  # no priors to be had: the job runs without them
+            return self.priors.finish(record)
+        return record
 
     # -- requests whose jobs run --------------------------------------------------------------
 
     def settle(self) -> int:
-        """Requests whose every job ended are done; returns how many."""
+        """Requests whose every job ended are done, and jobs whose priors are all in (or
+        failed) queued; returns how many requests ended."""
         settled = 0
         for record in self.requests.in_state(RequestState.QUEUED):
+            if record.purpose == SEARCH:
+                settled += self.priors.settle(record).state is not RequestState.QUEUED
+                continue
             jobs = [self.jobs.get(job_id) for job_id in record.job_ids]
             if all(job is None or job.state in FINAL_STATES for job in jobs):
                 self.requests.set(record.id, state=RequestState.DONE)

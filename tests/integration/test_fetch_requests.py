@@ -147,11 +147,15 @@ def test_a_source_going_down_mid_retrieve_leaves_a_partial_request_that_resumes(
                what="the first retrieved instances")  # fmt: skip
     pacs.stop(graceful=False)  # the PACS dies in the middle of the transfer
     record = wait_request(node, request_id, RequestState.PARTIAL)
-    [series] = record.progress["series"]  # type: ignore[index]
+    wait_until(lambda: _all_closed(node), what="the PACS's associations to the node closed")
+    with api(node) as client:  # what the index holds now, as the API shows it
+        shown = client.get(f"/api/requests/{request_id}").json()
+    [series] = shown["progress"]["series"]
     held = study_instances(node, BIG)
     assert 0 < held < 400 and series["expected"] == 400 and series["received"] == held
-    assert len(series["missing_instances"]) == 400 - held
-    assert "missing" in (record.error or "") and not record.job_ids
+    assert len(series["missing_instances"]) == 400 - held == 400 - shown["progress"]["received"]
+    assert shown["state"] == "partial" and "missing" in (record.error or "")
+    assert not record.job_ids
     assert study_jobs(node, BIG) == []  # nothing half-received is analysed
 
     restarted = datetime.now(UTC)
@@ -166,6 +170,13 @@ def test_a_source_going_down_mid_retrieve_leaves_a_partial_request_that_resumes(
                 select(func.sum(Association.stored)).where(Association.opened_at >= restarted)
             )
         assert resent == 400 - held
+
+
+def _all_closed(node: Node) -> bool:
+    with node.database.sessions() as session:
+        return not session.scalar(
+            select(func.count(Association.id)).where(Association.outcome.is_(None))
+        )
 
 
 def test_analyze_cli_asks_and_waits_for_the_jobs(
