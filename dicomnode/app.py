@@ -77,7 +77,7 @@ SWEEP_EVERY_S = 1.0
 RETENTION_JOB = "spool.retention"
 RETENTION_EVERY_S = 3600.0
 REQUESTS_JOB = "fetch.requests"
-REQUESTS_EVERY_S = 1.0
+REQUESTS_POLL_S = 1.0
 
 
 @dataclass
@@ -120,11 +120,15 @@ class Node:
                 self.worker_processes.start()
             if self.sender is not None:
                 self.sender.start()
+            if self.requests is not None:
+                self.requests.start(REQUESTS_POLL_S)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop listening, let workers finish the job in hand, then stop the periodic work."""
         if self.api is not None:
             self.api.stop()
+        if self.requests is not None:  # the retrieve in hand ends first (C-MOVE: on our receiver)
+            self.requests.stop(timeout)
         self.receiver.stop()
         if self.receivers is not None:
             self.receivers.stop()
@@ -142,8 +146,9 @@ class Node:
         self.periodic.run_soon(SWEEP_JOB)
 
     def wake_requests(self) -> None:
-        """A request was made: look at the requests now rather than at the next tick."""
-        self.periodic.run_soon(REQUESTS_JOB)
+        """A request was made: look at the requests now rather than at the next poll."""
+        if self.requests is not None:
+            self.requests.wake()
 
 
 def _spool_and_store(settings: Settings, database: Database) -> tuple[Spool, InstanceStore]:
@@ -210,9 +215,7 @@ def build_node(
     if settings.sources:
         analysis = Analysis(settings, database.sessions, jobs, spool.root, hold=hold)
         requests = RequestRunner(settings, database.sessions, jobs, store, analysis=analysis)
-        periodic.add_job(
-            locks.exclusively(REQUESTS_JOB, requests.run_once), REQUESTS_EVERY_S, REQUESTS_JOB
-        )
+        requests.task = locks.exclusively(REQUESTS_JOB, requests.run_once)
     registry = ModelRegistry.from_settings(settings)
     if worker_processes is None:
         worker_processes = not builtin_models

@@ -5,7 +5,9 @@ through :class:`~.ingest.Ingest`, in the transfer syntax the source holds it in.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: WADO-RS: every instance in the transfer syntax the source stores it in (no transcoding)
 AS_STORED = (("application/dicom", "*"),)
+#: instances stored at once as they stream in (the store's group commit takes them together)
+STORE_THREADS = 4
 
 
 class DicomwebSource:
@@ -137,17 +141,37 @@ class DicomwebSource:
     ) -> RetrieveOutcome:
         if self.ingest is None:
             raise SourceError(f"{self}: WADO-RS needs the node's store to put instances in")
+        ingest = self.ingest
         stored = failed = 0
-        try:
-            for ds in self._instances(study_uid, series_uid, sop_uids):
-                try:
-                    self.ingest.dataset(ds)
+        error = ""
+        # instances are stored while the next ones stream in, STORE_THREADS at a time, so the
+        # store commits them in groups (one index commit and one folder fsync per group)
+        slots = threading.BoundedSemaphore(STORE_THREADS * 2)
+
+        def store(ds: Dataset) -> bool:
+            try:
+                ingest.dataset(ds)
+                return True
+            except StoreRefused:
+                return False
+            finally:
+                slots.release()
+
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="wado-store") as pool:
+            pending: list[Future[bool]] = []
+            try:
+                for ds in self._instances(study_uid, series_uid, sop_uids):
+                    slots.acquire()
+                    pending.append(pool.submit(store, ds))
+            except SourceError as exc:
+                error = exc.message
+            for future in pending:
+                if future.result():
                     stored += 1
-                except StoreRefused:
+                else:
                     failed += 1
-        except SourceError as exc:
-            return RetrieveOutcome(stored, failed, exc.message)
-        error = f"{failed} instances were refused by the node" if failed else ""
+        if failed and not error:
+            error = f"{failed} instances were refused by the node"
         return RetrieveOutcome(stored, failed, error)
 
     def _instances(

@@ -8,6 +8,7 @@ different ask under the same id is a conflict), so a client may repeat a POST it
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,8 @@ requests_table = cast(Table, StudyRequest.__table__)
 #: states a request is worked on in (by the runner), or waits in for its next attempt
 DUE_STATES = (RequestState.PENDING, RequestState.PARTIAL)
 MAX_ERROR_CHARS = 4000
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_ACCESSION = re.compile(r"^[^\x00-\x1f\x7f\\*?]{1,64}$")
 PRIORITIES = {p.name.lower(): p for p in Priority}
 
 
@@ -104,6 +107,17 @@ class RequestSpec:
         (given, else the route's, else routine)."""
         if (self.study_instance_uid is None) == (self.accession_number is None):
             raise InvalidQuery("give exactly one of a Study Instance UID and an accession number")
+        uid = self.study_instance_uid
+        if uid is not None and (len(uid) > 64 or not _UID.match(uid)):
+            raise InvalidQuery(
+                f"Study Instance UID {self.study_instance_uid!r} is not digits and dots, at most "
+                "64 characters"
+            )
+        if self.accession_number is not None and not _ACCESSION.match(self.accession_number):
+            raise InvalidQuery(
+                "the accession number must be 1 to 64 printable characters without a wildcard "
+                "(*, ?) or a backslash"
+            )
         route = check_analysis(settings, self.source, self.route, self.model, models)
         priority = self.priority
         if priority is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: instances named in one image-level retrieve (C-MOVE / C-GET identifier)
 RETRIEVE_CHUNK = 100
+#: one tick works on requests for at most this long (then the next tick goes on), so a stop
+#: waits at most this and one study's retrieve
+TICK_BUDGET_S = 30.0
 
 
 class RequestRunner:
@@ -67,18 +71,63 @@ class RequestRunner:
         self.analysis = analysis or Analysis(settings, sessions, jobs, store.spool.root)
         self.priors = PriorsProgress(settings, sessions, jobs, self.requests)
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: what the thread runs each turn: run_once, or it wrapped so that one process of
+        #: several sharing the database runs it at a time (the node's TaskLocks)
+        self.task: Callable[[], object] = self.run_once
 
     def run_once(self) -> int:
-        """Settle the requests whose jobs ended, then work on every due request; returns how
-        many were worked on."""
+        """Settle the requests whose jobs ended, then work on due requests one at a time, the
+        most urgent first each time (a stat request made meanwhile goes before a backfill's
+        next), for up to TICK_BUDGET_S; returns how many were worked on."""
         with self._lock:
             self.settle()
             worked = 0
-            for record in self.requests.due():
-                if self.requests.start(record.id):
-                    self.process(self.requests.get(record.id))
+            deadline = time.monotonic() + TICK_BUDGET_S
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                due = self.requests.due(limit=1)
+                if not due:
+                    break
+                if self.requests.start(due[0].id):
+                    self.process(self.requests.get(due[0].id))
                     worked += 1
             return worked
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def start(self, poll_s: float = 1.0) -> threading.Thread:
+        """Work on the requests in a thread of its own (a retrieve takes seconds: it holds up
+        no periodic task), every ``poll_s`` or at once when woken."""
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.task()
+                except Exception:
+                    logger.exception(
+                        "the request runner failed; it tries again", extra={"action": "requests"}
+                    )
+                self._wake.wait(poll_s)
+                self._wake.clear()
+
+        self._thread = threading.Thread(target=loop, name="requests", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def wake(self) -> None:
+        """A request was made: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no further request; the one in hand is finished (joined up to ``timeout``)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
     # -- one request --------------------------------------------------------------------------
 
@@ -115,8 +164,9 @@ class RequestRunner:
     def _resolve(self, record: RequestRecord, source: Source) -> str:
         """The Study Instance UID of the request's accession number, recorded before anything
         is retrieved (the intake leaves a requested study alone)."""
-        found = source.find_studies({"AccessionNumber": record.accession_number or ""})
-        uids = sorted({study.study_instance_uid for study in found})
+        accession = record.accession_number or ""
+        found = source.find_studies({"AccessionNumber": accession})
+        uids = sorted({s.study_instance_uid for s in found if s.accession_number == accession})
         if not uids:
             raise StudyNotFound(f"{source} has no study with the request's accession number")
         if len(uids) > 1:

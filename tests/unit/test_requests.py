@@ -78,6 +78,8 @@ def test_an_ask_is_checked_against_the_configuration() -> None:
         (spec(route="chest", model="m"), "not both"),
         (spec(source="x"), "no source 'x'"),
         (spec(route="x"), "no route 'x'"),
+        (spec(study_instance_uid="1.02.3"), "not digits and dots"),
+        (spec(study_instance_uid=None, accession_number="A*"), "without a wildcard"),
     ):
         with pytest.raises(InvalidQuery, match=why):
             bad.checked(settings)
