@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
     from dicomnode.config import CommandModelSettings, RouteSettings, Settings
+    from dicomnode.fetch.requests import RequestRecord
     from dicomnode.inference.protocol import ModelSpec
     from dicomnode.queue.repository import JobRecord, JobRepository
 
@@ -110,6 +111,24 @@ class Stage:
 
 def job_stages(job: JobRecord) -> list[Stage]:
     return [Stage(name, getattr(job, column)) for name, column in STAGES]
+
+
+def request_detail(jobs: JobRepository, record: RequestRecord) -> dict[str, Any]:
+    """A request as the API and ``analyze --json`` show it: its columns (progress per series,
+    the instances still missing) and a summary of each job it made."""
+    from dicomnode.domain import RequestState
+    from dicomnode.fetch.requests import live_progress
+
+    values = record.as_json()
+    values.pop("query", None)
+    if record.state in (RequestState.PENDING, RequestState.RETRIEVING, RequestState.PARTIAL,
+                        RequestState.FAILED):  # fmt: skip
+        with jobs.sessions() as session:
+            values["progress"] = live_progress(session, record.progress)
+    values["jobs"] = [
+        job_summary(job) for job in (jobs.get(job_id) for job_id in record.job_ids) if job
+    ]
+    return values
 
 
 def job_summary(job: JobRecord) -> dict[str, Any]:

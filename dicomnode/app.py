@@ -19,6 +19,9 @@ from dicomnode.db import make_engine, make_session_factory, upgrade
 from dicomnode.db.locks import TaskLocks
 from dicomnode.db.migrate import current_revision, head_revision
 from dicomnode.errors import DatabaseError
+from dicomnode.fetch.analysis import Analysis
+from dicomnode.fetch.priors import PriorsHold
+from dicomnode.fetch.runner import RequestRunner
 from dicomnode.inference.device import resolve_device
 from dicomnode.inference.registry import ModelRegistry
 from dicomnode.intake import Intake
@@ -76,6 +79,8 @@ SWEEP_JOB = "intake.sweep"
 SWEEP_EVERY_S = 1.0
 RETENTION_JOB = "spool.retention"
 RETENTION_EVERY_S = 3600.0
+REQUESTS_JOB = "fetch.requests"
+REQUESTS_POLL_S = 1.0
 
 
 @dataclass
@@ -101,6 +106,8 @@ class Node:
     worker_processes: WorkerProcesses | None = None
     #: the notification queue's deliveries (None: no ``[[notifications]]``)
     notifier: Notifier | None = None
+    #: retrieves requested studies from the sources (None: no ``[[sources]]``)
+    requests: RequestRunner | None = None
 
     def start(self, *, background: bool = True) -> None:
         """Listen; with ``background``, also sweep, reap leases and run the embedded workers."""
@@ -120,11 +127,15 @@ class Node:
                 self.sender.start()
             if self.notifier is not None:
                 self.notifier.start()
+            if self.requests is not None:
+                self.requests.start(REQUESTS_POLL_S)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop listening, let workers finish the job in hand, then stop the periodic work."""
         if self.api is not None:
             self.api.stop()
+        if self.requests is not None:  # the retrieve in hand ends first (C-MOVE: on our receiver)
+            self.requests.stop(timeout)
         self.receiver.stop()
         if self.receivers is not None:
             self.receivers.stop()
@@ -142,6 +153,11 @@ class Node:
     def wake_intake(self) -> None:
         """An association ended: sweep now rather than at the next tick."""
         self.periodic.run_soon(SWEEP_JOB)
+
+    def wake_requests(self) -> None:
+        """A request was made: look at the requests now rather than at the next poll."""
+        if self.requests is not None:
+            self.requests.wake()
 
 
 def _spool_and_store(settings: Settings, database: Database) -> tuple[Spool, InstanceStore]:
@@ -180,7 +196,9 @@ def build_node(
     database = open_database(settings, migrate=settings.node.auto_migrate)
     spool, store = _spool_and_store(settings, database)
     jobs = job_repository(settings, database.sessions)
-    intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs)
+    # a route's priors: its jobs wait while the request runner fetches them
+    hold = PriorsHold(settings, database.sessions) if settings.sources else None
+    intake = Intake(database.sessions, spool.root, Router.from_settings(settings), jobs, hold=hold)
     periodic = Periodic()
     # several serves on one database: each of these runs in one of them at a time, the others
     # skip their turn (lease reaping is atomic, every process does it)
@@ -202,6 +220,11 @@ def build_node(
             RETENTION_EVERY_S,
             RETENTION_JOB,
         )
+    requests = None
+    if settings.sources:
+        analysis = Analysis(settings, database.sessions, jobs, spool.root, hold=hold)
+        requests = RequestRunner(settings, database.sessions, jobs, store, analysis=analysis)
+        requests.task = locks.exclusively(REQUESTS_JOB, requests.run_once)
     registry = ModelRegistry.from_settings(settings)
     if worker_processes is None:
         worker_processes = not builtin_models
@@ -227,6 +250,7 @@ def build_node(
         calling_aet=settings.node.ae_title,
     )
     api = None
+    wake: list[Node] = []  # the node, once built: the API wakes its request runner
     if settings.api.enabled:  # refuses a non-loopback host without a token
         embedded = (*workers, *(processes.workers.values() if processes else ()))
         context = ApiContext(
@@ -236,14 +260,17 @@ def build_node(
             embedded,
             tuple(builtin_models or ()),
             stow=StowIngest(receiver),
+            on_request=lambda: wake[0].wake_requests() if wake else None,
         )
         api = ApiServer(context)
     node = Node(
         settings, database, spool, store, receiver, jobs, intake, periodic, workers, sender, api
     )
+    wake.append(node)
     node.worker_processes = processes
     if settings.notifications:
         node.notifier = Notifier(database.sessions, settings.notifications)
+    node.requests = requests
     receiver.on_association_closed = node.wake_intake
     if settings.node.processes > 1:
         node.receivers = ReceiverProcesses(settings, node.wake_intake, command=command)

@@ -216,6 +216,65 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     demo.set_defaults(func=_demo)
 
+    analyze = commands.add_parser(
+        "analyze",
+        help="retrieve a study from a source and analyse it (the running node does both)",
+    )
+    _config_option(analyze)
+    which = analyze.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="STUDY_UID", help="the Study Instance UID")
+    which.add_argument("--accession", metavar="ACCESSION_NUMBER", help="or its accession number")
+    analyze.add_argument(
+        "--from", dest="source", metavar="SOURCE", help="a [[sources]] name (default: the only one)"
+    )
+    how = analyze.add_mutually_exclusive_group()
+    how.add_argument("--route", help="analyse as this route does (its match picks the series)")
+    how.add_argument("--model", help="run this model on the series it accepts")
+    analyze.add_argument("--priority", choices=["routine", "urgent", "stat"])
+    analyze.add_argument(
+        "--transaction-id", help="your id for this ask: asked again, the same request answers"
+    )
+    analyze.add_argument("--wait", action="store_true", help="wait until its jobs have ended")
+    analyze.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    analyze.add_argument("--json", action="store_true", help="print the request as JSON")
+    analyze.set_defaults(func=_analyze)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="ask for every past study a query finds on a source, paced (the node analyses them)",
+    )
+    _config_option(backfill)
+    backfill.add_argument(
+        "--from", dest="source", metavar="SOURCE", help="a [[sources]] name (default: the only one)"
+    )
+    backfill.add_argument(
+        "--query",
+        required=True,
+        help="DICOM keywords, as a URL query: 'Modality=CT&StudyDate=20261101-20261130'",
+    )
+    target = backfill.add_mutually_exclusive_group()
+    target.add_argument("--route", help="analyse as this route does")
+    target.add_argument("--model", help="run this model on the series it accepts")
+    backfill.add_argument("--rate", help="at most N new requests a minute: N/min (or N/h)")
+    backfill.add_argument(
+        "--window", help="make requests only inside this daily window, HH:MM-HH:MM local time"
+    )
+    backfill.add_argument(
+        "--dry-run", action="store_true", help="list the studies it would ask for, ask nothing"
+    )
+    backfill.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    backfill.set_defaults(func=_backfill)
+
+    requests = commands.add_parser("requests", help="studies asked of the sources")
+    requests_commands = requests.add_subparsers(dest="requests_command", required=True)
+    requests_show = requests_commands.add_parser(
+        "show", help="one request: its progress, what is missing, its jobs"
+    )
+    _config_option(requests_show)
+    requests_show.add_argument("request_id", type=int)
+    requests_show.add_argument("--json", action="store_true", help="print JSON")
+    requests_show.set_defaults(func=_requests_show)
+
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_upgrade = db_commands.add_parser("upgrade", help="migrate the schema to this version")
@@ -853,6 +912,140 @@ def _demo(args: argparse.Namespace) -> int:
             print("\n".join(describe(outcome)))
     ended = all(job["state"] == "done" for o in outcomes for job in o.jobs)
     return 0 if ended and all(o.jobs for o in outcomes) else 1
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import time
+
+    from dicomnode import audit
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+    from dicomnode.domain import RequestState
+    from dicomnode.fetch.requests import (
+        RequestRepository,
+        RequestSpec,
+        default_source,
+        known_models,
+        parse_priority,
+    )
+    from dicomnode.queue import JobRepository
+
+    settings = load_settings(args.config)
+    spec = RequestSpec(
+        source=args.source or default_source(settings),
+        study_instance_uid=args.study,
+        accession_number=args.accession,
+        route=args.route,
+        model=args.model,
+        priority=parse_priority(args.priority) if args.priority else None,
+        transaction_id=args.transaction_id,
+    ).checked(settings, known_models(settings, list(args.builtin_models)) if args.model else None)
+    database = open_database(settings, migrate=False)
+    requests = RequestRepository(database.sessions)
+    record, created = requests.submit(
+        spec, client=audit.cli_actor(), max_attempts=settings.source(spec.source).max_attempts
+    )
+    if not args.json:
+        print(f"request {record.id} {'made' if created else 'made before'}: {record.state}")
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        final = (RequestState.DONE, RequestState.FAILED)
+        while (record := requests.get(record.id)).state not in final:
+            if time.monotonic() > deadline:
+                print(
+                    f"dicomnode: request {record.id} is still {record.state} after "
+                    f"{args.timeout:g} s (is `dicomnode serve` running with this source?)",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.5)
+    return _request_show(JobRepository(database.sessions), record, as_json=args.json)
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from dicomnode.app import open_database
+    from dicomnode.config import load_settings
+    from dicomnode.fetch.backfill import Backfill, Window, parse_rate
+    from dicomnode.fetch.query import StudyQuery
+    from dicomnode.fetch.requests import RequestRepository, check_analysis, default_source
+    from dicomnode.fetch.sources import open_source
+
+    settings = load_settings(args.config)
+    name = args.source or default_source(settings)
+    models = None
+    if args.model:
+        from dicomnode.fetch.requests import known_models
+
+        models = known_models(settings, list(args.builtin_models))
+    check_analysis(settings, name, args.route, args.model, models)
+    query = StudyQuery.parse(args.query)
+    database = open_database(settings, migrate=False)
+    run = Backfill(
+        RequestRepository(database.sessions),
+        open_source(settings, name, None),  # queries only: the node retrieves
+        query,
+        route=args.route,
+        model=args.model,
+        rate_per_min=parse_rate(args.rate) if args.rate else None,
+        window=Window.parse(args.window) if args.window else None,
+        max_attempts=settings.source(name).max_attempts,
+    )
+    if args.dry_run:
+        studies = run.studies()
+        if args.json:
+            print(json.dumps([asdict(s) for s in studies], indent=2))
+        else:
+            for study in studies:
+                print(f"{study.study_instance_uid}  {study.study_date}  "
+                      f"{','.join(study.modalities)}  {study.description}")  # fmt: skip
+            print(f"{len(studies)} studies would be asked for")
+        return 0
+
+    def made(request_id: int, study: Any) -> None:
+        if not args.json:
+            print(f"request {request_id}: study {study.study_instance_uid} ({study.study_date})")
+
+    report = run.run(made)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print(f"{report.found} studies match: {report.asked} requests made, "
+              f"{report.already} made before")  # fmt: skip
+    return 0
+
+
+def _requests_show(args: argparse.Namespace) -> int:
+    from dicomnode.fetch.requests import RequestRepository
+
+    jobs = _jobs_repository(args)
+    return _request_show(jobs, RequestRepository(jobs.sessions).get(args.request_id),
+                         as_json=args.json)  # fmt: skip
+
+
+def _request_show(jobs: JobRepository, record: Any, *, as_json: bool) -> int:
+    """A request: its state, progress per series, and its jobs; 1 when it failed."""
+    from dicomnode import admin
+
+    values = admin.request_detail(jobs, record)
+    if as_json:
+        print(json.dumps(values, indent=2, default=_json_default))
+        return 1 if values["state"] == "failed" else 0
+    progress = values.get("progress") or {}
+    attempts = f"attempt {values['attempts']}/{values['max_attempts']}"
+    print(f"request {values['id']}: {values['state']} ({values['purpose']} from "
+          f"{values['source']}, {attempts})")  # fmt: skip
+    if progress:
+        print(f"instances: {progress.get('received', 0)} of {progress.get('expected', 0)}")
+        for series in progress.get("series", ()):
+            missing = len(series.get("missing_instances") or ())
+            print(f"  series {series['series_instance_uid']} ({series.get('modality') or '?'}): "
+                  f"{series['received']}/{series['expected']}"
+                  + (f", {missing} missing" if missing else ""))  # fmt: skip
+    if values.get("error"):
+        print(f"error: {values['error']}")
+    for job in values["jobs"]:
+        print(f"  job {job['id']}: {job['state']} ({job['model']}, route {job['route']})")
+    return 1 if values["state"] == "failed" else 0
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:

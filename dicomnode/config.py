@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -263,6 +263,46 @@ class CriticalRule(_Section):
 SendIf = Literal["always", "positive"] | tuple[str, ...]
 
 
+#: the series-level attributes a prior's ``match`` may name (the rest are the study's)
+SERIES_QUERY_KEYS = frozenset(
+    {"Modality", "BodyPartExamined", "SeriesDescription", "ProtocolName", "SeriesNumber"}
+)
+
+
+def check_query_keys(keys: Sequence[str], what: str) -> None:
+    """ValueError naming a key that is not a DICOM keyword (``Modality``, ``StudyDate``...)."""
+    from pydicom.datadict import tag_for_keyword
+
+    unknown = [key for key in keys if tag_for_keyword(key) is None]
+    if unknown:
+        raise ValueError(
+            f"{what}: {', '.join(map(repr, unknown))} is not a DICOM keyword (e.g. Modality, "
+            "BodyPartExamined, StudyDescription)"
+        )
+
+
+class PriorsSettings(_Section):
+    """A route's priors (``priors = { count = 1, match = {...} }``): before its job runs, the
+    node asks the source for the same patient's earlier studies with a series that matches,
+    retrieves the most recent ``count`` and gives them to the model beside its input."""
+
+    count: int = Field(1, ge=1, le=10)
+    #: DICOM keyword -> value, or a list of values any of which may match (case-insensitive;
+    #: ``*`` and ``?`` as in C-FIND); series attributes (Modality, BodyPartExamined,
+    #: SeriesDescription, ProtocolName, SeriesNumber) pick the prior's series, the others are
+    #: the study's
+    match: dict[str, str | list[str]] = {}
+    #: the source asked (default: the one the study came from: its request's, else the
+    #: source whose AE title sent it)
+    source: str | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _keywords(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        check_query_keys(list(value), "priors.match")
+        return value
+
+
 class RouteSettings(_Section):
     """One routing rule: which series go to which model, sent where, how urgently."""
 
@@ -305,6 +345,18 @@ class RouteSettings(_Section):
                 'send_if is "always", "positive" or a non-empty list of finding labels'
             )
         return value
+
+    #: the patient's earlier studies the job gets beside its input (series-level routes)
+    priors: PriorsSettings | None = None
+
+    @model_validator(mode="after")
+    def _priors_on_series(self) -> RouteSettings:
+        if self.priors is not None and self.level != "series":
+            raise ValueError(
+                f"route {self.name!r}: priors are given to series-level routes only "
+                f"(this one is {self.level!r})"
+            )
+        return self
 
 
 class RoutingSettings(_Section):
@@ -539,8 +591,8 @@ class ResultsSettings(_Section):
 
 
 class ClientTLSSettings(_Section):
-    """DICOM TLS towards a destination: ``ca`` verifies its certificate (none: not verified);
-    ``cert`` and ``key`` are ours, for destinations that verify senders."""
+    """DICOM TLS towards a peer (a destination, a source): ``ca`` verifies its certificate
+    (none: not verified); ``cert`` and ``key`` are ours, for peers that verify callers."""
 
     enabled: bool = False
     ca: Path | None = None
@@ -550,57 +602,76 @@ class ClientTLSSettings(_Section):
     @model_validator(mode="after")
     def _key_with_cert(self) -> ClientTLSSettings:
         if (self.cert is None) != (self.key is None):
-            raise ValueError("destination tls.cert and tls.key go together")
+            raise ValueError("tls.cert and tls.key go together")
         return self
 
 
-class DestinationSettings(_Section):
-    """Where results go (``[[destinations]]``): a C-STORE SCP (``ae_title``, ``host``,
-    ``port``), a STOW-RS service (``url``), or the AE that sent the job's input
-    (``return_to_sender``, at its host on ``port``). Sends retry with exponential backoff
-    (``backoff_s``, doubling up to ``max_backoff_s``) and are given up after ``max_attempts``."""
+class RemoteSettings(_Section):
+    """What a destination and a source share: a DIMSE peer (``ae_title``, ``host``, ``port``,
+    optionally over ``tls``) or a DICOMweb service (``url``, with ``token`` and ``headers``)."""
 
     name: str = Field(min_length=1, max_length=64)
     ae_title: str | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
-    url: str | None = None  # STOW-RS base: POST {url}/studies
-    return_to_sender: bool = False
-    #: our AE title on associations to this destination (default: node.ae_title)
+    url: str | None = None  # DICOMweb base: {url}/studies
+    #: our AE title on associations to this peer (default: node.ae_title)
     calling_aet: str | None = None
     tls: ClientTLSSettings = ClientTLSSettings()
-    token: str = ""  # STOW-RS: sent as "Authorization: Bearer <token>"
-    headers: dict[str, str] = {}  # STOW-RS: more HTTP headers
-    max_attempts: int = Field(10, ge=1)
-    backoff_s: float = Field(30.0, ge=0)
-    max_backoff_s: float = Field(3600.0, ge=0)
+    token: str = ""  # DICOMweb: sent as "Authorization: Bearer <token>"
+    headers: dict[str, str] = {}  # DICOMweb: more HTTP headers
     timeout_s: float = Field(60.0, gt=0)
-    batch: int = Field(100, ge=1)  # objects per association or STOW-RS request
 
     @field_validator("ae_title", "calling_aet")
     @classmethod
     def _check_aets(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> DestinationSettings:
+    def _check_peer(self, what: str, others: Sequence[tuple[str, bool]] = ()) -> None:
+        """Exactly one kind of peer, complete: ValueError naming what is wrong."""
         dimse = self.ae_title is not None or self.host is not None
-        kinds = [k for k, on in (("C-STORE", dimse), ("url", self.url is not None),
-                                 ("return_to_sender", self.return_to_sender)) if on]  # fmt: skip
+        kinds = [k for k, on in (("ae_title/host/port", dimse), ("url", self.url is not None),
+                                 *others) if on]  # fmt: skip
         if len(kinds) != 1:
+            names = ", ".join(["ae_title/host/port", "url", *(k for k, _ in others)])
             raise ValueError(
-                f"destination {self.name!r} needs exactly one of ae_title/host/port, url or "
-                f"return_to_sender = true (got {', '.join(kinds) or 'none'})"
+                f"{what} {self.name!r} needs exactly one of {names} "
+                f"(got {', '.join(kinds) or 'none'})"
             )
         if dimse and (self.ae_title is None or self.host is None or self.port is None):
-            raise ValueError(f"destination {self.name!r} needs ae_title, host and port together")
-        if self.return_to_sender and self.port is None:
-            raise ValueError(
-                f"destination {self.name!r}: return_to_sender needs the port the sender's "
-                "C-STORE SCP listens on"
-            )
+            raise ValueError(f"{what} {self.name!r} needs ae_title, host and port together")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"destination {self.name!r}: url {self.url!r} is not http(s)://")
+            raise ValueError(f"{what} {self.name!r}: url {self.url!r} is not http(s)://")
+
+
+class DestinationSettings(RemoteSettings):
+    """Where results go (``[[destinations]]``): a C-STORE SCP (``ae_title``, ``host``,
+    ``port``), a STOW-RS service (``url``), or the AE that sent the job's input
+    (``return_to_sender``, at its host on ``port``). Sends retry with exponential backoff
+    (``backoff_s``, doubling up to ``max_backoff_s``) and are given up after ``max_attempts``."""
+
+    return_to_sender: bool = False
+    max_attempts: int = Field(10, ge=1)
+    backoff_s: float = Field(30.0, ge=0)
+    max_backoff_s: float = Field(3600.0, ge=0)
+    batch: int = Field(100, ge=1)  # objects per association or STOW-RS request
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DestinationSettings:
+        if self.return_to_sender and self.ae_title is None and self.host is None:
+            # the sender's AE title and host, on this port: no other part of a peer
+            if self.url is not None:
+                raise ValueError(
+                    f"destination {self.name!r} needs exactly one of ae_title/host/port, url "
+                    "or return_to_sender = true (got url, return_to_sender)"
+                )
+            if self.port is None:
+                raise ValueError(
+                    f"destination {self.name!r}: return_to_sender needs the port the sender's "
+                    "C-STORE SCP listens on"
+                )
+            return self
+        self._check_peer("destination", (("return_to_sender = true", self.return_to_sender),))
         return self
 
     @property
@@ -717,6 +788,37 @@ class NotificationSettings(_Section):
                     f"(known: {sorted(TEMPLATE_VARIABLES)})"
                 )
         return self
+
+
+class SourceSettings(RemoteSettings):
+    """A PACS the node may query and retrieve from (``[[sources]]``): a DIMSE peer
+    (``ae_title``, ``host``, ``port``: C-FIND, then C-MOVE to our AE or C-GET, per
+    ``retrieve``) or a DICOMweb service (``url``: QIDO-RS, then WADO-RS). A retrieve that
+    fails part-way is tried again after ``backoff_s`` (doubling up to ``max_backoff_s``) for
+    what is still missing, at most ``max_attempts`` times."""
+
+    #: DIMSE: "move" (C-MOVE: the source sends to ``move_destination``, which it must know
+    #: as this node's AE title, host and DICOM port) or "get" (C-GET: on our association)
+    retrieve: Literal["move", "get"] = "move"
+    #: the AE title C-MOVE names as the destination (default: node.ae_title)
+    move_destination: str | None = None
+    max_attempts: int = Field(5, ge=1)
+    backoff_s: float = Field(30.0, ge=0)
+    max_backoff_s: float = Field(3600.0, ge=0)
+
+    @field_validator("move_destination")
+    @classmethod
+    def _check_destination(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSettings:
+        self._check_peer("source")
+        return self
+
+    @property
+    def kind(self) -> Literal["dimse", "dicomweb"]:
+        return "dicomweb" if self.url is not None else "dimse"
 
 
 #: What an API token may do; each route names the one it needs (see dicomnode.api.auth).
@@ -862,6 +964,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     models: ModelsSettings = ModelsSettings()
     destinations: tuple[DestinationSettings, ...] = ()
+    sources: tuple[SourceSettings, ...] = ()
     results: ResultsSettings = ResultsSettings()
     notifications: tuple[NotificationSettings, ...] = ()
 
@@ -897,6 +1000,16 @@ class Settings(BaseSettings):
                     f"notification {notification.name!r} names routes {unknown}, which are "
                     f"not configured (routes: {names})"
                 )
+        sources = [source.name for source in self.sources]
+        repeated = sorted({name for name in sources if sources.count(name) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {repeated}")
+        for route in self.routes:
+            if route.priors and route.priors.source and route.priors.source not in sources:
+                raise ValueError(
+                    f"route {route.name!r} takes priors from {route.priors.source!r}, which no "
+                    f"[[sources]] names (sources: {sources})"
+                )
         return self
 
     def destination(self, name: str) -> DestinationSettings:
@@ -906,6 +1019,22 @@ class Settings(BaseSettings):
                 return destination
         known = [d.name for d in self.destinations]
         raise ConfigError(f"no destination {name!r} is configured (destinations: {known})")
+
+    def source(self, name: str) -> SourceSettings:
+        """The source called ``name``; ConfigError naming the known ones if none is."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        known = [s.name for s in self.sources]
+        raise ConfigError(f"no source {name!r} is configured (sources: {known})")
+
+    def route(self, name: str) -> RouteSettings:
+        """The route called ``name``; ConfigError naming the known ones if none is."""
+        for route in self.routes:
+            if route.name == name:
+                return route
+        known = [r.name for r in self.routes]
+        raise ConfigError(f"no route {name!r} is configured (routes: {known})")
 
     @classmethod
     def settings_customise_sources(

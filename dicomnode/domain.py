@@ -108,6 +108,20 @@ FINAL_STATES = frozenset(
 )
 
 
+class RequestState(StrEnum):
+    """Where a request for a study on a source is: pending -> retrieving (-> partial, retried
+    for what is missing) -> retrieved -> queued (its jobs made) -> done, or failed."""
+
+    PENDING = "pending"
+    RETRIEVING = "retrieving"
+    #: part of the study arrived and the source stopped answering: tried again for the rest
+    PARTIAL = "partial"
+    RETRIEVED = "retrieved"
+    QUEUED = "queued"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class Priority(IntEnum):
     """Higher runs first: a stat study overtakes every routine one in the queue."""
 

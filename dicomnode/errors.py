@@ -374,5 +374,35 @@ class NotifyError(DicomNodeError):
     http_status = 502
 
 
+class SourceError(DicomNodeError):
+    """A source (``[[sources]]``) could not be queried or retrieved from."""
+
+    http_status = 502
+
+
 class NotificationRefused(NotifyError):
     """The peer answered, and refused the notification (an HL7 NAK, an HTTP error status)."""
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be reached, refused the association or the request, or stopped
+    answering; what is missing is asked for again later."""
+
+
+class StudyNotFound(SourceError):
+    """The source has no study that matches the request."""
+
+    http_status = 404
+    permanent = True
+
+
+class RequestNotFound(DicomNodeError):
+    """No request has this id."""
+
+    http_status = 404
+
+
+class RequestConflict(DicomNodeError):
+    """The transaction id already names a request for another study, source or analysis."""
+
+    http_status = 409

@@ -43,12 +43,21 @@ from dicomnode.completion import (
     study_verdict,
 )
 from dicomnode.config import CompletionSettings
-from dicomnode.db.models import Association, Instance, Job, Series, SeriesIntake, Study
+from dicomnode.db.models import (
+    Association,
+    Instance,
+    Job,
+    Series,
+    SeriesIntake,
+    Study,
+    StudyRequest,
+)
 from dicomnode.db.session import insert_unless_present
-from dicomnode.domain import JobState
+from dicomnode.domain import JobState, RequestState
 from dicomnode.errors import JobStateError, SeriesNotVolume
 from dicomnode.imaging.frames import read_dataset
 from dicomnode.queue.listing import JobFilter
+from dicomnode.queue.records import JobRecord
 from dicomnode.queue.repository import JobRepository
 from dicomnode.routing import Outcome, Router, SeriesFacts
 
@@ -59,6 +68,8 @@ MIN_CONTIGUOUS_SLICES = 3
 #: states of a job that a newer generation of its input makes moot: not started, or started on
 #: inputs still inside their confirmation window (nothing of it has been sent)
 SUPERSEDABLE = (JobState.QUEUED, JobState.RUNNING, JobState.CONFIRMING)
+#: and, of a series' earlier generation, a job still waiting (held for its priors)
+SUPERSEDABLE_HELD = (JobState.WAITING, *SUPERSEDABLE)
 #: how far before the previous sweep to look for new series: receivers on other hosts write
 #: their own clocks' times, and a slow transaction may commit after the sweep began
 RECENT_MARGIN = timedelta(seconds=60)
@@ -97,8 +108,12 @@ class Intake:
         jobs: JobRepository,
         *,
         clock: Callable[[], datetime] | None = None,
+        hold: Callable[[JobRecord], bool] | None = None,
     ) -> None:
         self.sessions = sessions
+        #: asked of each series job about to be queued: True when it waits for something first
+        #: (its route's priors, fetched by the request runner, which then queues it)
+        self.hold = hold
         self.storage_dir = storage_dir.resolve()
         self.router = router
         self.jobs = jobs
@@ -131,6 +146,12 @@ class Intake:
 
     def _route_new_series(self, now: datetime, since: datetime | None) -> int:
         recent = true() if since is None else Series.last_received_at >= since
+        # a requested study is the request's: its jobs come once all of it is retrieved, and
+        # it marks the series routed (a failed request's half-received study stays unrouted)
+        requested = select(StudyRequest.study_instance_uid).where(
+            StudyRequest.study_instance_uid.is_not(None),
+            StudyRequest.state != RequestState.DONE.value,
+        )
         with self.sessions() as session:
             rows = session.execute(
                 select(Series, Study.study_instance_uid, SeriesIntake)
@@ -141,6 +162,7 @@ class Intake:
                 )
                 .where(
                     recent,
+                    Study.study_instance_uid.not_in(requested),
                     or_(
                         SeriesIntake.id.is_(None),
                         and_(
@@ -234,11 +256,13 @@ class Intake:
         that have not started, or that ran on inputs still inside their confirmation window
         (so sent nothing), are moot; the series' next job runs on all of it. Study-level jobs
         that took the series as an input likewise."""
-        candidates = self.jobs.list(JobFilter(state=SUPERSEDABLE, study=study_uid), limit=1000)
+        candidates = self.jobs.list(JobFilter(state=SUPERSEDABLE_HELD, study=study_uid), limit=1000)
         for job in candidates:
             if series_uid not in (job.series_instance_uid, *job.inputs):
                 continue
-            if job.state is not JobState.QUEUED and job.confirm_after is None:
+            if job.state is JobState.WAITING and job.level != "series":
+                continue  # a study job waiting for its series: it takes the new generation
+            if job.state not in (JobState.QUEUED, JobState.WAITING) and job.confirm_after is None:
                 continue  # confirmed: it sends, and the new generation's job runs as well
             within = "inside the confirmation window" if job.confirm_after else "late"
             try:
@@ -336,6 +360,8 @@ class Intake:
             if job.level != "series":
                 continue
             if job.route in still:
+                if self.hold is not None and self.hold(job):
+                    continue  # queued once what it waits for is in
                 queued += self.jobs.mark_queued(job.id, completed_at=now, confirm_after=confirm)
             else:
                 reasons = [

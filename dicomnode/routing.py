@@ -30,6 +30,7 @@ the series lacks fails every condition.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,15 @@ class SeriesFacts:
         if len(uids) > 1:
             raise ValueError(f"datasets of {len(uids)} series given, expected one: {sorted(uids)}")
         return cls.from_dataset(datasets[0], slices=len(datasets), calling_aet=calling_aet)
+
+
+def value_matches(value: str, wanted: str) -> bool:
+    """An attribute against a query's value, as C-FIND matches it: case-insensitive, ``*``
+    and ``?`` wildcards; an empty value asked (or ``*``) matches anything (a source's series
+    for a backfill query, a prior's series for a route's ``priors.match``)."""
+    if not wanted or wanted == "*":
+        return True
+    return fnmatch.fnmatchcase(value.strip().upper(), wanted.strip().upper())
 
 
 def _unmatchable(tag: int) -> bool:

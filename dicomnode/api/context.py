@@ -91,6 +91,8 @@ class ApiContext:
     builtin_models: tuple[str, ...] = ()
     #: stores STOW-RS requests through the node's receiver (None: no receiver, no STOW-RS)
     stow: StowIngest | None = None
+    #: called after a new request is recorded: the runner looks at once, not at its next tick
+    on_request: Callable[[], None] | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property

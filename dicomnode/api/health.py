@@ -94,14 +94,9 @@ def echo(
     ae.connection_timeout = timeout_s
     tls_args = None
     if tls is not None and tls.enabled:
-        from dicomnode.receive.tls import client_context
+        from dicomnode.receive.tls import peer_context
 
-        context_ = client_context(
-            ca=str(tls.ca) if tls.ca else None,
-            cert=str(tls.cert) if tls.cert else None,
-            key=str(tls.key) if tls.key else None,
-        )
-        tls_args = (context_, None)
+        tls_args = (peer_context(tls), None)
     # server_hostname None (no SNI) is what ssl's wrap_socket allows; pynetdicom types it str
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:

@@ -37,6 +37,7 @@ PHI_KEYS = frozenset(
         "inputs",
         "dedupe_key",
         "path",
+        "missing_instances",  # a request's SOP Instance UIDs still to retrieve
         "program_output",  # a command model's stdout and stderr: its words may name the patient
     }
 )

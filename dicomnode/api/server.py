@@ -45,6 +45,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         jobs,
         metrics,
         previews,
+        requests,
     )
     from dicomnode.api.guard import Guard
     from dicomnode.errors import DicomNodeError
@@ -100,7 +101,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def _openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (health, jobs, previews, catalog, metrics, dashboard, dicomweb):
+    for module in (health, jobs, previews, requests, catalog, metrics, dashboard, dicomweb):
         app.include_router(module.router)
     static = str(_static_dir())
     app.mount("/static", StaticFiles(directory=static), name="static")

@@ -265,3 +265,48 @@ class AuditEvent(Base):
     job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class StudyRequest(Base):
+    """A study asked of a source (``[[sources]]``): retrieved, then analysed by a route or a
+    model (``POST /api/requests``, ``dicomnode analyze``, ``backfill``), or retrieved as a
+    prior for a job. One row per study; a client's ``transaction_id`` names it once."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("client", "transaction_id"),
+        # The runner's query: due requests by state, then priority.
+        Index("ix_requests_due", "state", "next_attempt_at"),
+        Index("ix_requests_study", "study_instance_uid"),
+        Index("ix_requests_for_job", "for_job"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: who asked ("token:ris", "cli", "backfill", "node"): a transaction id is unique per client
+    client: Mapped[str] = mapped_column(String(128))
+    transaction_id: Mapped[str | None] = mapped_column(String(192))
+    #: "analyze", "backfill", "priors" (find a job's priors), "prior" (retrieve one)
+    purpose: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: pending, retrieving, partial, retrieved, queued, done, failed
+    state: Mapped[str] = mapped_column(String(16))
+    #: per series: expected and received instance counts, and what is missing
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: a priors search: the patient, the study it is for and the route's match
+    query: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    job_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    #: priors: the job that waits for them
+    for_job: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    retrieved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

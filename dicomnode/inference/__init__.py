@@ -39,6 +39,7 @@ from dicomnode.inference.protocol import (
     Model,
     ModelInfo,
     ModelSpec,
+    Prior,
     read_model_toml,
 )
 from dicomnode.inference.registry import ModelRegistry
@@ -55,6 +56,7 @@ __all__ = [
     "ModelInfo",
     "ModelRegistry",
     "ModelSpec",
+    "Prior",
     "bundle_layout",
     "cancellable",
     "check_cancelled",

@@ -290,6 +290,20 @@ def read_model_toml(path: Path) -> ModelInfo:
         raise ModelPackageInvalid(f"{str(path)!r} is not valid: " + "; ".join(problems)) from exc
 
 
+@dataclass(frozen=True)
+class Prior:
+    """An earlier study of the same patient that a route asked for (``priors``), for a model
+    that compares: one series of it as a volume, and when it was acquired. A model without
+    :meth:`Model.predict_with_priors` never sees it."""
+
+    volume: Volume
+    study_instance_uid: str
+    series_instance_uid: str
+    study_date: str = ""  # YYYYMMDD; "" when the study does not say
+    #: days from the prior to the job's study (None when either date is unknown)
+    interval_days: int | None = None
+
+
 @runtime_checkable
 class InferenceModel(Protocol):
     """What every model package's entry class implements (built as ``Class(spec)``)."""
@@ -381,6 +395,14 @@ class Model:
 
     def predict(self, inputs: Volume | Mapping[str, Volume]) -> Findings:
         raise NotImplementedError(f"{type(self).__name__}.predict")
+
+    def predict_with_priors(
+        self, inputs: Volume | Mapping[str, Volume], priors: Sequence[Prior]
+    ) -> Findings:
+        """:meth:`predict`, given the patient's prior studies too (most recent first; empty
+        when the route asks for none or none was found). This one ignores them: a model that
+        compares (growth since the prior) overrides it."""
+        return self.predict(inputs)
 
     def infer(self, image: Any, *, network: Any = None, **overrides: Any) -> Any:
         """``network`` (default: the loaded one) over ``image`` with the ``[inference]``

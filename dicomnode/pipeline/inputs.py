@@ -196,6 +196,64 @@ def describe(name: str | None, volume: Volume) -> dict[str, Any]:
     }
 
 
+def find_prior_series(
+    session: Session,
+    job_id: int,
+    match: Mapping[str, Any],
+    storage_dir: Path,
+    model: str,
+) -> list[tuple[str, str, SeriesFiles]]:
+    """The priors retrieved for a job (its done ``prior`` requests), most recent first: each
+    study's UID, its date and the series matching ``match``'s series attributes (Modality,
+    BodyPartExamined, SeriesDescription, ProtocolName, SeriesNumber; any of a list), the one
+    with the most instances. A study with no such series is left out."""
+    from pydicom import dcmread
+    from sqlalchemy import func, select
+
+    from dicomnode.config import SERIES_QUERY_KEYS
+    from dicomnode.db.models import Instance, Series, Study, StudyRequest
+    from dicomnode.routing import value_matches
+
+    wanted = {
+        key: [value] if isinstance(value, str) else list(value)
+        for key, value in match.items()
+        if key in SERIES_QUERY_KEYS
+    }
+    studies = session.execute(
+        select(Study.study_instance_uid, Study.study_date, Study.study_time)
+        .join(StudyRequest, StudyRequest.study_instance_uid == Study.study_instance_uid)
+        .where(StudyRequest.for_job == job_id, StudyRequest.purpose == "prior",
+               StudyRequest.state == "done")
+        .order_by(Study.study_date.desc(), Study.study_time.desc())
+    ).all()  # fmt: skip
+    found = []
+    for study_uid, study_date, _ in dict.fromkeys(studies):
+        candidates = session.execute(
+            select(Series.series_instance_uid, func.count(Instance.id), func.min(Instance.path))
+            .join(Instance, Instance.series_pk == Series.id)
+            .join(Study, Series.study_pk == Study.id)
+            .where(Study.study_instance_uid == study_uid)
+            .group_by(Series.series_instance_uid)
+        ).all()
+        best: tuple[int, str] | None = None
+        for series_uid, count, path in candidates:
+            header = dcmread(storage_dir / path, stop_before_pixels=True)
+            if all(
+                any(value_matches(str(header.get(key, "")), option) for option in options)
+                for key, options in wanted.items()
+            ) and (best is None or count > best[0]):
+                best = (int(count), str(series_uid))
+        if best is not None:
+            [series] = find_series(session, [best[1]], storage_dir, model)
+            found.append((str(study_uid), str(study_date or ""), series))
+    return found
+
+
+def load_volume(spec: ModelSpec, item: SeriesFiles) -> Volume:
+    """One series as the volume the model takes (InputsRejected: too few slices)."""
+    return _volume(spec, item)
+
+
 def _volume(spec: ModelSpec, item: SeriesFiles) -> Volume:
     from dicomnode.imaging import is_planar, load_planar, load_series
 

@@ -18,12 +18,14 @@ from dicomnode.pipeline.envelope import Acquisition, OutsideEnvelope, Verdict, c
 from dicomnode.pipeline.inputs import SeriesFiles, find_series, load_inputs
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sqlalchemy.orm import Session
 
     from dicomnode.config import ResultsSettings
     from dicomnode.imaging import Volume
     from dicomnode.inference.device import Device
-    from dicomnode.inference.protocol import InferenceModel, ModelSpec
+    from dicomnode.inference.protocol import InferenceModel, ModelSpec, Prior
     from dicomnode.queue.worker import JobContext
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ class PipelineSettings:
     #: route name -> what an input outside the model's envelope gets: "refuse" (the default)
     #: or "flag"
     envelope_policy: Mapping[str, str] = field(default_factory=dict)
+    #: route name -> its ``priors.match``: which series of a retrieved prior study the model
+    #: gets (routes without priors are absent)
+    priors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def envelope_policy_of(self, route: str) -> str:
         """What ``route`` (its name, without the job's ``?`` suffix) does with an input outside
@@ -142,14 +147,29 @@ class ModelPipeline:
                 "; ".join(verdict.reasons),
                 extra={"action": "envelope_flagged", "job_id": job.id},
             )
+        priors = []
+        if route in self.settings.priors:
+            priors = self._priors(job.id, job.study_instance_uid, route, storage_dir)
         loaded = time.perf_counter()
-        findings = predict(self.model, inputs, seed=self.settings.seed, cancelled=context.cancelled)
+        findings = predict(
+            self.model,
+            inputs,
+            seed=self.settings.seed,
+            cancelled=context.cancelled,
+            priors=priors,
+        )
         predicted = time.perf_counter()
         result = findings_to_json(findings, write_masks(findings, output, job.id))
         result["inputs"] = described
         result["envelope"] = verdict.as_json(policy)
         result["source"] = series[0].source()
         result["device"] = str(self.device)
+        if route in self.settings.priors:
+            result["priors"] = [
+                {"study_instance_uid": p.study_instance_uid,
+                 "series_instance_uid": p.series_instance_uid, "study_date": p.study_date}
+                for p in priors
+            ]  # fmt: skip
         objects = write_results(
             self.spec,
             findings,
@@ -214,6 +234,42 @@ class ModelPipeline:
             result["objects"] = objects
         return OutsideEnvelope(sentence, result)
 
+    def _priors(self, job_id: int, study_uid: str, route: str, storage_dir: Path) -> list[Prior]:
+        """The job's prior studies that the node retrieved for it (:mod:`dicomnode.fetch.priors`),
+        most recent first: of each, the series that matches the route's ``priors.match`` (the
+        one with the most instances), loaded as the job's input is. One that does not load is
+        left out, with a warning: a prior only adds to the job."""
+        from sqlalchemy import select
+
+        from dicomnode.db.models import Study
+        from dicomnode.inference.protocol import Prior
+        from dicomnode.pipeline.inputs import find_prior_series, load_volume
+
+        with self._session() as session:
+            found = find_prior_series(
+                session, job_id, self.settings.priors.get(route, {}), storage_dir, self.name
+            )
+            today = session.scalar(
+                select(Study.study_date).where(Study.study_instance_uid == study_uid)
+            )
+        priors = []
+        for prior_uid, study_date, item in found:
+            try:
+                volume = load_volume(self.spec, item)
+            except Exception as exc:
+                logger.warning(
+                    "job %s: a prior series could not be loaded, left out: %s",
+                    job_id,
+                    f"{type(exc).__name__}: {exc}",
+                    extra={"action": "prior_unloadable", "job_id": job_id},
+                )
+                continue
+            priors.append(
+                Prior(volume, prior_uid, item.series_instance_uid, study_date,
+                      _days_between(study_date, today or ""))
+            )  # fmt: skip
+        return priors
+
     def _check_envelope(
         self, series: Sequence[SeriesFiles], inputs: Volume | Mapping[str, Volume]
     ) -> Verdict:
@@ -244,3 +300,15 @@ class ModelPipeline:
             self._engine = make_engine(self.settings.database_url)
             self._sessions = make_session_factory(self._engine)
         return self._sessions()
+
+
+def _days_between(earlier: str, later: str) -> int | None:
+    """Days from one DICOM date (YYYYMMDD) to another; None when either is not a date."""
+    from datetime import date
+
+    try:
+        first = date(int(earlier[:4]), int(earlier[4:6]), int(earlier[6:8]))
+        second = date(int(later[:4]), int(later[4:6]), int(later[6:8]))
+    except ValueError:
+        return None
+    return (second - first).days

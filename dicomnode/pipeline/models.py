@@ -85,6 +85,7 @@ def job_models(
         database_url=database_url,
         required_series={r.name: dict(r.completion.required_series) for r in routes},
         envelope_policy={r.name: r.envelope for r in routes},
+        priors={r.name: dict(r.priors.match) for r in routes if r.priors is not None},
         seed=registry.seed,
         strict=strict,
         results=results,

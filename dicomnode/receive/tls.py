@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from dicomnode.config import TLSSettings
+from dicomnode.config import ClientTLSSettings, TLSSettings
 from dicomnode.errors import ConfigError
 
 
@@ -35,3 +35,15 @@ def client_context(
     if cert:
         context.load_cert_chain(cert, key)
     return context
+
+
+def peer_context(tls: ClientTLSSettings) -> ssl.SSLContext | None:
+    """The TLS context towards a destination or a source (``tls`` of its settings); None when
+    its TLS is not enabled."""
+    if not tls.enabled:
+        return None
+    return client_context(
+        ca=str(tls.ca) if tls.ca else None,
+        cert=str(tls.cert) if tls.cert else None,
+        key=str(tls.key) if tls.key else None,
+    )

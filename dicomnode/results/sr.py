@@ -181,6 +181,8 @@ def build_sr(
     summary = findings.summary or {}
     if summary.get("grade_meaning"):
         comments.append(str(summary["grade_meaning"]))
+    # what a model says in words of the whole input (e.g. growth since a prior study)
+    comments.extend(str(text) for text in summary.get("comments") or ())
     if isinstance(summary.get("probabilities"), list | tuple):
         listed = ", ".join(f"{n}: {float(p):.3f}" for n, p in enumerate(summary["probabilities"]))
         comments.append(f"Probability of each grade ({summary.get('scale', 'ICDR')}): {listed}")

@@ -200,14 +200,9 @@ class Sender:
         if not settings.tls.enabled:
             return None
         if settings.name not in self._ssl:
-            from dicomnode.receive.tls import client_context
+            from dicomnode.receive.tls import peer_context
 
-            tls = settings.tls
-            self._ssl[settings.name] = client_context(
-                ca=str(tls.ca) if tls.ca else None,
-                cert=str(tls.cert) if tls.cert else None,
-                key=str(tls.key) if tls.key else None,
-            )
+            self._ssl[settings.name] = peer_context(settings.tls)
         return self._ssl[settings.name]
 
     def _log_failure(

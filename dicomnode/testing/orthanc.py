@@ -194,6 +194,14 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # loopback only
             return json.loads(response.read())
 
+    def source(self, name: str, retrieve: str = "move", **values: Any) -> dict[str, Any]:
+        """A ``[[sources]]`` entry for this server: ``retrieve`` "move" or "get" (DIMSE) or
+        "dicomweb" (QIDO-RS/WADO-RS; the server needs ``dicomweb``)."""
+        if retrieve == "dicomweb":
+            return {"name": name, "url": self.dicomweb_url, **values}
+        return {"name": name, "ae_title": self.ae_title, "host": LOOPBACK,
+                "port": self.dicom_port, "retrieve": retrieve, **values}  # fmt: skip
+
     def version(self) -> str:
         return str(self.rest("/system")["Version"])
 

@@ -39,6 +39,7 @@ from torch import nn
 from dicomnode.domain import Finding, Findings, MaskRef
 from dicomnode.inference import Model
 
+from .growth import compare
 from .network import (
     ZOO_ANCHORS,
     ZOO_BOX_SELECTOR,
@@ -161,6 +162,14 @@ class LungNoduleModel(Model):
         found = self.candidates(volume, floor=floor)
         candidates = [c for c in found if c.probability >= threshold]
         return self.to_findings(volume, candidates)
+
+    def predict_with_priors(self, inputs: Any, priors: Sequence[Any]) -> Findings:
+        """The nodules now, each with its growth since the most recent prior (matched by centre
+        distance; see :mod:`.growth`), when the route gave one."""
+        findings = self.predict(inputs)
+        if not priors:
+            return findings
+        return compare(findings, self.predict(priors[0].volume), priors[0])
 
     def preprocess(self, volume: Any) -> ModelImage:
         return to_model_space(volume.array, volume.geometry.affine, self.spacing, self.hu_window)

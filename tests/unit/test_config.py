@@ -55,6 +55,28 @@ def test_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         (f'[node]\nreceiver_id = "{"r" * 65}"\n', "r" * 65),
         (f'[node]\nreceiver_id = "{"r" * 63}"\nprocesses = 2\n', "r" * 63 + "-1"),
         ("[node]\nprocesses = 0\n", "node.processes"),
+        ('[[sources]]\nname = "pacs"\n', "needs exactly one of ae_title/host/port, url"),
+        ('[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\n', "together"),
+        ('[[sources]]\nname = "p"\nurl = "ftp://x"\n', "'ftp://x' is not http(s)://"),
+        ('[[sources]]\nname = "p"\nurl = "http://x"\nretrieve = "push"\n', "'move' or 'get'"),
+        (
+            '[[sources]]\nname = "p"\nurl = "http://x"\n[[sources]]\nname = "p"\nurl = "http://y"'
+            "\n",
+            "source names must be unique; repeated: ['p']",
+        ),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\npriors = { source = "old" }\n',
+            "takes priors from 'old', which no [[sources]] names",
+        ),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\npriors = { match = { Modaliti = "CT" } }\n',
+            "'Modaliti' is not a DICOM keyword",
+        ),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\nlevel = "study"\npriors = { count = 1 }\n',
+            "priors are given to series-level routes only",
+        ),
+        ('[[routes]]\nname = "r"\nmodel = "m"\npriors = { count = 0 }\n', "priors.count"),
     ],
 )
 def test_bad_config_is_refused_naming_the_value(tmp_path: Path, text: str, named: str) -> None:

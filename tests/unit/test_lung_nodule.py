@@ -166,3 +166,41 @@ def test_detector_that_selects_before_decoding_finds_monai_s_boxes() -> None:
     assert len(expected["box"]) > 10
     for key in ("box", "label_scores", "label"):
         assert torch.equal(found[key], expected[key]), key
+
+
+def test_growth_matches_nodules_by_centre_and_reports_the_change() -> None:
+    from dicomnode.domain import Code, Finding, Findings
+    from dicomnode.inference import Prior
+
+    growth = _module("growth")
+    nodule = Code("27925004", "SCT", "Nodule")
+
+    def found(centre: tuple[float, float, float], diameter: float) -> Finding:
+        return Finding("nodule", nodule, 0.9, centre_mm=centre, diameter_mm=diameter,
+                       volume_mm3=round(np.pi / 6 * diameter**3, 1))  # fmt: skip
+
+    now = Findings("lung_nodule", "0.1.0", True,
+                   (found((10, 0, 0), 12.0), found((80, 0, 0), 5.0)))  # fmt: skip
+    # the prior's nodule 3 mm away grew; the one at 40 mm is gone; the one at 80 mm is new
+    before = Findings("lung_nodule", "0.1.0", True,
+                      (found((40, 0, 0), 6.0), found((13, 0, 0), 8.0)))  # fmt: skip
+    prior = Prior(volume=None, study_instance_uid="1.2", series_instance_uid="1.2.1",  # type: ignore[arg-type]
+                  study_date="20260501", interval_days=184)  # fmt: skip
+    compared = growth.compare(now, before, prior)
+    grown, new = compared.findings
+    change = grown.attributes["growth"]
+    assert change["prior_diameter_mm"] == 8.0 and change["diameter_change_mm"] == 4.0
+    assert change["distance_mm"] == 3.0 and change["interval_days"] == 184
+    assert change["volume_change_percent"] == pytest.approx(237.5, abs=0.2)  # (12/8)**3 - 1
+    assert change["volume_doubling_days"] == round(184 * np.log(2) / np.log(1.5**3))
+    assert new.attributes["new"] is True and "growth" not in new.attributes
+    summary = compared.summary["prior"]
+    assert (summary["matched"], summary["new"], summary["not_found_now"]) == (1, 1, 1)
+    comments = compared.summary["comments"]
+    assert comments[0] == "Compared with the prior CT of 2026-05-01 (184 days earlier): " \
+        "2 nodules then, 2 now."  # fmt: skip
+    assert comments[1].startswith("Nodule 1: diameter 12.0 mm, was 8.0 mm (+4.0 mm, +50%)")
+    assert comments[2] == "Nodule 2: new since the prior CT of 2026-05-01."
+    assert comments[3] == "1 nodule of the prior not found now."
+    # too far apart (beyond 10 mm and both diameters): no match
+    assert growth.match([found((0, 0, 0), 5.0)], [found((0, 0, 12), 5.0)]) == {}
