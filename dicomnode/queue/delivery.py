@@ -12,6 +12,7 @@ after an exponential backoff, or dead once the target's ``max_attempts`` are use
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -22,6 +23,30 @@ from sqlalchemy.orm import Session
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Longest error text kept on a row.
 MAX_ERROR_CHARS = 2000
+
+
+class Wakers:
+    """The events of one outbox's deliverers in this process, set when new rows commit: a job's
+    end wakes its sender or notifier at once instead of at its next poll."""
+
+    def __init__(self) -> None:
+        self._events: set[threading.Event] = set()
+        self._lock = threading.Lock()
+
+    def listen(self, event: threading.Event) -> None:
+        """Set ``event`` whenever rows are added in this process."""
+        with self._lock:
+            self._events.add(event)
+
+    def unlisten(self, event: threading.Event) -> None:
+        with self._lock:
+            self._events.discard(event)
+
+    def wake(self, _session: Session | None = None) -> None:
+        """Set every listening event (also as an ``after_commit`` hook)."""
+        with self._lock:
+            for event in self._events:
+                event.set()
 
 
 class RetryPolicy(Protocol):

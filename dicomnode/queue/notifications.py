@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Notification, Patient, Series, Study
 from dicomnode.queue import delivery
-from dicomnode.queue.delivery import DEAD, PENDING, SENT
+from dicomnode.queue.delivery import DEAD, PENDING, SENT, Wakers
 from dicomnode.queue.outcomes import Notice, Outcome, findings_of, positive
 
 logger = logging.getLogger(__name__)
@@ -167,26 +166,9 @@ def job_context(
 
 # -- writing rows, in the transaction of the outcome ----------------------------------------------
 
-#: Events of the notifiers in this process, set when new rows commit (as the senders').
-_listeners: set[threading.Event] = set()
-_listeners_lock = threading.Lock()
-
-
-def listen(wake: threading.Event) -> None:
-    """Set ``wake`` whenever notifications are added in this process."""
-    with _listeners_lock:
-        _listeners.add(wake)
-
-
-def unlisten(wake: threading.Event) -> None:
-    with _listeners_lock:
-        _listeners.discard(wake)
-
-
-def _notify(_session: Session | None = None) -> None:
-    with _listeners_lock:
-        for wake in _listeners:
-            wake.set()
+#: the deliverers of this process to wake when notifications are added
+_wakers = Wakers()
+listen, unlisten, _notify = _wakers.listen, _wakers.unlisten, _wakers.wake
 
 
 def add_notifications(

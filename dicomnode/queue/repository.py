@@ -360,46 +360,7 @@ class JobRepository:
         ``publish`` (moving the run's files into place) runs only while the lease is held, with
         the job's row locked, before the commit; if it raises, nothing is recorded.
         """
-        now = self.now()
-        with self._sessions.begin() as session:
-            row = self._held(session, job_id, worker_id)
-            if row is None:
-                state = None
-            else:
-                if publish is not None:
-                    publish()
-                if row.confirm_after is not None:
-                    state = JobState.CONFIRMING
-                else:  # in this transaction: a crash loses no send and no notification
-                    state, result = self._release_or_hold(session, row, result, now)
-                session.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id)
-                    .values(
-                        state=state.value,
-                        result=dict(result) if result is not None else None,
-                        error=None,
-                        lease_expires_at=None,
-                        finished_at=now,
-                        updated_at=now,
-                    )
-                )
-        if state is None:
-            logger.warning(
-                "job %s: result from %s dropped, it no longer holds the lease",
-                job_id,
-                worker_id,
-                extra={"action": "job_result_dropped", "job_id": job_id, "worker_id": worker_id},
-            )
-        else:
-            logger.info(
-                "job %s finished by %s: %s",
-                job_id,
-                worker_id,
-                state,
-                extra={"action": "job_finished", "job_id": job_id, "worker_id": worker_id},
-            )
-        return state
+        return self._end_run(job_id, worker_id, result, None, publish)
 
     def refuse(
         self,
@@ -416,8 +377,20 @@ class JobRepository:
         transaction. While its inputs are unconfirmed it is ``confirming`` instead, like a
         finished run: a refusal of a partial series sends nothing, and :meth:`confirm` skips
         it. None when ``worker_id`` lost the lease."""
+        return self._end_run(job_id, worker_id, {**(result or {}), REFUSED: True}, reason, publish)
+
+    def _end_run(
+        self,
+        job_id: int,
+        worker_id: str,
+        result: Mapping[str, Any] | None,
+        error: str | None,
+        publish: Callable[[], None] | None,
+    ) -> JobState | None:
+        """A run's end with its result (a finish, or a refusal with its reason as ``error``),
+        released or held in the transaction that records it: a crash loses no send and no
+        notification."""
         now = self.now()
-        kept = {**(result or {}), REFUSED: True}
         with self._sessions.begin() as session:
             row = self._held(session, job_id, worker_id)
             if row is None:
@@ -428,33 +401,42 @@ class JobRepository:
                 if row.confirm_after is not None:
                     state = JobState.CONFIRMING
                 else:
-                    state, _ = self._release(session, row, kept, now)
+                    state, result = self._release_or_hold(session, row, result, now)
                 session.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
                     .values(
                         state=state.value,
-                        result=kept,
-                        error=_clip(reason),
+                        result=dict(result) if result is not None else None,
+                        error=_clip(error),
                         lease_expires_at=None,
                         finished_at=now,
                         updated_at=now,
                     )
                 )
+        extra = {"job_id": job_id, "worker_id": worker_id}
         if state is None:
             logger.warning(
-                "job %s: refusal from %s dropped, it no longer holds the lease",
+                "job %s: result from %s dropped, it no longer holds the lease",
                 job_id,
                 worker_id,
-                extra={"action": "job_result_dropped", "job_id": job_id, "worker_id": worker_id},
+                extra={"action": "job_result_dropped", **extra},
             )
-        else:
+        elif error is not None:
             logger.warning(
                 "job %s refused (%s): %s",
                 job_id,
                 state,
-                _first_line(reason),
-                extra={"action": "job_refused", "job_id": job_id, "worker_id": worker_id},
+                _first_line(error),
+                extra={"action": "job_refused", **extra},
+            )
+        else:
+            logger.info(
+                "job %s finished by %s: %s",
+                job_id,
+                worker_id,
+                state,
+                extra={"action": "job_finished", **extra},
             )
         return state
 

@@ -14,7 +14,6 @@ values, never ORM objects.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -28,7 +27,7 @@ from dicomnode.db.session import rowcount
 from dicomnode.domain import JobState, ResultObject
 from dicomnode.errors import JobNotFound, JobStateError, NoResults, SendError
 from dicomnode.queue import delivery
-from dicomnode.queue.delivery import DEAD, PENDING, SENT
+from dicomnode.queue.delivery import DEAD, PENDING, SENT, Wakers
 
 logger = logging.getLogger(__name__)
 
@@ -98,27 +97,9 @@ def _rows(
     ]
 
 
-#: Events of the senders in this process, set when new sends commit: a worker in ``serve`` that
-#: finishes a job wakes the sender at once instead of at its next poll.
-_listeners: set[threading.Event] = set()
-_listeners_lock = threading.Lock()
-
-
-def listen(event: threading.Event) -> None:
-    """Set ``event`` whenever sends are added in this process (see :func:`add_sends`)."""
-    with _listeners_lock:
-        _listeners.add(event)
-
-
-def unlisten(event: threading.Event) -> None:
-    with _listeners_lock:
-        _listeners.discard(event)
-
-
-def _notify(_session: Session | None = None) -> None:
-    with _listeners_lock:
-        for event in _listeners:
-            event.set()
+#: the deliverers of this process to wake when sends are added
+_wakers = Wakers()
+listen, unlisten, _notify = _wakers.listen, _wakers.unlisten, _wakers.wake
 
 
 def add_sends(

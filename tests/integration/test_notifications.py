@@ -130,13 +130,13 @@ def test_a_critical_nodule_reaches_the_ris_the_fhir_server_and_the_webhook(
         positive, negative = by_route["chest"], by_route["chest-clear"]
         assert positive.state is JobState.DONE and negative.state is JobState.DONE
         wait_until(lambda: len(ris.accepted) == 2 and fhir.reports() and hook.peer.taken(),
-                   timeout=30, what="the RIS, the FHIR server and the webhook",
+                   timeout=90, what="the RIS, the FHIR server and the webhook",
                    detail=lambda: node.notifier and node.notifier.queue.counts())  # fmt: skip
 
         # the PACS: the positive job's objects only (send_if = "positive")
         assert positive.result is not None and negative.result is not None
         wait_until(lambda: received_uids(pacs_folder) == {
-            o["sop_instance_uid"] for o in positive.result["objects"]}, timeout=30,
+            o["sop_instance_uid"] for o in positive.result["objects"]}, timeout=90,
             what="the positive job's objects at the PACS")  # fmt: skip
         assert negative.result["outcome"]["send"] is False and negative.sent_at is None
 
@@ -252,11 +252,11 @@ def test_a_ris_that_naks_then_hangs_gets_each_message_once(
         jobs, notifier = outbox({"name": "ris", "kind": "hl7", "host": "127.0.0.1",
                                  "port": ris.port})  # fmt: skip
         ids = finish_jobs(jobs, 3)
-        wait_until(lambda: len(ris.accepted) == 3, timeout=30, what="three messages taken",
+        wait_until(lambda: len(ris.accepted) == 3, timeout=90, what="three messages taken",
                    detail=lambda: [(r.control_id, r.answer) for r in ris.received])  # fmt: skip
         states = wait_until(
             lambda: (s := settled(notifier.queue, ids)) and {v[0] for v in s.values()} == {SENT}
-            and s, timeout=10, what="all marked sent")  # fmt: skip
+            and s, timeout=30, what="all marked sent")  # fmt: skip
     # the NAKed and the unanswered message were retried: one attempt more each
     assert sorted(attempts for _, attempts in states.values()) == [0, 1, 1]
     assert [r.answer for r in ris.received].count("AE") == 1
@@ -274,7 +274,7 @@ def test_a_webhook_that_answers_500_is_retried_and_takes_the_message_once(
     with WebhookReceiver(statuses=[500]) as hook:
         jobs, notifier = outbox({"name": "hook", "kind": "webhook", "url": hook.url})
         [job_id] = finish_jobs(jobs, 1)
-        wait_until(lambda: settled(notifier.queue, [job_id])[job_id][0] == SENT, timeout=20,
+        wait_until(lambda: settled(notifier.queue, [job_id])[job_id][0] == SENT, timeout=60,
                    what="the webhook's message sent")  # fmt: skip
     assert [r.status for r in hook.peer.requests] == [500, 200]
     assert hook.peer.requests[0].key == hook.peer.requests[1].key  # the retry is the same
@@ -288,7 +288,7 @@ def test_a_target_that_never_takes_it_is_given_up_after_its_attempts(
         jobs, notifier = outbox({"name": "fhir", "kind": "fhir", "url": fhir.url,
                                  "max_attempts": 3})  # fmt: skip
         [job_id] = finish_jobs(jobs, 1)
-        wait_until(lambda: settled(notifier.queue, [job_id])[job_id] == (DEAD, 3), timeout=20,
+        wait_until(lambda: settled(notifier.queue, [job_id])[job_id] == (DEAD, 3), timeout=60,
                    what="the message given up")  # fmt: skip
         [row] = notifier.queue.for_job(job_id)
         assert "HTTP 503" in (row.last_error or "")
@@ -344,7 +344,7 @@ def test_a_serve_killed_while_the_ris_held_its_ack_sends_the_same_message_again(
             assert jobs.claim("test", ["lung_nodule"]) is not None
             jobs.finish(job.id, "test", {"model": "standin", "version": "1", "demo": False,
                                          "findings": []})  # fmt: skip
-            wait_until(lambda: ris.received, timeout=30, what="the ORU at the RIS (unanswered)")
+            wait_until(lambda: ris.received, timeout=90, what="the ORU at the RIS (unanswered)")
             serve.kill()
             [row] = NotificationQueue(database.sessions).for_job(job.id)
             assert row.state == "pending" and row.attempts == 0  # claimed, never marked
