@@ -178,13 +178,19 @@ def lung_table(rows: list[dict[str, Any]]) -> list[str]:
 
 BRAIN_CELLS = (
     Cell("routine protocol", "seeds", {}),
-    Cell("thick slices 6 mm", "seeds; slices (training 2.5-8 mm)", {"thickness": 6.0}),
-    Cell("noise 0.09", "seeds; noise (training 0.01-0.10, before 0.03)", {"noise": 0.09}),
-    Cell("all coronal", "all four coronal (training: per series)", {"orientation": "coronal"}),
     Cell(
-        "JPEG 2000 1:12", "all four (training: per series)", {"j2k": ("T1", "T2", "FLAIR", "T1c")}
+        "thick slices 6 mm",
+        "seeds; slices (training 3.5-10 mm, coarsened grids)",
+        {"thickness": 6.0},
     ),
-    Cell("matrix 1.8 mm pixels", "seeds; pixels (training 0.8-1.9 mm)", {"pixel": 1.8}),
+    Cell("noise 0.09", "noise (training 0.03)", {"noise": 0.09}),
+    Cell("all coronal", "all four coronal (training: per series)", {"orientation": "coronal"}),
+    Cell("JPEG 2000 1:12", "compression (training none)", {"j2k": ("T1", "T2", "FLAIR", "T1c")}),
+    Cell(
+        "matrix 1.8 mm pixels",
+        "seeds; pixels (training 1.1-2.4 mm, coarsened grids)",
+        {"pixel": 1.8},
+    ),
     Cell(
         "T1c coronal, T2 JPEG 2000",
         "the issue's failing study",
