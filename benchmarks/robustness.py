@@ -61,28 +61,10 @@ def benchmark(name: str) -> Any:
 
 
 def j2k_round_trip(array: np.ndarray, ratio: float = J2K_RATIO) -> np.ndarray:
-    """``array`` (frames of one series) encoded as lossy JPEG 2000 and decoded, as a PACS that
-    compresses for storage would return it; the values' offset and dtype kept."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
+    """``array`` through lossy JPEG 2000 at the cells' ratio (``phantoms.acquisition``)."""
+    from dicomnode.phantoms.acquisition import j2k_round_trip as round_trip
 
-    offset = float(np.floor(array.min()))
-    stored = np.clip(np.rint(array - offset), 0, 65535).astype(np.uint16)
-    bits = max(int(stored.max()).bit_length(), 8)
-    if bits <= 8:
-        stored = stored.astype(np.uint8)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    ds.NumberOfFrames = stored.shape[0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = 8 if stored.dtype == np.uint8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    ds.PixelData = stored.tobytes()
-    ds.compress(JPEG2000, stored, j2k_cr=[ratio])
-    decoded = ds.pixel_array.reshape(stored.shape).astype(np.float64) + offset
-    return decoded.astype(array.dtype) if np.issubdtype(array.dtype, np.integer) else decoded
+    return round_trip(array, ratio)
 
 
 @dataclass(frozen=True)
@@ -99,11 +81,11 @@ class Cell:
 CORONAL = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # columns L, rows down, slices back
 LUNG_CELLS = (
     Cell("baseline", "seeds", {}),
-    Cell("thick slices 3 mm", "slice thickness (training 0.8-2.5 mm)", {"step": 3.0}),
-    Cell("noise 45 HU", "noise (training 10 HU)", {"noise_hu": 45.0}),
-    Cell("coronal", "orientation (training axial, feet first, oblique)", {"coronal": True}),
-    Cell("JPEG 2000 1:12", "compression (training none)", {"j2k": True}),
-    Cell("matrix 256, 1.3 mm", "matrix size (training 0.6-0.95 mm pixels)", {"pixel": 1.3}),
+    Cell("thick slices 3 mm", "seeds; slices (training 0.8-4 mm, before 0.8-2.5)", {"step": 3.0}),
+    Cell("noise 45 HU", "noise (training 5-35 HU, before 10)", {"noise_hu": 45.0}),
+    Cell("coronal", "seeds; orientation (before: axial, feet first, oblique)", {"coronal": True}),
+    Cell("JPEG 2000 1:12", "seeds; compression (before: none)", {"j2k": True}),
+    Cell("matrix 256, 1.3 mm", "pixels (training 0.6-1.2 mm, before 0.6-0.95)", {"pixel": 1.3}),
 )
 
 
@@ -196,11 +178,19 @@ def lung_table(rows: list[dict[str, Any]]) -> list[str]:
 
 BRAIN_CELLS = (
     Cell("routine protocol", "seeds", {}),
-    Cell("thick slices 6 mm", "slice thickness (training up to 5 mm)", {"thickness": 6.0}),
-    Cell("noise 0.09", "noise (training 0.03 of white matter)", {"noise": 0.09}),
-    Cell("all coronal", "orientation (training: some coronal series)", {"orientation": "coronal"}),
+    Cell(
+        "thick slices 6 mm",
+        "seeds; slices (training 3.5-10 mm, coarsened grids)",
+        {"thickness": 6.0},
+    ),
+    Cell("noise 0.09", "noise (training 0.03)", {"noise": 0.09}),
+    Cell("all coronal", "all four coronal (training: per series)", {"orientation": "coronal"}),
     Cell("JPEG 2000 1:12", "compression (training none)", {"j2k": ("T1", "T2", "FLAIR", "T1c")}),
-    Cell("matrix 1.8 mm pixels", "matrix size (training 0.8-1.2 mm pixels)", {"pixel": 1.8}),
+    Cell(
+        "matrix 1.8 mm pixels",
+        "seeds; pixels (training 1.1-2.4 mm, coarsened grids)",
+        {"pixel": 1.8},
+    ),
     Cell(
         "T1c coronal, T2 JPEG 2000",
         "the issue's failing study",

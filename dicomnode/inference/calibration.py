@@ -69,16 +69,17 @@ def fit_temperature(
     return round(best[1], 4)
 
 
-def write_calibration(model_toml: Path, **values: float) -> None:
-    """Set numbers in model.toml's ``[calibration]`` table (each key must be there already, as
-    ``[weights] sha256`` must be for :func:`~dicomnode.inference.weights.save_weights`), so that
-    train.py stores what it fitted beside the weights it fitted it for."""
+def write_calibration(model_toml: Path, *, table: str = "calibration", **values: float) -> None:
+    """Set numbers in model.toml's ``[calibration]`` table, or another (``table``, e.g. the
+    fitted ``[thresholds]``); each key must be there already, as ``[weights] sha256`` must be
+    for :func:`~dicomnode.inference.weights.save_weights`, so that train.py stores what it
+    fitted beside the weights it fitted it for."""
     text = model_toml.read_text(encoding="utf-8")
     for key, value in values.items():
         text, replaced = re.subn(
-            rf"(\[calibration\][^\[]*?^{re.escape(key)} = )[-+0-9.eE]+",
+            rf"(\[{re.escape(table)}\][^\[]*?^{re.escape(key)} = )[-+0-9.eE]+",
             rf"\g<1>{float(value)!r}", text, count=1, flags=re.S | re.M,
         )  # fmt: skip
         if not replaced:
-            raise ModelError(f"{model_toml} has no [calibration] {key} = <number> to update")
+            raise ModelError(f"{model_toml} has no [{table}] {key} = <number> to update")
     model_toml.write_text(text, encoding="utf-8")

@@ -46,6 +46,8 @@ MASK_NAME = "tumor"
 SUB_REGIONS = {"necrotic_core": 1, "edema": 2, "enhancing_tumor": 3}
 #: sub-region -> the output channel whose probability it reports (TC 0, WT 1, ET 2)
 CHANNEL_OF = {"necrotic_core": 0, "edema": 1, "enhancing_tumor": 2}
+#: the output channels (TC, WT, ET) by the name of their own threshold in model.toml
+CHANNEL_THRESHOLDS = ("tumor_core", "whole_tumor", "enhancing_tumor")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,19 @@ def with_core(tumor: np.ndarray, core: np.ndarray) -> np.ndarray:
     )
     kept = np.unique(parts[core & tumor])
     return np.isin(parts, kept[kept > 0])
+
+
+def nested_labels(probabilities: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Labels (1 necrotic, 2 edema, 3 enhancing) from the three probabilities (TC, WT, ET) at
+    their ``thresholds``, nested as the BraTS labels nest (tumor parts with no core dropped)."""
+    tc, wt, et = (probabilities[c] >= thresholds[c] for c in range(3))
+    wt = with_core(wt | tc | et, tc)
+    tc, et = tc & wt, et & wt
+    labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
+    labels[wt] = SUB_REGIONS["edema"]
+    labels[tc] = SUB_REGIONS["necrotic_core"]
+    labels[et] = SUB_REGIONS["enhancing_tumor"]
+    return labels
 
 
 class BrainTumorModel(Model):
@@ -207,15 +222,15 @@ class BrainTumorModel(Model):
         on_reference = np.stack(
             [resample_array(p, grid, reference, order=1, fill=0.0) for p in probabilities]
         )
-        threshold = self.threshold("probability", 0.5)
-        tc, wt, et = (on_reference[c] >= threshold for c in range(3))
-        wt = with_core(wt | tc | et, tc)
-        tc, et = tc & wt, et & wt
-        labels = np.zeros(reference.shape, dtype=np.uint8)
-        labels[wt] = SUB_REGIONS["edema"]
-        labels[tc] = SUB_REGIONS["necrotic_core"]
-        labels[et] = SUB_REGIONS["enhancing_tumor"]
-        return labels, on_reference
+        return nested_labels(on_reference, self.channel_thresholds()), on_reference
+
+    def channel_thresholds(self) -> tuple[float, float, float]:
+        """The TC, WT and ET thresholds: model.toml's ``[thresholds]`` ``tumor_core``,
+        ``whole_tumor``, ``enhancing_tumor`` where it gives them (train.py fits the demo
+        network's on held-out phantoms), else its ``probability``."""
+        default = self.threshold("probability", 0.5)
+        tc, wt, et = (self.threshold(name, default) for name in CHANNEL_THRESHOLDS)
+        return tc, wt, et
 
     # -- running -----------------------------------------------------------------------------
 

@@ -3,6 +3,9 @@ normalisation, and TC/WT/ET turned into sub-regions on the reference series."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +113,27 @@ def test_nested_channels_become_sub_regions_on_the_reference_grid(
     assert (labels[(distance > 12) & (distance < 16)] == 3).mean() > 0.95  # enhancing
     assert (labels[(distance > 20) & (distance < 28)] == 2).mean() > 0.95  # edema: WT minus TC
     assert not labels[distance > 32].any()
+
+
+def test_each_channel_has_its_own_threshold(model: Any, tmp_path: Path) -> None:
+    """The enhancing tumor's threshold (fitted by train.py) applies to ET alone, and a channel
+    model.toml gives none for takes ``probability``."""
+    nested_labels = sys.modules[type(model).__module__].nested_labels
+    distance = np.abs(np.arange(40, dtype=np.float32) - 20)[None, None, :]
+    # TC and WT sure out to 10 and 16 voxels; ET 0.6 on a shell 6..10
+    probabilities = np.stack(
+        [distance < 10, distance < 16, np.where((distance >= 6) & (distance < 10), 0.6, 0.0)]
+    ).astype(np.float32)
+    assert ((nested_labels(probabilities, (0.5, 0.5, 0.5)) == 3).sum()) == 8
+    labels = nested_labels(probabilities, (0.5, 0.5, 0.7))
+    assert not (labels == 3).any() and (labels == 1).sum() == 19  # the shell is core then
+
+    tc, wt, et = model.channel_thresholds()
+    assert et == model.spec.info.thresholds["enhancing_tumor"]
+    assert tc == wt == model.spec.info.thresholds["probability"]
+    package = tmp_path / "brain_tumor"
+    shutil.copytree(MODEL_DIR, package, ignore=shutil.ignore_patterns("weights"))
+    toml = package / "model.toml"
+    toml.write_text(re.sub(r"(?m)^enhancing_tumor = .*$", "", toml.read_text()))
+    spec = ModelSpec.from_directory(package)
+    assert import_entry(spec)(spec).channel_thresholds() == (0.5, 0.5, 0.5)

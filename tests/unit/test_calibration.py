@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dicomnode.domain import Code, Finding
-from dicomnode.errors import ModelPackageInvalid
+from dicomnode.errors import ModelError, ModelPackageInvalid
 from dicomnode.inference import Model, ModelSpec, findings_to_json, read_model_toml
 from dicomnode.inference.calibration import (
     apply_band,
@@ -128,3 +128,13 @@ def test_an_indeterminate_grade_is_never_written_as_absent() -> None:
     assert entry["attributes"]["indeterminate"] is True
     assert entry["attributes"]["grade"] is None
     assert "No apparent retinopathy" not in str(written)
+
+
+def test_train_writes_a_fitted_threshold_into_its_own_table(tmp_path: Path) -> None:
+    brain = MODEL_DIR.parent / "brain_tumor" / "model.toml"
+    shutil.copy(brain, tmp_path / "model.toml")
+    write_calibration(tmp_path / "model.toml", table="thresholds", enhancing_tumor=0.65)
+    info = read_model_toml(tmp_path / "model.toml")
+    assert info.thresholds == {**read_model_toml(brain).thresholds, "enhancing_tumor": 0.65}
+    with pytest.raises(ModelError, match=r"no \[thresholds\] whole_tumor"):
+        write_calibration(tmp_path / "model.toml", table="thresholds", whole_tumor=0.6)
