@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.errors import NotificationRefused, NotifyError
 from dicomnode.queue import notifications as notification_queue
-from dicomnode.queue.delivery import DEAD, backoff_s
+from dicomnode.queue.delivery import DEAD, backoff_s, run_channel
 from dicomnode.queue.notifications import NotificationQueue, NotificationRecord, utc_now
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 #: a claimed message is held this much longer than two timeouts (its build and its exchange)
 LEASE_MARGIN_S = 10.0
 #: the longest wait after the database could not be reached
-MAX_ERROR_WAIT_S = 30.0
 
 
 @dataclass
@@ -213,27 +212,8 @@ class Notifier:
     def _run(self, name: str) -> None:
         channel = self.channels[name]
         warm(channel.settings.kind)
-        errors = 0
-        while not self._stop.is_set():
-            wait = channel.blocked_until - time.monotonic()
-            if wait > 0:
-                channel.wake.clear()
-                self._stop.wait(min(wait, 5.0))
-                continue
-            channel.wake.clear()  # rows committed from here on wake the wait below
-            try:
-                took = self.deliver_once(name)
-                errors = 0
-            except Exception:
-                errors += 1
-                wait = min(MAX_ERROR_WAIT_S, self.poll_s * 2**errors)
-                logger.exception(
-                    "%s: notification queue unavailable, trying again in %.1f s",
-                    name,
-                    wait,
-                    extra={"action": "notifier_error"},
-                )
-                self._stop.wait(wait)
-                continue
-            if not took:
-                channel.wake.wait(self.poll_s)
+        run_channel(
+            name, channel, self.deliver_once,
+            stop=self._stop, poll_s=self.poll_s,
+            what="notification queue", action="notifier_error", log=logger,
+        )  # fmt: skip

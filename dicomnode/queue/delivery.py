@@ -12,7 +12,9 @@ after an exponential backoff, or dead once the target's ``max_attempts`` are use
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -23,6 +25,59 @@ from sqlalchemy.orm import Session
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Longest error text kept on a row.
 MAX_ERROR_CHARS = 2000
+
+
+#: the longest wait before trying an outbox again after it failed (its database unreachable)
+MAX_ERROR_WAIT_S = 30.0
+
+
+class Channel(Protocol):
+    """One target's delivery thread state: when it may try again after a failed connection,
+    and the event that new rows for it set."""
+
+    blocked_until: float  # time.monotonic()
+    wake: threading.Event
+
+
+def run_channel(
+    name: str,
+    channel: Channel,
+    deliver_once: Callable[[str], Any],
+    *,
+    stop: threading.Event,
+    poll_s: float,
+    what: str,
+    action: str,
+    log: logging.Logger,
+) -> None:
+    """Deliver ``name``'s due rows until ``stop``: each round once (``deliver_once``, truthy
+    when it took rows), then waits for new rows or the next poll; waits out a blocked target;
+    backs off (doubling, up to :data:`MAX_ERROR_WAIT_S`) while the outbox itself fails."""
+    errors = 0
+    while not stop.is_set():
+        wait = channel.blocked_until - time.monotonic()
+        if wait > 0:
+            channel.wake.clear()
+            stop.wait(min(wait, 5.0))
+            continue
+        channel.wake.clear()  # rows committed from here on wake the wait below
+        try:
+            took = deliver_once(name)
+            errors = 0
+        except Exception:
+            errors += 1
+            wait = min(MAX_ERROR_WAIT_S, poll_s * 2**errors)
+            log.exception(
+                "%s: %s unavailable, trying again in %.1f s",
+                name,
+                what,
+                wait,
+                extra={"action": action},
+            )
+            stop.wait(wait)
+            continue
+        if not took:
+            channel.wake.wait(poll_s)  # new rows in this process, or the next poll
 
 
 class Wakers:

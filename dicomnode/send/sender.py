@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import audit
 from dicomnode.errors import ConfigError, SendError
 from dicomnode.queue import sends as send_queue
-from dicomnode.queue.delivery import backoff_s
+from dicomnode.queue.delivery import backoff_s, run_channel
 from dicomnode.queue.sends import DEAD, PENDING, SendQueue, SendRecord, utc_now
 
 if TYPE_CHECKING:
@@ -49,8 +49,6 @@ MIN_CLAIM_LEASE_S = 300.0
 SETTLE_EVERY_S = 1.0
 #: How often pending sends to a destination not configured here are logged.
 UNSERVED_WARNING_S = 300.0
-#: The longest wait after the database could not be reached.
-MAX_ERROR_WAIT_S = 30.0
 
 
 @dataclass
@@ -308,30 +306,11 @@ class Sender:
             self._settler.join(timeout)
 
     def _run_destination(self, name: str) -> None:
-        channel = self.channels[name]
-        errors = 0
-        while not self._stop.is_set():
-            wait = channel.blocked_until - time.monotonic()
-            if wait > 0:
-                self._stop.wait(min(wait, 5.0))
-                continue
-            channel.wake.clear()  # sends committed from here on wake the wait below
-            try:
-                took = self.send_once(name)
-                errors = 0
-            except Exception:
-                errors += 1
-                wait = min(MAX_ERROR_WAIT_S, self.poll_s * 2**errors)
-                logger.exception(
-                    "%s: send queue unavailable, trying again in %.1f s",
-                    name,
-                    wait,
-                    extra={"action": "sender_error"},
-                )
-                self._stop.wait(wait)
-                continue
-            if not took:
-                channel.wake.wait(self.poll_s)  # new sends in this process, or the next poll
+        run_channel(
+            name, self.channels[name], self.send_once,
+            stop=self._stop, poll_s=self.poll_s,
+            what="send queue", action="sender_error", log=logger,
+        )  # fmt: skip
 
     def _run_settle(self) -> None:
         self._loop(self.settle, self.settle_s, "send_settle_error")
