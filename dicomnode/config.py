@@ -945,6 +945,14 @@ DEFAULT_ROUTES = (
 )
 
 
+def _unique(kind: str, names: list[str]) -> list[str]:
+    """``names``, or ValueError naming those given more than once."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{kind} names must be unique; repeated: {repeated}")
+    return names
+
+
 class Settings(BaseSettings):
     """All of dicomnode's settings."""
 
@@ -970,18 +978,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _routes_consistent(self) -> Settings:
-        names = [route.name for route in self.routes]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"route names must be unique; repeated: {duplicates}")
+        names = _unique("route", [route.name for route in self.routes])
         if self.routing.fallback is not None and self.routing.fallback not in names:
             raise ValueError(
                 f"routing.fallback {self.routing.fallback!r} names no route (routes: {names})"
             )
-        targets = [destination.name for destination in self.destinations]
-        repeated = sorted({name for name in targets if targets.count(name) > 1})
-        if repeated:
-            raise ValueError(f"destination names must be unique; repeated: {repeated}")
+        targets = _unique("destination", [destination.name for destination in self.destinations])
         for route in self.routes:
             unknown = [name for name in route.destinations if name not in targets]
             if unknown:
@@ -989,10 +991,7 @@ class Settings(BaseSettings):
                     f"route {route.name!r} sends to {unknown}, which no [[destinations]] "
                     f"names (destinations: {targets})"
                 )
-        told = [notification.name for notification in self.notifications]
-        repeated = sorted({name for name in told if told.count(name) > 1})
-        if repeated:
-            raise ValueError(f"notification names must be unique; repeated: {repeated}")
+        _unique("notification", [notification.name for notification in self.notifications])
         for notification in self.notifications:
             unknown = [name for name in notification.routes if name not in names]
             if unknown:
@@ -1000,10 +999,7 @@ class Settings(BaseSettings):
                     f"notification {notification.name!r} names routes {unknown}, which are "
                     f"not configured (routes: {names})"
                 )
-        sources = [source.name for source in self.sources]
-        repeated = sorted({name for name in sources if sources.count(name) > 1})
-        if repeated:
-            raise ValueError(f"source names must be unique; repeated: {repeated}")
+        sources = _unique("source", [source.name for source in self.sources])
         for route in self.routes:
             if route.priors and route.priors.source and route.priors.source not in sources:
                 raise ValueError(
