@@ -403,3 +403,23 @@ def chest_ct(
         seed=seed,
         nodules=tuple(nodules),
     )
+
+
+def chest_ct_with_room(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    orientation: Orientation | ArrayLike,
+    count: int,
+    seed: int,
+    **options: Any,
+) -> ChestPhantom:
+    """:func:`chest_ct` with ``count`` nodules placed at random, or two fewer each time the
+    lungs of a small grid have no room for them (four tries, at least one nodule), so a
+    generator's random draws never fail on a crowded grid."""
+    for attempt in range(4):
+        try:
+            return chest_ct(shape, spacing, orientation,
+                            nodules=max(count - 2 * attempt, 1), seed=seed, **options)  # fmt: skip
+        except ValueError:  # no room for that many nodules
+            continue
+    raise RuntimeError(f"chest phantom {seed}: no room for {count} nodules or fewer")

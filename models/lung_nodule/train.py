@@ -63,7 +63,7 @@ def package() -> tuple[Any, Any, Any]:
 
 def random_phantom(seed: int, *, nodules: tuple[int, int] = (4, 10), full: bool = False) -> Any:
     """A random chest phantom for training or evaluation (``full``: 512x512x300, 0.7x0.7x1 mm)."""
-    from dicomnode.phantoms.chest import chest_ct
+    from dicomnode.phantoms.chest import chest_ct_with_room
 
     rng = np.random.default_rng(seed)
     orientation = str(rng.choice(["axial", "axial", "feet_first", "oblique"]))
@@ -76,13 +76,7 @@ def random_phantom(seed: int, *, nodules: tuple[int, int] = (4, 10), full: bool 
         slices = int(rng.uniform(150, 260) / step)
         shape, spacing = (slices, side, side), (pixel, pixel, step)
     count = int(rng.integers(nodules[0], nodules[1] + 1))
-    for attempt in range(4):
-        try:
-            return chest_ct(shape, spacing, orientation, nodules=max(count - 2 * attempt, 1),
-                            seed=seed, ground_glass_fraction=0.3)  # fmt: skip
-        except ValueError:  # no room for that many nodules
-            continue
-    raise RuntimeError(f"phantom {seed}: no room for nodules")
+    return chest_ct_with_room(shape, spacing, orientation, count, seed, ground_glass_fraction=0.3)
 
 
 #: the second word of the generator drawing a training phantom's acquisition settings
@@ -120,7 +114,7 @@ def training_phantom(seed: int) -> Any:
     import dataclasses
 
     from dicomnode.phantoms.acquisition import j2k_round_trip, reconstruction_kernel
-    from dicomnode.phantoms.chest import chest_ct
+    from dicomnode.phantoms.chest import chest_ct_with_room
 
     rng = np.random.default_rng(seed)
     settings = random_chest_settings(np.random.default_rng([seed, SETTINGS_STREAM]))
@@ -133,23 +127,10 @@ def training_phantom(seed: int) -> Any:
     else:
         shape = (int(rng.uniform(150, 260) / step), side, side)
     count = int(rng.integers(4, 11))
-    phantom = None
-    for attempt in range(4):
-        try:
-            phantom = chest_ct(
-                shape,
-                (pixel, pixel, step),
-                orientation,
-                nodules=max(count - 2 * attempt, 1),
-                seed=seed,
-                ground_glass_fraction=0.3,
-                noise_hu=settings["noise_hu"],
-            )
-            break
-        except ValueError:  # no room for that many nodules
-            continue
-    if phantom is None:
-        raise RuntimeError(f"phantom {seed}: no room for nodules")
+    phantom = chest_ct_with_room(
+        shape, (pixel, pixel, step), orientation, count, seed,
+        ground_glass_fraction=0.3, noise_hu=settings["noise_hu"],
+    )  # fmt: skip
     array = reconstruction_kernel(
         phantom.array, phantom.geometry.spacing, settings["sigma_mm"], settings["sharpen"]
     )
