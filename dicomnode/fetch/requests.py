@@ -22,6 +22,7 @@ from dicomnode.db.models import Instance, Series, StudyRequest
 from dicomnode.db.session import insert_unless_present, rowcount
 from dicomnode.domain import Priority, RequestState
 from dicomnode.errors import ConfigError, InvalidQuery, RequestConflict, RequestNotFound
+from dicomnode.queue.delivery import utc_now
 
 if TYPE_CHECKING:
     from dicomnode.config import RouteSettings, Settings
@@ -35,10 +36,6 @@ MAX_ERROR_CHARS = 4000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _ACCESSION = re.compile(r"^[^\x00-\x1f\x7f\\*?]{1,64}$")
 PRIORITIES = {p.name.lower(): p for p in Priority}
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.errors import NotificationRefused, NotifyError
 from dicomnode.queue import notifications as notification_queue
-from dicomnode.queue.delivery import DEAD, backoff_s, run_channel
-from dicomnode.queue.notifications import NotificationQueue, NotificationRecord, utc_now
+from dicomnode.queue.delivery import DEAD, backoff_s, run_channel, utc_now
+from dicomnode.queue.notifications import NotificationQueue, NotificationRecord
 
 if TYPE_CHECKING:
     import ssl

@@ -16,15 +16,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Row, Select, Table, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 #: Longest error text kept on a row.
 MAX_ERROR_CHARS = 2000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outbox:
+    """An outbox table's access: the node's session factory, the clock (injected by tests)
+    and the database dialect the claim is written for."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        bind = sessions.kw.get("bind")
+        self._dialect = bind.dialect.name if bind is not None else ""
+
+    def now(self) -> datetime:
+        return self._clock().astimezone(UTC)
 
 
 #: the longest wait before trying an outbox again after it failed (its database unreachable)

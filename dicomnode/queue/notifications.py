@@ -25,11 +25,11 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, event, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job, Notification, Patient, Series, Study
 from dicomnode.queue import delivery
-from dicomnode.queue.delivery import DEAD, PENDING, SENT, Wakers
+from dicomnode.queue.delivery import DEAD, PENDING, SENT, Outbox, Wakers
 from dicomnode.queue.outcomes import Notice, Outcome, findings_of, positive
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ jobs = cast(Table, Job.__table__)
 KEY_CHARS = 20
 #: what the context keeps of each result object: enough to point at it in the PACS
 OBJECT_KEYS = ("kind", "sop_class_uid", "sop_instance_uid", "series_instance_uid")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_key() -> str:
@@ -213,19 +209,8 @@ def add_notifications(
     return len(rows)
 
 
-class NotificationQueue:
+class NotificationQueue(Outbox):
     """The notifications table. ``sessions`` is the node's session factory."""
-
-    def __init__(
-        self, sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utc_now
-    ) -> None:
-        self._sessions = sessions
-        self._clock = clock
-        bind = sessions.kw.get("bind")
-        self._dialect = bind.dialect.name if bind is not None else ""
-
-    def now(self) -> datetime:
-        return self._clock().astimezone(UTC)
 
     def claim(self, name: str, limit: int, lease_s: float) -> list[NotificationRecord]:
         """Take up to ``limit`` due pending rows of the notification ``name``, oldest due

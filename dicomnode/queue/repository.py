@@ -37,7 +37,7 @@ from dicomnode.db.models import Job
 from dicomnode.db.session import insert_unless_present, make_session_factory, rowcount
 from dicomnode.domain import FINAL_STATES, JobState, Priority
 from dicomnode.errors import JobNotFound, JobStateError
-from dicomnode.queue.delivery import PENDING
+from dicomnode.queue.delivery import PENDING, utc_now
 from dicomnode.queue.listing import EVERY_JOB, JobFilter
 from dicomnode.queue.notifications import add_notifications, job_context, notifications
 from dicomnode.queue.outcomes import Outcome, ReleasePolicy
@@ -53,10 +53,6 @@ MAX_ERROR_CHARS = 8000
 #: the result key of a job whose route refused its input: skipped, its report sent all the same
 REFUSED = "refused"
 _PURGE_BATCH = 5000
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class JobRepository:

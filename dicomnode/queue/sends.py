@@ -16,18 +16,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, delete, event, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance, Job, Send, Series
 from dicomnode.db.session import rowcount
 from dicomnode.domain import JobState, ResultObject
 from dicomnode.errors import JobNotFound, JobStateError, NoResults, SendError
 from dicomnode.queue import delivery
-from dicomnode.queue.delivery import DEAD, PENDING, SENT, Wakers
+from dicomnode.queue.delivery import DEAD, PENDING, SENT, Outbox, Wakers
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ SENDABLE_JOB_STATES = (
     JobState.FAILED.value,
     JobState.SKIPPED.value,
 )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -120,19 +116,8 @@ def add_sends(
     return len(rows)
 
 
-class SendQueue:
+class SendQueue(Outbox):
     """The sends table. ``sessions`` is the node's session factory."""
-
-    def __init__(
-        self, sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utc_now
-    ) -> None:
-        self._sessions = sessions
-        self._clock = clock
-        bind = sessions.kw.get("bind")
-        self._dialect = bind.dialect.name if bind is not None else ""
-
-    def now(self) -> datetime:
-        return self._clock().astimezone(UTC)
 
     # -- the sender's side -------------------------------------------------------------------
 

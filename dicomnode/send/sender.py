@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import audit
 from dicomnode.errors import ConfigError, SendError
 from dicomnode.queue import sends as send_queue
-from dicomnode.queue.delivery import backoff_s, run_channel
-from dicomnode.queue.sends import DEAD, PENDING, SendQueue, SendRecord, utc_now
+from dicomnode.queue.delivery import backoff_s, run_channel, utc_now
+from dicomnode.queue.sends import DEAD, PENDING, SendQueue, SendRecord
 
 if TYPE_CHECKING:
     import ssl
